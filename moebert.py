@@ -215,14 +215,15 @@ def load_balance_loss(probs, expert, weight):
 def dispatch(x, expert, experts):
     """Run each token through its expert: [n, H], [n] -> [n, H], with no loop over tokens.
 
-    Sort the tokens by expert so each expert reads one contiguous slice in one matmul, then
-    put the results back in token order.
+    One sort groups the token indices by expert; each expert then gathers its tokens, runs one
+    matmul per weight over all of them, and writes its outputs straight into their rows.
     """
-    order = torch.argsort(expert)  # [n]
-    counts = torch.bincount(expert, minlength=len(experts)).tolist()
-    grouped = x[order].split(counts)
-    y = torch.cat([e(chunk) for e, chunk in zip(experts, grouped)])  # [n, H], in sorted order
-    return torch.empty_like(y).index_copy_(0, order, y)
+    order = torch.argsort(expert)  # [n], token indices grouped by expert
+    counts = torch.bincount(expert, minlength=len(experts)).tolist()  # tokens per expert
+    out = torch.empty_like(x)
+    for e, idx in zip(experts, order.split(counts)):
+        out.index_copy_(0, idx, e(x.index_select(0, idx)).to(out.dtype))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ def get_args(argv=None):
     t = p.add_argument_group("teacher fine-tuning (stage 1): the standard BERT GLUE recipe by default")
     t.add_argument("--epochs", type=float, help="epochs of both training stages unless a stage's own flag is "
                    "given (default: 3 for the teacher, the paper's for distillation)")
+    t.add_argument("--teacher-epochs", type=float, help="teacher epochs (default: --epochs, else 3)")
     t.add_argument("--lr", type=float, default=2e-5, help="teacher learning rate")
     t.add_argument("--batch-size", type=int, default=32, help="teacher batch size")
     t.add_argument("--weight-decay", type=float, default=0.01, help="teacher AdamW weight decay")
@@ -85,7 +86,7 @@ def get_args(argv=None):
     pick = lambda value, default: default if value is None else value
     args.out = pick(args.out, os.path.join("out", args.task))
     args.max_seq_length = pick(args.max_seq_length, max_len)
-    args.teacher_epochs = pick(args.epochs, 3.0)
+    args.teacher_epochs = pick(args.teacher_epochs, pick(args.epochs, 3.0))
     args.distill_epochs = pick(args.distill_epochs, pick(args.epochs, epochs))
     args.distill_lr = pick(args.distill_lr, lr)
     args.distill_batch_size = pick(args.distill_batch_size, bs)

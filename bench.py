@@ -1,0 +1,217 @@
+"""Speed: MoEBERT vs dense BERT, our importance vs the official algorithm, our training steps vs
+Hugging Face. Random weights (speed does not depend on them). Prints tables, writes JSON.
+
+    python bench.py                       # CPU, fp32, 2 threads (about 15 minutes for BERT-base)
+    python bench.py --device cuda         # GPU, bf16 autocast
+    python bench.py --quick               # a small config, a minute, to check the script runs
+
+`transformers` is used here only as the peer to compare with; the project does not need it.
+"""
+import argparse
+import json
+import os
+import platform
+import time
+from contextlib import nullcontext
+
+import torch
+
+import moebert
+from bert import BertConfig, BertForSequenceClassification
+from moebert import MoEConfig, moebert_from_dense
+
+
+def timeit(fn, device, min_seconds, warmup=1):
+    """Seconds per call: warm-up calls, then as many calls as fit in min_seconds (at least 2)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    n, t0 = 0, time.perf_counter()
+    while n < 2 or time.perf_counter() - t0 < min_seconds:
+        fn()
+        n += 1
+    sync()
+    return (time.perf_counter() - t0) / n
+
+
+def random_batch(cfg, B, T, device, num_labels=2):
+    g = torch.Generator().manual_seed(B * 1000 + T)
+    ids = torch.randint(999, cfg.vocab_size, (B, T), generator=g)  # past the special tokens
+    return dict(input_ids=ids.to(device), token_type_ids=torch.zeros_like(ids).to(device),
+                attention_mask=torch.ones_like(ids).to(device),
+                labels=torch.randint(0, num_labels, (B,), generator=g).to(device))
+
+
+def flop_ceiling(cfg, moe_cfg, T):
+    """Dense over MoE multiply-adds per token and layer: attention projections 4d^2, attention 2Td,
+    FFN 2 d I dense vs 2 d expert_dim for one expert (12d^2 + 2Td vs 6d^2 + 2Td for BERT-base)."""
+    d = cfg.hidden_size
+    dense = 4 * d * d + 2 * T * d + 2 * d * cfg.intermediate_size
+    moe = 4 * d * d + 2 * T * d + 2 * d * moe_cfg.expert_dim
+    return dense / moe
+
+
+def inference(args, cfg, device, autocast):
+    """Examples per second of dense BERT and MoEBERT (every route), forward only."""
+    dense = BertForSequenceClassification(cfg, 2).to(device).eval()
+    importance = torch.rand(cfg.num_hidden_layers, cfg.intermediate_size)
+    moe_cfg = MoEConfig(expert_dim=cfg.intermediate_size // 4, shared_dim=cfg.intermediate_size // 6)
+    models = {"dense": dense}
+    for route in moebert.ROUTES:
+        cfg_r = MoEConfig(**{**moe_cfg.__dict__, "route": route})
+        counts = torch.randint(1, 1000, (cfg.vocab_size,)).float()
+        models[route] = moebert_from_dense(dense, importance, cfg_r, token_counts=counts).to(device).eval()
+    rows = []
+    for B in args.batch_sizes:
+        batch = random_batch(cfg, B, args.seq_len, device)
+        row = {"batch": B, "ceiling": round(flop_ceiling(cfg, moe_cfg, args.seq_len), 3)}
+        for _ in range(args.repeats):  # alternate the models, keep each one's best: less noise
+            for name, model in models.items():
+                def run():
+                    with torch.inference_mode(), autocast():
+                        model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+                row[name] = round(max(row.get(name, 0), B / timeit(run, device, args.min_seconds)), 2)
+        for route in moebert.ROUTES:
+            row[f"{route} speedup"] = round(row[route] / row["dense"], 3)
+        rows.append(row)
+        print("  ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+    return rows
+
+
+def naive_importance(model, batch):
+    """The official code's algorithm: per example, per layer autograd.grad of W1 and W2."""
+    scores = torch.zeros(model.config.num_hidden_layers, model.config.intermediate_size)
+    for b in range(batch["input_ids"].size(0)):
+        logits = model(batch["input_ids"][b:b + 1], batch["token_type_ids"][b:b + 1],
+                       batch["attention_mask"][b:b + 1]).logits
+        loss = moebert.task_loss(logits, batch["labels"][b:b + 1])
+        for l, layer in enumerate(model.bert.encoder.layer):
+            w1, w2 = layer.intermediate.dense.weight, layer.output.dense.weight
+            g1, g2 = torch.autograd.grad(loss, [w1, w2], retain_graph=True)
+            scores[l] += ((w1 * g1).sum(1) + (w2 * g2).sum(0)).abs().cpu()
+    return scores
+
+
+def importance(args, cfg, device):
+    """Seconds for one batch: importance_scores, the naive official loop, plain forward + backward."""
+    model = BertForSequenceClassification(cfg, 2).to(device).eval()
+    batch = random_batch(cfg, args.importance_batch, args.seq_len, device)
+
+    def plain():
+        logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).logits
+        moebert.task_loss(logits, batch["labels"], reduction="sum").backward()
+        model.zero_grad(set_to_none=True)
+
+    ours = timeit(lambda: moebert.importance_scores(model, [batch]), device, args.min_seconds)
+    floor = timeit(plain, device, args.min_seconds)
+    naive = timeit(lambda: naive_importance(model, batch), device, 0, warmup=0)
+    row = {"batch": args.importance_batch, "layers": cfg.num_hidden_layers, "ours_s": round(ours, 3),
+           "forward_backward_s": round(floor, 3), "naive_official_s": round(naive, 3),
+           "speedup_vs_naive": round(naive / ours, 1), "ours_over_forward_backward": round(ours / floor, 3)}
+    print("  ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+    return row
+
+
+def training(args, cfg, device, autocast):
+    """Examples per second of a fine-tuning step (ours vs transformers) and a distillation step."""
+    import transformers
+    B = args.train_batch
+    batch = random_batch(cfg, B, args.seq_len, device)
+    ours = BertForSequenceClassification(cfg, 2).to(device).train()
+    hf_cfg = transformers.BertConfig(**cfg.to_dict(), num_labels=2)
+    hf = transformers.BertForSequenceClassification(hf_cfg).to(device).train()  # its default attention: SDPA
+    hf.load_state_dict(ours.state_dict(), strict=False)
+    moe = moebert_from_dense(ours, torch.rand(cfg.num_hidden_layers, cfg.intermediate_size),
+                             MoEConfig(expert_dim=cfg.intermediate_size // 4,
+                                       shared_dim=cfg.intermediate_size // 6)).to(device).train()
+    teacher = BertForSequenceClassification(cfg, 2).to(device).eval().requires_grad_(False)
+    inputs = batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
+
+    def make_step(model, loss_fn):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+
+        def step():
+            with autocast():
+                loss = loss_fn(model)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    def distill(model):
+        out = model(*inputs, output_hidden_states=True)
+        with torch.no_grad():
+            t = teacher(*inputs, output_hidden_states=True)
+        return moebert.task_loss(out.logits, batch["labels"]) + moebert.distillation_loss(out, t)
+
+    steps = {
+        "teacher step (ours)": make_step(ours, lambda m: moebert.task_loss(m(*inputs).logits, batch["labels"])),
+        "teacher step (transformers)": make_step(hf, lambda m: m(input_ids=inputs[0], token_type_ids=inputs[1],
+                                                                attention_mask=inputs[2], labels=batch["labels"]).loss),
+        "distillation step (ours)": make_step(moe, distill),
+    }
+    row = {"batch": B}
+    for _ in range(args.repeats):  # alternate, so that drift in the machine's speed hits both alike
+        for name, step in steps.items():
+            row.setdefault(name, []).append(B / timeit(step, device, args.min_seconds))
+    row = {k: (round(max(v), 2) if isinstance(v, list) else v) for k, v in row.items()}  # best of repeats
+    row["ours / transformers"] = round(row["teacher step (ours)"] / row["teacher step (transformers)"], 3)
+    print("  ".join(f"{k}: {v}" for k, v in row.items()), flush=True)
+    return row
+
+
+def machine(device):
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16 autocast)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per example, no padding")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 128], help="inference batch sizes")
+    p.add_argument("--importance-batch", type=int, default=16, help="examples in the importance batch")
+    p.add_argument("--train-batch", type=int, default=32, help="batch of the training steps")
+    p.add_argument("--min-seconds", type=float, default=3.0, help="time each measurement at least this long")
+    p.add_argument("--repeats", type=int, default=2, help="alternating repeats of the training steps")
+    p.add_argument("--only", nargs="+", choices=["inference", "importance", "training"],
+                   default=["inference", "importance", "training"], help="run only these parts")
+    p.add_argument("--quick", action="store_true", help="a small 4-layer config, to check the script")
+    p.add_argument("--out", default="bench.json", help="where to write the results")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = BertConfig()  # BERT-base: 12 layers, 768 wide, FFN 3072, MoE 4 x 768 with 512 shared
+    if args.quick:
+        cfg = BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
+        args.batch_sizes, args.min_seconds, args.repeats = [1, 8], 0.5, 1
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+    results = {"machine": machine(device), "settings": {**vars(args), "config": cfg.to_dict()}}
+    print(f"{results['machine']}\nseq_len {args.seq_len}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
+    if "inference" in args.only:
+        print("\n1. inference, examples/s")
+        results["inference"] = inference(args, cfg, device, autocast)
+    if "importance" in args.only:
+        print(f"\n2. importance of one batch of {args.importance_batch}, seconds")
+        results["importance"] = importance(args, cfg, device)
+    if "training" in args.only:
+        print("\n3. training steps, examples/s")
+        results["training"] = training(args, cfg, device, autocast)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
