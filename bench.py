@@ -79,20 +79,6 @@ def inference(args, cfg, device, autocast):
     return rows
 
 
-def naive_importance(model, batch):
-    """The official code's algorithm: per example, per layer autograd.grad of W1 and W2."""
-    scores = torch.zeros(model.config.num_hidden_layers, model.config.intermediate_size)
-    for b in range(batch["input_ids"].size(0)):
-        logits = model(batch["input_ids"][b:b + 1], batch["token_type_ids"][b:b + 1],
-                       batch["attention_mask"][b:b + 1]).logits
-        loss = moebert.task_loss(logits, batch["labels"][b:b + 1])
-        for l, layer in enumerate(model.bert.encoder.layer):
-            w1, w2 = layer.intermediate.dense.weight, layer.output.dense.weight
-            g1, g2 = torch.autograd.grad(loss, [w1, w2], retain_graph=True)
-            scores[l] += ((w1 * g1).sum(1) + (w2 * g2).sum(0)).abs().cpu()
-    return scores
-
-
 def importance(args, cfg, device):
     """Seconds for one batch: importance_scores, the naive official loop, plain forward + backward."""
     model = BertForSequenceClassification(cfg, 2).to(device).eval()
@@ -105,6 +91,7 @@ def importance(args, cfg, device):
 
     ours = timeit(lambda: moebert.importance_scores(model, [batch]), device, args.min_seconds)
     floor = timeit(plain, device, args.min_seconds)
+    from test_moebert import naive_importance  # the official per-example, per-layer loop
     naive = timeit(lambda: naive_importance(model, batch), device, 0, warmup=0)
     row = {"batch": args.importance_batch, "layers": cfg.num_hidden_layers, "ours_s": round(ours, 3),
            "forward_backward_s": round(floor, 3), "naive_official_s": round(naive, 3),

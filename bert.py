@@ -103,11 +103,12 @@ class BertSelfAttention(nn.Module):
         return y.transpose(1, 2).reshape(B, T, H)
 
 
-class BertSelfOutput(nn.Module):
-    """Projection after attention, then dropout, residual and LayerNorm (post-LN, as in BERT)."""
-    def __init__(self, config):
+class BertOutput(nn.Module):
+    """A projection back to H, dropout, residual and LayerNorm (post-LN, as in BERT): after the FFN's
+    W2 [H, intermediate], and (as attention.output) after attention's output projection [H, H]."""
+    def __init__(self, config, in_features=None):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(in_features or config.intermediate_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -119,7 +120,7 @@ class BertAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.self = BertSelfAttention(config)  # the name `self` is Google's: attention/self/query
-        self.output = BertSelfOutput(config)
+        self.output = BertOutput(config, config.hidden_size)  # projection, dropout, residual, LayerNorm
 
     def forward(self, x, attn_mask):
         return self.output(self.self(x, attn_mask), x)
@@ -134,18 +135,6 @@ class BertIntermediate(nn.Module):
 
     def forward(self, x):
         return self.act(self.dense(x))
-
-
-class BertOutput(nn.Module):
-    """Second FFN matrix W2 [H, intermediate], dropout, residual and LayerNorm."""
-    def __init__(self, config, intermediate_size=None):
-        super().__init__()
-        self.dense = nn.Linear(intermediate_size or config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, h, residual):
-        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
 
 
 class BertLayer(nn.Module):

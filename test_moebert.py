@@ -423,6 +423,15 @@ def test_encoder_checkpoint_into_classifier_gets_fresh_head(tmp_path, capsys):
     assert torch.equal(clf.bert.pooler.dense.weight, model.bert.pooler.dense.weight)
 
 
+def test_pytorch_model_bin_loads_without_pickle_code(tmp_path):
+    """An HF folder with pytorch_model.bin (no `bert.` prefix) loads through torch.load(weights_only=True)."""
+    model = tiny_model()
+    torch.save(model.bert.state_dict(), tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))
+    again = BertModel.from_pretrained(str(tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(model.bert.state_dict().values(), again.state_dict().values()))
+
+
 def test_saved_classifier_round_trip(tmp_path):
     model = tiny_model().eval()
     model.save_pretrained(tmp_path)
@@ -843,7 +852,7 @@ def naive_importance(model, batch):
         for l, layer in enumerate(model.bert.encoder.layer):
             w1, w2 = layer.intermediate.dense.weight, layer.output.dense.weight
             g1, g2 = torch.autograd.grad(loss, [w1, w2], retain_graph=True)
-            scores[l] += ((w1 * g1).sum(1) + (w2 * g2).sum(0)).abs()
+            scores[l] += ((w1 * g1).sum(1) + (w2 * g2).sum(0)).abs().double().cpu()
     return scores
 
 
@@ -895,10 +904,13 @@ def test_one_full_expert_reproduces_dense_logits():
 
 def test_experts_hold_exactly_the_papers_neurons():
     model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(3)
     imp = torch.rand(3, 37, generator=g)
     cfg = MoEConfig(num_experts=3, expert_dim=11, shared_dim=5, route="hash-random")
     moe = moebert_from_dense(model, imp, cfg)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the dense model was changed"
+    assert not any(p.data_ptr() == q.data_ptr() for p in moe.parameters() for q in model.parameters())
     for l, (dense, layer) in enumerate(zip(model.bert.encoder.layer, moe.bert.encoder.layer)):
         for e, (expert, want) in enumerate(zip(layer.moe.experts, paper_rule(imp[l], 3, 11, 5))):
             idx = layer.moe.neurons[e]

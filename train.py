@@ -225,6 +225,7 @@ def check_teacher(path, task, num_labels):
 
 def main(argv=None):
     args = get_args(argv)
+    torch.manual_seed(args.seed)  # the classifier head and the gates are drawn from it too
     device = torch.device(args.device)
     task = data.TASKS[args.task]
     os.makedirs(args.out, exist_ok=True)

@@ -1,0 +1,24 @@
+"""Mean and std over seeds of the runs in out/: python tools/summarize.py [out]"""
+import glob
+import json
+import os
+import re
+import sys
+
+import numpy as np
+
+root = sys.argv[1] if len(sys.argv) > 1 else "out"
+runs = {}
+for path in sorted(glob.glob(os.path.join(root, "*-s[0-9]*", "results.json"))):
+    name = re.sub(r"-s\d+$", "", os.path.basename(os.path.dirname(path)))
+    with open(path) as f:
+        runs.setdefault(name, []).append(json.load(f))
+for name, rs in runs.items():
+    for who in ("teacher", "moebert"):
+        cells = []
+        for metric in rs[0][who]:
+            v = 100 * np.array([r[who][metric] for r in rs])
+            cells.append(f"{metric} {v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0:.1f} ({', '.join(f'{x:.1f}' for x in v)})")
+        print(f"{name:<16} {who:<8} n={len(rs)}  " + "  ".join(cells))
+    secs = {k: np.mean([r["seconds"].get(k, 0) for r in rs]) for k in rs[0]["seconds"]}
+    print(f"{'':<16} seconds  " + "  ".join(f"{k} {v:.0f}" for k, v in secs.items()))
