@@ -1174,6 +1174,7 @@ def test_rerun_skips_finished_stages_and_eval_only_reproduces(tiny_run, capsys):
     out = capsys.readouterr().out
     assert out.count("done already, reused") == 3 and "stage teacher" not in out and "stage distill" not in out
     assert again["moebert"] == tiny_run["results"]["moebert"]
+    assert set(again["seconds"]) == {"teacher", "importance", "distill", "eval"}  # earlier times kept
     only = train.main(args + ["--eval-only"])
     assert only["moebert"] == tiny_run["results"]["moebert"] and only["teacher"] == tiny_run["results"]["teacher"]
 

@@ -355,9 +355,9 @@ def main(argv=None):
     results["config"] = {k: v for k, v in vars(args).items()}
     results["moe"] = asdict(student.moe_config)
     results["seconds"] = times
-    if args.eval_only and os.path.exists(os.path.join(args.out, "results.json")):
+    if os.path.exists(os.path.join(args.out, "results.json")):  # a rerun keeps the skipped stages' times
         with open(os.path.join(args.out, "results.json")) as f:
-            results["seconds"] = json.load(f).get("seconds", times)  # keep the training times
+            results["seconds"] = {**json.load(f).get("seconds", {}), **times}
     atomic_write_json(os.path.join(args.out, "results.json"), results)
 
     names = sorted(results["teacher"])
