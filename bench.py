@@ -55,12 +55,13 @@ def flop_ceiling(cfg, moe_cfg, T):
 def inference(args, cfg, device, autocast):
     """Examples per second of dense BERT and MoEBERT (every route), forward only."""
     dense = BertForSequenceClassification(cfg, 2).to(device).eval()
+    # Random importance: which neurons an expert holds does not change its cost.
     importance = torch.rand(cfg.num_hidden_layers, cfg.intermediate_size)
     moe_cfg = MoEConfig(expert_dim=cfg.intermediate_size // 4, shared_dim=cfg.intermediate_size // 6)
     models = {"dense": dense}
     for route in moebert.ROUTES:
         cfg_r = MoEConfig(**{**moe_cfg.__dict__, "route": route})
-        counts = torch.randint(1, 1000, (cfg.vocab_size,)).float()
+        counts = torch.randint(1, 1000, (cfg.vocab_size,)).float()  # token frequencies for hash-balance
         models[route] = moebert_from_dense(dense, importance, cfg_r, token_counts=counts).to(device).eval()
     rows = []
     for B in args.batch_sizes:
@@ -89,10 +90,11 @@ def importance(args, cfg, device):
         moebert.task_loss(logits, batch["labels"], reduction="sum").backward()
         model.zero_grad(set_to_none=True)
 
+    # The floor: one forward and a full backward (weight gradients included) over the same batch.
     ours = timeit(lambda: moebert.importance_scores(model, [batch]), device, args.min_seconds)
     floor = timeit(plain, device, args.min_seconds)
     from test_moebert import naive_importance  # the official per-example, per-layer loop
-    naive = timeit(lambda: naive_importance(model, batch), device, 0, warmup=0)
+    naive = timeit(lambda: naive_importance(model, batch), device, 0, warmup=0)  # slow: timed once
     row = {"batch": args.importance_batch, "layers": cfg.num_hidden_layers, "ours_s": round(ours, 3),
            "forward_backward_s": round(floor, 3), "naive_official_s": round(naive, 3),
            "speedup_vs_naive": round(naive / ours, 1), "ours_over_forward_backward": round(ours / floor, 3)}
@@ -108,10 +110,11 @@ def training(args, cfg, device, autocast):
     ours = BertForSequenceClassification(cfg, 2).to(device).train()
     hf_cfg = transformers.BertConfig(**cfg.to_dict(), num_labels=2)
     hf = transformers.BertForSequenceClassification(hf_cfg).to(device).train()  # its default attention: SDPA
-    hf.load_state_dict(ours.state_dict(), strict=False)
+    hf.load_state_dict(ours.state_dict(), strict=False)  # same names, same weights: the same work
     moe = moebert_from_dense(ours, torch.rand(cfg.num_hidden_layers, cfg.intermediate_size),
                              MoEConfig(expert_dim=cfg.intermediate_size // 4,
                                        shared_dim=cfg.intermediate_size // 6)).to(device).train()
+    # The distillation step: a frozen teacher's forward + the student's forward and backward.
     teacher = BertForSequenceClassification(cfg, 2).to(device).eval().requires_grad_(False)
     inputs = batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
 
@@ -154,6 +157,7 @@ def machine(device):
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    # What the numbers depend on, stored with them.
     info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version()}
     if device.type == "cuda":

@@ -135,22 +135,25 @@ def evaluate(model, dev_sets, args, device):
 def fit(model, loss_fn, train_features, dev_sets, stage_dir, hp, args, device, log):
     """AdamW with linear decay (and optional warm-up), clipping at 1.0, an evaluation on dev after
     each epoch, the best dev checkpoint saved to stage_dir. loss_fn(model, batch) -> (loss, parts)."""
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same dropout masks for the same --seed, whatever ran before
     # No weight decay on biases and LayerNorm, as in BERT.
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "LayerNorm" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "LayerNorm" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp["weight_decay"]},
                              {"params": no_decay, "weight_decay": 0.0}], lr=hp["lr"],
                             fused=device.type == "cuda")
+    # Epochs may be fractional (quick runs): training stops after that many steps.
     steps_per_epoch = math.ceil(len(train_features) / hp["batch_size"])
     total = max(1, round(hp["epochs"] * steps_per_epoch))
-    warmup = round(hp.get("warmup", 0.0) * total)
+    warmup = round(hp.get("warmup", 0.0) * total)  # the paper's distillation has none
+    # Linear warm-up to lr, then linear decay to 0 at the last step.
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: s / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
-    main = data.TASKS[args.task].metric
+    main = data.TASKS[args.task].metric  # the dev metric that picks the checkpoint
     best, step, t0, seen = None, 0, time.time(), 0
     for epoch in range(math.ceil(hp["epochs"])):
         model.train()
+        # A new, reproducible order each epoch; batches of similar lengths, so little padding.
         for batch in data.batches(train_features, hp["batch_size"], shuffle=True, seed=args.seed * 1000 + epoch,
                                   group_by_length=True):
             if step == total:
@@ -159,7 +162,7 @@ def fit(model, loss_fn, train_features, dev_sets, stage_dir, hp, args, device, l
             with autocast(device):
                 loss, parts = loss_fn(model, batch)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as BERT and the paper
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -167,11 +170,12 @@ def fit(model, loss_fn, train_features, dev_sets, stage_dir, hp, args, device, l
             if step % args.log_every == 0 or step == total:
                 rate = seen / (time.time() - t0)
                 eta = (total - step) * hp["batch_size"] / rate
-                parts = {k: round(v.item(), 4) for k, v in parts.items()}
+                parts = {k: round(v.item(), 4) for k, v in parts.items()}  # .item() waits for the GPU: log steps only
                 log(dict(stage=hp["stage"], step=step, total=total, **parts, lr=sched.get_last_lr()[0],
                          examples_per_s=round(rate, 1), eta_s=round(eta)))
         metrics = evaluate(model, dev_sets, args, device)
         log(dict(stage=hp["stage"], epoch=epoch + 1, step=step, dev=metrics))
+        # Keep the best dev epoch, as GLUE dev results (the paper's included) are usually reported.
         if best is None or metrics[main] > best[main]:
             best = dict(metrics, epoch=epoch + 1)
             model.save_pretrained(stage_dir)
@@ -262,6 +266,7 @@ def main(argv=None):
     dev_sets = {"": encode("dev", args.max_eval_examples)}
     if args.task == "mnli":
         dev_sets["_mm"] = encode("dev_mismatched", args.max_eval_examples)
+    # What every stage's output depends on; a stage reused with other settings would mix results.
     data_settings = dict(task=args.task, max_seq_length=args.max_seq_length, seed=args.seed,
                          train_examples=len(train_features), dev_examples=len(dev_sets[""]))
 
@@ -277,13 +282,18 @@ def main(argv=None):
         teacher = BertForSequenceClassification.from_pretrained(source, num_labels=num_labels).to(device)
         hp = dict(stage="teacher", epochs=args.teacher_epochs, lr=args.lr, batch_size=args.batch_size,
                   weight_decay=args.weight_decay, warmup=args.warmup)
-        ce = lambda model, b: (lambda loss: (loss, {"loss": loss}))(
-            moebert.task_loss(model(b["input_ids"], b["token_type_ids"], b["attention_mask"]).logits, b["labels"]))
+
+        def ce(model, b):  # the teacher's loss: cross-entropy, MSE for STS-B
+            loss = moebert.task_loss(model(b["input_ids"], b["token_type_ids"], b["attention_mask"]).logits,
+                                     b["labels"])
+            return loss, {"loss": loss}
+
         best = fit(teacher, ce, train_features, dev_sets, teacher_dir + ".partial", hp, args, device, log)
         shutil.copy(vocab, teacher_dir + ".partial")
         atomic_write_json(os.path.join(teacher_dir + ".partial", "metrics.json"), best)
         publish(teacher_dir + ".partial", teacher_dir, teacher_settings)
         times["teacher"] = time.time() - t0
+    # From disk even when just trained: the best epoch, not the last. Frozen from here on.
     teacher = BertForSequenceClassification.from_pretrained(teacher_dir, num_labels=num_labels).to(device).eval()
     teacher.requires_grad_(False)
 
@@ -300,6 +310,7 @@ def main(argv=None):
         print(f"importance: {len(train_features)} training examples in {times['importance']:.1f}s")
 
     # Stage 3: MoEBERT from the teacher, the surgery in one call.
+    # Sizes scale with the model: expert_dim = I/4 and shared_dim = 2/3 of it (768, 512 for BERT-base).
     cfg = teacher.config
     expert_dim = args.expert_dim or cfg.intermediate_size // args.num_experts
     moe_cfg = MoEConfig(num_experts=args.num_experts, expert_dim=expert_dim,
@@ -313,6 +324,7 @@ def main(argv=None):
     if not (args.eval_only or finished(student_dir, student_settings, args.force)):
         t0 = time.time()
         importance = load_file(os.path.join(imp_dir, "importance.safetensors"))["importance"]
+        # hash-balance balances the training split's token frequencies across experts.
         counts = data.token_counts(train_features, cfg.vocab_size) if moe_cfg.route == "hash-balance" else None
         student = moebert.moebert_from_dense(teacher, importance, moe_cfg, token_counts=counts).to(device)
 
@@ -342,7 +354,7 @@ def main(argv=None):
         publish(student_dir + ".partial", student_dir, student_settings)
         times["distill"] = time.time() - t0
 
-    # Stage 5: both models from disk, evaluated on dev.
+    # Stage 5: both models from disk, evaluated on dev: what is reported is what was saved.
     t0 = time.time()
     student = MoEBertForSequenceClassification.from_pretrained(student_dir).to(device)
     results = {"task": args.task,
