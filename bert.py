@@ -231,8 +231,9 @@ class BertModel(PreTrained):
             attention_mask = torch.ones_like(input_ids)
         x = self.embeddings(input_ids, token_type_ids)  # [B, T, H]
         # Which keys each query may attend to, [B, 1, 1, T]: not the padding. A boolean mask keeps
-        # the dtype out of it, so the same code runs in fp32 and under bf16 autocast.
-        attn_mask = attention_mask[:, None, None, :].bool()
+        # the dtype out of it (fp32 and bf16 autocast alike); no mask at all when nothing is padded,
+        # which lets SDPA take its fastest path (length-grouped batches often have no padding).
+        attn_mask = None if bool(attention_mask.all()) else attention_mask[:, None, None, :].bool()
         hidden_states = [x]
         for layer in self.encoder.layer:
             x = layer(x, attn_mask, input_ids, attention_mask)
