@@ -8,6 +8,7 @@ Hugging Face. Random weights (speed does not depend on them). Prints tables, wri
 `transformers` is used here only as the peer to compare with; the project does not need it.
 """
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -57,12 +58,12 @@ def inference(args, cfg, device, autocast):
     dense = BertForSequenceClassification(cfg, 2).to(device).eval()
     # Random importance: which neurons an expert holds does not change its cost.
     importance = torch.rand(cfg.num_hidden_layers, cfg.intermediate_size)
-    moe_cfg = MoEConfig(expert_dim=cfg.intermediate_size // 4, shared_dim=cfg.intermediate_size // 6)
+    counts = torch.randint(1, 1000, (cfg.vocab_size,)).float()  # token frequencies for hash-balance
+    moe_cfg = MoEConfig.scaled(cfg.intermediate_size)  # 4 x 768, 512 shared for BERT-base
     models = {"dense": dense}
     for route in moebert.ROUTES:
-        cfg_r = MoEConfig(**{**moe_cfg.__dict__, "route": route})
-        counts = torch.randint(1, 1000, (cfg.vocab_size,)).float()  # token frequencies for hash-balance
-        models[route] = moebert_from_dense(dense, importance, cfg_r, token_counts=counts).to(device).eval()
+        models[route] = moebert_from_dense(dense, importance, dataclasses.replace(moe_cfg, route=route),
+                                           token_counts=counts).to(device).eval()
     rows = []
     for B in args.batch_sizes:
         batch = random_batch(cfg, B, args.seq_len, device)
@@ -112,8 +113,7 @@ def training(args, cfg, device, autocast):
     hf = transformers.BertForSequenceClassification(hf_cfg).to(device).train()  # its default attention: SDPA
     hf.load_state_dict(ours.state_dict(), strict=False)  # same names, same weights: the same work
     moe = moebert_from_dense(ours, torch.rand(cfg.num_hidden_layers, cfg.intermediate_size),
-                             MoEConfig(expert_dim=cfg.intermediate_size // 4,
-                                       shared_dim=cfg.intermediate_size // 6)).to(device).train()
+                             MoEConfig.scaled(cfg.intermediate_size)).to(device).train()
     # The distillation step: a frozen teacher's forward + the student's forward and backward.
     teacher = BertForSequenceClassification(cfg, 2).to(device).eval().requires_grad_(False)
     inputs = batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]

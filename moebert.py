@@ -51,6 +51,14 @@ class MoEConfig:
         return self
 
     @classmethod
+    def scaled(cls, intermediate_size, num_experts=4, expert_dim=None, shared_dim=None, **rest):
+        """The paper's sizes scaled to any FFN: expert_dim = I / N and shared_dim = 2/3 of it
+        (768 and 512 for BERT-base); sizes given explicitly are kept."""
+        expert_dim = expert_dim or intermediate_size // num_experts
+        shared_dim = round(2 * expert_dim / 3) if shared_dim is None else shared_dim
+        return cls(num_experts=num_experts, expert_dim=expert_dim, shared_dim=shared_dim, **rest)
+
+    @classmethod
     def from_dict(cls, d):
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})

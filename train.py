@@ -310,13 +310,10 @@ def main(argv=None):
         print(f"importance: {len(train_features)} training examples in {times['importance']:.1f}s")
 
     # Stage 3: MoEBERT from the teacher, the surgery in one call.
-    # Sizes scale with the model: expert_dim = I/4 and shared_dim = 2/3 of it (768, 512 for BERT-base).
     cfg = teacher.config
-    expert_dim = args.expert_dim or cfg.intermediate_size // args.num_experts
-    moe_cfg = MoEConfig(num_experts=args.num_experts, expert_dim=expert_dim,
-                        shared_dim=round(2 * expert_dim / 3) if args.shared_dim is None else args.shared_dim,
-                        route=args.route, split=args.split, expert_dropout=args.expert_dropout,
-                        balance_weight=args.balance_weight, seed=args.seed)
+    moe_cfg = MoEConfig.scaled(cfg.intermediate_size, args.num_experts, args.expert_dim, args.shared_dim,
+                               route=args.route, split=args.split, expert_dropout=args.expert_dropout,
+                               balance_weight=args.balance_weight, seed=args.seed)
     student_dir = os.path.join(args.out, "moebert")
     student_settings = dict(imp_settings, moe=asdict(moe_cfg), epochs=args.distill_epochs, lr=args.distill_lr,
                             batch_size=args.distill_batch_size, weight_decay=args.distill_weight_decay,
@@ -364,7 +361,7 @@ def main(argv=None):
     total, active = moebert.param_counts(student)
     results["params"] = {"teacher": sum(p.numel() for p in teacher.parameters()),
                          "moebert_total": total, "moebert_active_per_token": active}
-    results["config"] = {k: v for k, v in vars(args).items()}
+    results["config"] = dict(vars(args))
     results["moe"] = asdict(student.moe_config)
     results["seconds"] = times
     if os.path.exists(os.path.join(args.out, "results.json")):  # a rerun keeps the skipped stages' times
