@@ -119,7 +119,8 @@ def training(args, cfg, device, autocast):
     inputs = batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
 
     def make_step(model, loss_fn):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+        # Fused AdamW, as train.py uses and as transformers' Trainer does by default (adamw_torch_fused).
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
         def step():
             with autocast():
@@ -142,12 +143,15 @@ def training(args, cfg, device, autocast):
                                                                 attention_mask=inputs[2], labels=batch["labels"]).loss),
         "distillation step (ours)": make_step(moe, distill),
     }
-    row = {"batch": B}
-    for _ in range(args.repeats):  # alternate, so that drift in the machine's speed hits both alike
+    seconds = {name: [] for name in steps}
+    for _ in range(args.train_repeats):  # alternate, so that drift in the machine's speed hits all alike
         for name, step in steps.items():
-            row.setdefault(name, []).append(B / timeit(step, device, args.min_seconds))
-    row = {k: (round(max(v), 2) if isinstance(v, list) else v) for k, v in row.items()}  # best of repeats
+            seconds[name].append(timeit(step, device, args.min_seconds))
+    row = {"batch": B, **{name: round(B / min(s), 2) for name, s in seconds.items()}}  # best of repeats
     row["ours / transformers"] = round(row["teacher step (ours)"] / row["teacher step (transformers)"], 3)
+    # The same ratio within each repeat (back-to-back measurements): its spread is the noise.
+    row["ours / transformers, each repeat"] = [
+        round(hf / ours, 3) for ours, hf in zip(seconds["teacher step (ours)"], seconds["teacher step (transformers)"])]
     print("  ".join(f"{k}: {v}" for k, v in row.items()), flush=True)
     return row
 
@@ -174,7 +178,8 @@ def main():
     p.add_argument("--importance-batch", type=int, default=16, help="examples in the importance batch")
     p.add_argument("--train-batch", type=int, default=32, help="batch of the training steps")
     p.add_argument("--min-seconds", type=float, default=3.0, help="time each measurement at least this long")
-    p.add_argument("--repeats", type=int, default=2, help="alternating repeats of the training steps")
+    p.add_argument("--repeats", type=int, default=2, help="alternating repeats of the inference measurements")
+    p.add_argument("--train-repeats", type=int, default=4, help="alternating repeats of the training steps")
     p.add_argument("--only", nargs="+", choices=["inference", "importance", "training"],
                    default=["inference", "importance", "training"], help="run only these parts")
     p.add_argument("--quick", action="store_true", help="a small 4-layer config, to check the script")
@@ -186,7 +191,7 @@ def main():
     cfg = BertConfig()  # BERT-base: 12 layers, 768 wide, FFN 3072, MoE 4 x 768 with 512 shared
     if args.quick:
         cfg = BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
-        args.batch_sizes, args.min_seconds, args.repeats = [1, 8], 0.5, 1
+        args.batch_sizes, args.min_seconds, args.repeats, args.train_repeats = [1, 8], 0.5, 1, 1
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
     results = {"machine": machine(device), "settings": {**vars(args), "config": cfg.to_dict()}}
     print(f"{results['machine']}\nseq_len {args.seq_len}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}")

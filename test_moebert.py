@@ -912,20 +912,30 @@ def test_experts_hold_exactly_the_papers_neurons():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the dense model was changed"
     assert not any(p.data_ptr() == q.data_ptr() for p in moe.parameters() for q in model.parameters())
     for l, (dense, layer) in enumerate(zip(model.bert.encoder.layer, moe.bert.encoder.layer)):
-        for e, (expert, want) in enumerate(zip(layer.moe.experts, paper_rule(imp[l], 3, 11, 5))):
+        ex = layer.moe.experts  # stacked, matrices stored [in, out]: the dense ones transposed
+        for e, want in enumerate(paper_rule(imp[l], 3, 11, 5)):
             idx = layer.moe.neurons[e]
             assert set(idx.tolist()) == want, f"layer {l} expert {e}"
-            assert torch.equal(expert.intermediate.dense.weight, dense.intermediate.dense.weight[idx])
-            assert torch.equal(expert.intermediate.dense.bias, dense.intermediate.dense.bias[idx])
-            assert torch.equal(expert.output.dense.weight, dense.output.dense.weight[:, idx])
-            assert torch.equal(expert.output.dense.bias, dense.output.dense.bias)
-            assert torch.equal(expert.output.LayerNorm.weight, dense.output.LayerNorm.weight)
+            assert torch.equal(ex.intermediate_weight[e], dense.intermediate.dense.weight[idx].T)
+            assert torch.equal(ex.intermediate_bias[e], dense.intermediate.dense.bias[idx])
+            assert torch.equal(ex.output_weight[e], dense.output.dense.weight[:, idx].T)
+            assert torch.equal(ex.output_bias[e], dense.output.dense.bias)
+            assert torch.equal(ex.LayerNorm_weight[e], dense.output.LayerNorm.weight)
+            assert torch.equal(ex.LayerNorm_bias[e], dense.output.LayerNorm.bias)
     assert torch.equal(moe.bert.embeddings.word_embeddings.weight, model.bert.embeddings.word_embeddings.weight)
     assert torch.equal(moe.classifier.weight, model.classifier.weight)
 
 
+# Experts.forward has two paths: one padded batched matmul for few tokens, one matmul per expert
+# otherwise. Thresholds 0 and infinity force each.
+PATHS = {"per-expert": dict(PADDING=0.0), "batched": dict(PADDING=float("inf"), SMALL_BATCH=float("inf"))}
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("route", moebert.ROUTES)
-def test_token_gets_dense_ffn_restricted_to_its_experts_neurons(route):
+def test_token_gets_dense_ffn_restricted_to_its_experts_neurons(route, path, monkeypatch):
+    for name, value in PATHS[path].items():
+        monkeypatch.setattr(moebert, name, value)
     model = tiny_model().eval()
     imp = torch.rand(3, 37, generator=torch.Generator().manual_seed(4))
     cfg = MoEConfig(num_experts=3, expert_dim=11, shared_dim=5, route=route)
@@ -953,6 +963,30 @@ def test_token_gets_dense_ffn_restricted_to_its_experts_neurons(route):
                 want = torch.nn.functional.layer_norm(out, (32,), dense.output.LayerNorm.weight,
                                                       dense.output.LayerNorm.bias, 1e-12) * prob[b, t]
                 assert_close(y[b, t], want, 1e-5, f"token ({b},{t}) via expert {int(expert[b, t])}")
+
+
+def test_batched_and_per_expert_paths_agree_with_gradients(monkeypatch):
+    """Training mode (dropout 0 so both see the same function): outputs, input and weight gradients."""
+    model = tiny_model()
+    cfg = MoEConfig(num_experts=3, expert_dim=11, shared_dim=5, route="gate-token", expert_dropout=0.0)
+    moe = moebert_from_dense(model, torch.rand(3, 37, generator=torch.Generator().manual_seed(5)), cfg).train()
+    batch = random_batch()
+    args = batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
+    results = {}
+    for path, settings in PATHS.items():
+        for name, value in settings.items():
+            monkeypatch.setattr(moebert, name, value)
+        torch.manual_seed(0)  # the same attention and hidden dropout masks for both
+        moe.zero_grad()
+        out = moe(*args)
+        (out.logits.pow(2).sum() + out.balance_loss).backward()
+        results[path] = out.logits.detach(), {n: p.grad.clone() for n, p in moe.named_parameters() if "experts" in n}
+        monkeypatch.undo()
+    (a, ga), (b, gb) = results.values()
+    assert_close(a, b, 1e-5, "logits")
+    for n in ga:
+        assert_close(ga[n], gb[n], 1e-5, f"gradient of {n}")
+    assert all(g.abs().sum() > 0 for g in ga.values()), "every expert parameter gets a gradient"
 
 
 def test_invalid_moe_configs_are_refused():
