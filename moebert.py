@@ -247,8 +247,9 @@ class MoEFFN(nn.Module):
         B, T, H = x.shape
         if self.cfg.route == "gate-sentence":
             # One expert per sentence, chosen from the mean of its real (unpadded) tokens.
-            m = attention_mask[..., None].to(x.dtype)  # [B, T, 1]
-            probs = F.softmax(upcast(self.gate((x * m).sum(1) / m.sum(1))), dim=-1)  # [B, N]
+            m = attention_mask.to(x.dtype)  # [B, T]
+            mean = torch.einsum("bt,bth->bh", m, x) / m.sum(1, keepdim=True)  # [B, H], no [B, T, H] copy
+            probs = F.softmax(upcast(self.gate(mean)), dim=-1)  # [B, N]
             weight = torch.ones(B, device=x.device, dtype=probs.dtype)  # each sentence counts once
         else:
             probs = F.softmax(upcast(self.gate(x)), dim=-1).view(B * T, -1)  # [B*T, N]
