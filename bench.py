@@ -1,7 +1,7 @@
 """Speed: MoEBERT vs dense BERT, our importance vs the official algorithm, our training steps vs
 Hugging Face. Random weights (speed does not depend on them). Prints tables, writes JSON.
 
-    python bench.py                       # CPU, fp32, 2 threads (about 15 minutes for BERT-base)
+    python bench.py                       # CPU, fp32, 2 threads (about 25 minutes for BERT-base)
     python bench.py --device cuda         # GPU, bf16 autocast
     python bench.py --quick               # a small config, a minute, to check the script runs
 
