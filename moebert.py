@@ -18,7 +18,7 @@ from bert import ACT2FN, BertConfig, BertForSequenceClassification
 ROUTES = ("hash-random", "hash-balance", "gate-token", "gate-sentence")
 SPLITS = ("importance", "random", "inverse")
 # Experts.forward batches all experts in one padded matmul when each gets at most SMALL_BATCH tokens
-# on average and padding adds at most 30% rows (measured on CPU, BERT-base sizes; see bench.py).
+# on average and padding adds at most 30% rows (measured on CPU at BERT-base sizes: README, Speed).
 SMALL_BATCH, PADDING = 128, 1.3
 
 
@@ -161,7 +161,7 @@ class Experts(nn.Module):
     and computes LayerNorm_e(x + W2_e act(W1_e x + b1_e) + b2_e), as BertIntermediate + BertOutput do.
 
     The matrices are stored [in, out], as Google's kernels are (nn.Linear stores [out, in]): on CPU
-    the few-row matmuls of small batches run ~25% faster that way (bench.py). Names keep BERT's words,
+    the few-row matmuls of small batches run ~25% faster that way (README, Speed). Names keep BERT's words,
     so the weight-decay rule (none for "bias" and "LayerNorm") reads them as it reads BERT's.
     """
 
