@@ -989,6 +989,15 @@ def test_batched_and_per_expert_paths_agree_with_gradients(monkeypatch):
     assert all(g.abs().sum() > 0 for g in ga.values()), "every expert parameter gets a gradient"
 
 
+def test_weight_decay_spares_biases_and_layernorms_in_experts_too():
+    """train.decays reads names; the reference counts matrix axes, less the experts' stack axis."""
+    import train
+    cfg = MoEConfig(num_experts=3, expert_dim=11, shared_dim=5, route="gate-token")
+    moe = moebert_from_dense(tiny_model(), torch.rand(3, 37), cfg)
+    for name, p in moe.named_parameters():
+        assert train.decays(name) == (p.ndim - (".experts." in name) > 1), name
+
+
 def test_invalid_moe_configs_are_refused():
     for kwargs, msg in [(dict(shared_dim=12, expert_dim=11), "shared_dim"),
                         (dict(expert_dim=38, shared_dim=0), "exceeds"),

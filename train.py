@@ -132,13 +132,18 @@ def evaluate(model, dev_sets, args, device):
     return metrics
 
 
+def decays(name):
+    """Weight decay for matrices and embeddings, none for biases and LayerNorm: BERT's rule, by
+    name as in its optimization.py (so it also reads the experts' stacked [N, ...] tensors)."""
+    return "bias" not in name and "LayerNorm" not in name
+
+
 def fit(model, loss_fn, train_features, dev_sets, stage_dir, hp, args, device, log):
     """AdamW with linear decay (and optional warm-up), clipping at 1.0, an evaluation on dev after
     each epoch, the best dev checkpoint saved to stage_dir. loss_fn(model, batch) -> (loss, parts)."""
     torch.manual_seed(args.seed)  # the same dropout masks for the same --seed, whatever ran before
-    # No weight decay on biases and LayerNorm, by name, as in BERT (its optimization.py).
-    decay = [p for n, p in model.named_parameters() if "bias" not in n and "LayerNorm" not in n]
-    no_decay = [p for n, p in model.named_parameters() if "bias" in n or "LayerNorm" in n]
+    decay = [p for n, p in model.named_parameters() if decays(n)]
+    no_decay = [p for n, p in model.named_parameters() if not decays(n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp["weight_decay"]},
                              {"params": no_decay, "weight_decay": 0.0}], lr=hp["lr"],
                             fused=True)  # one kernel over all parameters: ~5x faster steps on CPU too
