@@ -20,6 +20,7 @@ import torch
 import moebert
 from bert import BertConfig, BertForSequenceClassification
 from moebert import MoEConfig, moebert_from_dense
+from train import keep_freed_memory
 
 
 def timeit(fn, device, min_seconds, warmup=1):
@@ -187,6 +188,8 @@ def main():
     args = p.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    if device.type == "cpu":  # as train.py does: large activations stop page-faulting, for every model alike
+        args.keep_freed_memory = keep_freed_memory()
     torch.manual_seed(0)
     cfg = BertConfig()  # BERT-base: 12 layers, 768 wide, FFN 3072, MoE 4 x 768 with 512 shared
     if args.quick:

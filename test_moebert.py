@@ -998,6 +998,13 @@ def test_weight_decay_spares_biases_and_layernorms_in_experts_too():
         assert train.decays(name) == (p.ndim - (".experts." in name) > 1), name
 
 
+def test_keep_freed_memory_takes_on_glibc():
+    """The allocator settings train.py and bench.py apply on CPU; a no-op without glibc."""
+    import platform
+    import train
+    assert train.keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
+
+
 def test_invalid_moe_configs_are_refused():
     for kwargs, msg in [(dict(shared_dim=12, expert_dim=11), "shared_dim"),
                         (dict(expert_dim=38, shared_dim=0), "exceeds"),
