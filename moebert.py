@@ -17,8 +17,8 @@ from bert import ACT2FN, BertConfig, BertForSequenceClassification
 
 ROUTES = ("hash-random", "hash-balance", "gate-token", "gate-sentence")
 SPLITS = ("importance", "random", "inverse")
-# Experts.forward batches all experts in one padded matmul when each gets at most SMALL_BATCH tokens
-# on average and padding adds at most 30% rows (measured on CPU at BERT-base sizes: README, Speed).
+# Experts.forward runs all experts in one padded batched matmul up to SMALL_BATCH tokens per expert
+# on average and PADDING times the rows (thresholds measured on CPU at BERT-base sizes: README, Speed).
 SMALL_BATCH, PADDING = 128, 1.3
 
 
@@ -156,13 +156,14 @@ def expert_neurons(importance, cfg, generator=None):
 
 
 class Experts(nn.Module):
-    """The N experts of one layer, stacked on a leading axis. Expert e is a slice of the dense FFN
-    (its neurons' W1 rows, b1 entries and W2 columns) with copies of W2's bias and the FFN LayerNorm,
-    and computes LayerNorm_e(x + W2_e act(W1_e x + b1_e) + b2_e), as BertIntermediate + BertOutput do.
+    """The N experts of one layer (paper section 3.2), stacked on a leading axis. Expert e is a
+    slice of the dense FFN (its neurons' W1 rows, b1 entries and W2 columns) with copies of W2's bias
+    and the FFN LayerNorm: LayerNorm_e(x + W2_e act(W1_e x + b1_e) + b2_e), as BertIntermediate +
+    BertOutput compute it.
 
     The matrices are stored [in, out], as Google's kernels are (nn.Linear stores [out, in]): on CPU
-    the few-row matmuls of small batches run ~25% faster that way (README, Speed). Names keep BERT's words,
-    so the weight-decay rule (none for "bias" and "LayerNorm") reads them as it reads BERT's.
+    the few-row matmuls of small batches run ~25% faster that way (README, Speed). Names keep BERT's
+    words, so the weight-decay rule (none for "bias" and "LayerNorm") reads them as it reads BERT's.
     """
 
     def __init__(self, config, cfg):
@@ -197,7 +198,8 @@ class Experts(nn.Module):
         n, N = len(x), len(self.intermediate_weight)
         order = torch.argsort(expert)  # [n] token indices grouped by expert
         counts = torch.bincount(expert, minlength=N)  # [N] tokens per expert
-        C = int(counts.max())
+        sizes = counts.tolist()  # the one wait for the device in a layer
+        C = max(sizes)
         out = torch.empty_like(x)
         if n <= SMALL_BATCH * N and N * C <= PADDING * n:
             # Few tokens per expert: one batched matmul over all experts, each padded to C rows
@@ -209,7 +211,7 @@ class Experts(nn.Module):
             idx[e_sorted, slot] = order  # [N, C] the tokens of each expert
             y = self.ffn(x[idx], slice(None))  # [N, C, H]
             return out.index_copy_(0, order, y[e_sorted, slot].to(out.dtype))
-        for e, idx in enumerate(order.split(counts.tolist())):
+        for e, idx in enumerate(order.split(sizes)):
             if len(idx):
                 out.index_copy_(0, idx, self.ffn(x.index_select(0, idx), e).to(out.dtype))
         return out

@@ -931,11 +931,15 @@ def test_experts_hold_exactly_the_papers_neurons():
 PATHS = {"per-expert": dict(PADDING=0.0), "batched": dict(PADDING=float("inf"), SMALL_BATCH=float("inf"))}
 
 
+def take_path(monkeypatch, path):
+    for name, value in PATHS[path].items():
+        monkeypatch.setattr(moebert, name, value)
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("route", moebert.ROUTES)
 def test_token_gets_dense_ffn_restricted_to_its_experts_neurons(route, path, monkeypatch):
-    for name, value in PATHS[path].items():
-        monkeypatch.setattr(moebert, name, value)
+    take_path(monkeypatch, path)
     model = tiny_model().eval()
     imp = torch.rand(3, 37, generator=torch.Generator().manual_seed(4))
     cfg = MoEConfig(num_experts=3, expert_dim=11, shared_dim=5, route=route)
@@ -966,16 +970,16 @@ def test_token_gets_dense_ffn_restricted_to_its_experts_neurons(route, path, mon
 
 
 def test_batched_and_per_expert_paths_agree_with_gradients(monkeypatch):
-    """Training mode (dropout 0 so both see the same function): outputs, input and weight gradients."""
+    """Training mode (expert dropout 0, the same seed for the other dropouts): logits and the
+    gradient of every expert parameter."""
     model = tiny_model()
     cfg = MoEConfig(num_experts=3, expert_dim=11, shared_dim=5, route="gate-token", expert_dropout=0.0)
     moe = moebert_from_dense(model, torch.rand(3, 37, generator=torch.Generator().manual_seed(5)), cfg).train()
     batch = random_batch()
     args = batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
     results = {}
-    for path, settings in PATHS.items():
-        for name, value in settings.items():
-            monkeypatch.setattr(moebert, name, value)
+    for path in PATHS:
+        take_path(monkeypatch, path)
         torch.manual_seed(0)  # the same attention and hidden dropout masks for both
         moe.zero_grad()
         out = moe(*args)
