@@ -54,6 +54,8 @@ def get_args(argv=None):
     p.add_argument("--eval-only", action="store_true", help="only evaluate the teacher and MoEBERT stored in --out")
     p.add_argument("--seed", type=int, default=0, help="seeds data order, dropout, hash tables")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="compute dtype: bf16 autocast (weights stay fp32) "
+                   "or plain fp32 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--max-seq-length", type=int, help="truncate pairs to this many tokens (default: the paper's, "
                    "512, or 128 for MNLI and QQP)")
     p.add_argument("--max-train-examples", type=int, help="use only the first N training examples (quick runs)")
@@ -86,6 +88,7 @@ def get_args(argv=None):
     lr, bs, epochs, wd, lam, max_len = PAPER[args.task]
     pick = lambda value, default: default if value is None else value
     args.out = pick(args.out, os.path.join("out", args.task))
+    args.dtype = pick(args.dtype, "bf16" if args.device.startswith("cuda") else "fp32")
     args.max_seq_length = pick(args.max_seq_length, max_len)
     args.teacher_epochs = pick(args.teacher_epochs, pick(args.epochs, 3.0))
     args.distill_epochs = pick(args.distill_epochs, pick(args.epochs, epochs))
@@ -100,9 +103,9 @@ def get_args(argv=None):
 # Training and evaluation loops, shared by the teacher and the student
 
 
-def autocast(device):
-    """bf16 autocast on CUDA; plain fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def autocast(device, dtype):
+    """bf16 autocast (matmuls in bf16, weights and reductions in fp32), or plain fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
 
 
 def keep_freed_memory():
@@ -128,7 +131,7 @@ def predict(model, features, args, device):
     preds = [None] * len(features)
     for batch in data.batches(features, args.eval_batch_size, sort_by_length=True):
         b = to_device(batch, device)
-        with autocast(device):
+        with autocast(device, args.dtype):
             logits = model(b["input_ids"], b["token_type_ids"], b["attention_mask"]).logits.float()
         p = logits[:, 0] if logits.size(-1) == 1 else logits.argmax(-1)
         for i, v in zip(batch["index"].tolist(), p.tolist()):
@@ -177,7 +180,7 @@ def fit(model, loss_fn, train_features, dev_sets, stage_dir, hp, args, device, l
             if step == total:
                 break
             batch = to_device(batch, device)
-            with autocast(device):
+            with autocast(device, args.dtype):
                 loss, parts = loss_fn(model, batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as BERT and the paper
