@@ -414,6 +414,13 @@ def distillation_loss(student, teacher, attention_mask=None, regression=False):
     student, teacher: ClassifierOutput with hidden_states. With attention_mask [B, T], the MSE
     averages over real tokens only, so padding, whose states nothing reads, adds nothing.
     """
+    hidden, prediction = distillation_terms(student, teacher, attention_mask, regression)
+    return hidden + prediction
+
+
+def distillation_terms(student, teacher, attention_mask=None, regression=False):
+    """The two terms of distillation_loss apart: the hidden-state MSEs (a mean over tokens) and the
+    prediction term (a mean over examples), which several processes weight differently (train.shard)."""
     hidden = 0.0
     for hs, ht in zip(student.hidden_states, teacher.hidden_states, strict=True):
         diff = (upcast(hs) - upcast(ht)).pow(2)  # [B, T, H]
@@ -424,9 +431,9 @@ def distillation_loss(student, teacher, attention_mask=None, regression=False):
             hidden = hidden + (diff * m).sum() / (m.sum() * diff.size(-1))
     s, t = upcast(student.logits), upcast(teacher.logits)
     if regression:
-        return hidden + F.mse_loss(s, t)
+        return hidden, F.mse_loss(s, t)
     ls, lt = F.log_softmax(s, -1), F.log_softmax(t, -1)
     # F.kl_div(input=log q, target=log p) is KL(p || q), averaged over the batch.
     kl_ts = F.kl_div(ls, lt, reduction="batchmean", log_target=True)
     kl_st = F.kl_div(lt, ls, reduction="batchmean", log_target=True)
-    return hidden + 0.5 * (kl_ts + kl_st)
+    return hidden, 0.5 * (kl_ts + kl_st)

@@ -11,11 +11,13 @@ import http.server
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import warnings
 import zipfile
 
@@ -1235,11 +1237,11 @@ def test_rerun_skips_finished_stages_and_eval_only_reproduces(tiny_run, capsys):
 
 def test_pipeline_refuses_mixed_results(tiny_run):
     train, args, out = tiny_run["train"], tiny_run["args"], tiny_run["out"]
-    with pytest.raises(SystemExit, match="lr: 0.002 there, 0.003 now"):
+    with pytest.raises(bert.UserError, match="lr: 0.002 there, 0.003 now"):
         train.main(args + ["--lr", "3e-3"])
-    with pytest.raises(SystemExit, match="holds a run of task rte"):
+    with pytest.raises(bert.UserError, match="holds a run of task rte"):
         train.main([a if a != "rte" else "mrpc" for a in args])
-    with pytest.raises(SystemExit, match="no finished model"):
+    with pytest.raises(bert.UserError, match="no finished model"):
         train.main(args[:args.index("--out")] + ["--out", str(tiny_run["root"] / "empty"), "--eval-only"]
                    + args[args.index("--out") + 2:])
 
@@ -1250,12 +1252,12 @@ def test_teacher_that_does_not_fit_is_refused(tiny_run, tmp_path):
     tiny_model(num_labels=3).save_pretrained(bad)
     shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), bad)
     run = lambda teacher: train.main(args + ["--teacher", str(teacher), "--out", str(tmp_path / "o")])
-    with pytest.raises(SystemExit, match="3 labels; rte needs 2"):
+    with pytest.raises(bert.UserError, match="3 labels; rte needs 2"):
         run(bad)
     short = tmp_path / "teacher_vocab"
     tiny_model(num_labels=2).save_pretrained(short)
     (short / "vocab.txt").write_text("".join(f"{w}\n" for w in open(os.path.join(GOOGLE_TINY, "vocab.txt")).read().split()[:50]))
-    with pytest.raises(SystemExit, match="vocab.txt has 50 tokens but the model has 99"):
+    with pytest.raises(bert.UserError, match="vocab.txt has 50 tokens but the model has 99"):
         run(short)
 
 
@@ -1297,3 +1299,176 @@ def test_pipeline_regression_task_and_other_routes(tmp_path, route):
     assert results["moe"]["route"] == route
     if route == "gate-token":
         assert any("balance" in r for r in read_log(tmp_path / "out") if r.get("stage") == "distill")
+
+
+# ----------------------------------------------------------------------------------------------
+# Long runs: resume inside a stage, signals, a non-finite loss, several processes, errors
+
+TRAIN = os.path.join(HERE, "train.py")
+
+
+def tiny_task(root, dropout=0.1):
+    """A tiny random BERT (Hugging Face layout) and an RTE-format task under root; train.py's args."""
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(
+        BertConfig(**TINY, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout), 2)
+    model.bert.save_pretrained(root / "bert")
+    shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), root / "bert")
+    write_rte_like(root / "RTE")
+    return ["--task", "rte", "--bert", str(root / "bert"), "--data-dir", str(root / "RTE"), "--device", "cpu",
+            "--epochs", "10", "--lr", "2e-3", "--batch-size", "8", "--distill-lr", "2e-4", "--distill-batch-size", "16",
+            "--expert-dim", "11", "--shared-dim", "5", "--num-experts", "3", "--log-every", "1", "--save-every", "4"]
+
+
+@pytest.fixture(scope="module")
+def never_stopped(tmp_path_factory):
+    """The reference: a tiny run that nothing interrupts."""
+    import train
+    root = tmp_path_factory.mktemp("resume")
+    args = tiny_task(root)
+    results = train.main(args + ["--out", str(root / "ref")])
+    return dict(root=root, args=args, results=results, ref=root / "ref")
+
+
+def stop_midway(cmd, stage_dir, sig, timeout=120):
+    """Start `cmd`, wait for the stage's first checkpoint, send `sig`; (return code, output)."""
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpt = stage_dir.parent / (stage_dir.name + ".partial") / "checkpoint.safetensors"
+    t0 = time.time()
+    while not ckpt.exists():
+        assert p.poll() is None, f"ended before its first checkpoint:\n{p.communicate()[0]}"
+        assert time.time() - t0 < timeout, "no checkpoint appeared"
+        time.sleep(0.001)
+    p.send_signal(sig)
+    out = p.communicate(timeout=timeout)[0]
+    assert not stage_dir.exists(), f"the stage finished before the signal arrived:\n{out}"
+    return p.returncode, out
+
+
+def assert_same_weights(a, b, atol=0.0):
+    """Two model.safetensors: the same tensors, bitwise (atol 0) or within atol."""
+    from safetensors.torch import load_file
+    ta, tb = load_file(a), load_file(b)
+    assert set(ta) == set(tb)
+    for k in ta:
+        if atol == 0:
+            assert torch.equal(ta[k], tb[k]), f"{k}: max abs diff {(ta[k].double() - tb[k].double()).abs().max():.3g}"
+        else:
+            assert_close(ta[k], tb[k], atol, k)
+
+
+@pytest.mark.parametrize("stage,sig", [("teacher", signal.SIGKILL), ("moebert", signal.SIGKILL),
+                                       ("moebert", signal.SIGTERM), ("moebert", signal.SIGINT)])
+def test_stopped_run_resumes_bitwise(never_stopped, tmp_path, stage, sig):
+    """Killed (or asked to stop) inside a training stage, then run again with the same command: the
+    result is bitwise the one of a run that was never stopped (the RNGs, the optimizer, the LR
+    schedule and the position in the epoch all continue)."""
+    import train
+    out = tmp_path / "out"
+    args = never_stopped["args"] + ["--out", str(out)]
+    if stage == "moebert":  # the teacher is finished: the same one as the reference's
+        shutil.copytree(never_stopped["ref"] / "teacher", out / "teacher")
+        shutil.copytree(never_stopped["ref"] / "importance", out / "importance")
+    code, text = stop_midway([sys.executable, TRAIN, *args], out / stage, sig)
+    if sig == signal.SIGKILL:
+        assert code == -signal.SIGKILL
+    else:  # Ctrl-C and SIGTERM: a checkpoint at the current step, one line on how to resume
+        assert code == 128 + sig, text
+        line = [l for l in text.splitlines() if l.startswith("stopped by")]
+        assert line and f"stopped by {signal.Signals(sig).name} at distill step" in line[0], text
+        assert "Run the same command again to resume" in line[0] and "Traceback" not in text
+    results = train.main(args)
+    assert "resumed" in (out / "log.jsonl").read_text()
+    for s in ("teacher", "moebert"):
+        assert_same_weights(out / s / "model.safetensors", never_stopped["ref"] / s / "model.safetensors")
+        assert json.loads((out / s / "metrics.json").read_text()) == json.loads(
+            (never_stopped["ref"] / s / "metrics.json").read_text())
+    assert results["teacher"] == never_stopped["results"]["teacher"]
+    assert results["moebert"] == never_stopped["results"]["moebert"]
+    assert not (out / stage / "checkpoint.safetensors").exists()  # a finished stage keeps its best model only
+
+
+def test_checkpoint_holds_everything_and_a_damaged_one_is_refused(never_stopped, tmp_path):
+    import train
+    from safetensors import safe_open
+    out = tmp_path / "out"
+    args = never_stopped["args"] + ["--out", str(out)]
+    code, _ = stop_midway([sys.executable, TRAIN, *args], out / "teacher", signal.SIGKILL)
+    ckpt = out / "teacher.partial" / "checkpoint.safetensors"
+    with safe_open(ckpt, "pt") as f:
+        keys, meta = set(f.keys()), {k: json.loads(v) for k, v in f.metadata().items()}
+    assert {"model.classifier.weight", "rng.cpu.0", "optimizer.0.exp_avg", "optimizer.0.exp_avg_sq"} <= keys
+    assert meta["state"]["step"] % 4 == 0 and meta["state"]["processes"] == 1
+    assert meta["scheduler"]["last_epoch"] == meta["state"]["step"]
+    # Other settings are refused, not mixed into the stopped stage.
+    with pytest.raises(bert.UserError, match="lr: 0.002 there, 0.003 now"):
+        train.main(args + ["--lr", "3e-3"])
+    ckpt.write_bytes(b"\x10" + ckpt.read_bytes()[1:100])  # damaged
+    with pytest.raises(bert.UserError, match="checkpoint.safetensors is damaged"):
+        train.main(args)
+    assert ckpt.exists()  # never deleted behind the user's back
+
+
+def test_non_finite_loss_stops_with_a_clear_error(never_stopped, tmp_path):
+    """A learning rate that diverges: exit 2 at the first non-finite loss, one error line, the last
+    checkpoint and the finished teacher untouched."""
+    out = tmp_path / "out"
+    teacher = never_stopped["ref"] / "teacher"
+    before = {f: (teacher / f).read_bytes() for f in os.listdir(teacher)}
+    cmd = [sys.executable, TRAIN, *never_stopped["args"], "--out", str(out), "--teacher", str(teacher),
+           "--distill-lr", "1e30", "--save-every", "1"]
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.startswith("error: distill: the loss is not finite at step 2 (ce ") and "Traceback" not in p.stderr
+    assert "lower learning rate" in p.stderr
+    from safetensors import safe_open
+    with safe_open(out / "moebert.partial" / "checkpoint.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["state"])["step"] == 1  # the last good step's, kept
+        assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys() if k.startswith("model."))
+    assert not (out / "moebert").exists()
+    assert {f: (teacher / f).read_bytes() for f in os.listdir(teacher)} == before
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path):
+    """What a user can fix: `error: ...` and exit 2, no traceback."""
+    p = subprocess.run([sys.executable, TRAIN, "--task", "rte", "--bert", str(tmp_path), "--data-dir",
+                        str(tmp_path / "nowhere")], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr, p.stderr
+
+
+def test_importance_and_evaluation_report_progress(never_stopped, capsys, monkeypatch):
+    import train
+    monkeypatch.setattr(train, "PROGRESS_EVERY", 0.0)  # a line for every batch: the tiny run is quick
+    train.main(never_stopped["args"] + ["--out", str(never_stopped["ref"]), "--eval-only"])
+    out = capsys.readouterr().out
+    assert "evaluation on dev: 32/32 examples" in out and "0s left" in out
+    log = (never_stopped["ref"] / "log.jsonl").read_text()
+    assert '"stage": "distill"' in log and '"eta_s"' in log
+
+
+def test_two_processes_equal_one(never_stopped, tmp_path):
+    """torchrun with 2 gloo processes on the CPU: every stage completes, and with dropout off the
+    weights equal a one-process run of the same global batches (uneven shards included: 89
+    examples leave a last teacher batch of 1, so one process gets a weight-0 row)."""
+    import train
+    args = tiny_task(tmp_path, dropout=0.0) + ["--expert-dropout", "0", "--max-train-examples", "89", "--epochs", "3"]
+    one = train.main(args + ["--out", str(tmp_path / "one")])
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        TRAIN, *args, "--out", str(tmp_path / "two")], cwd=HERE, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    print(f"two processes: {time.time() - t0:.1f}s")
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["config"]["processes"] == 2
+    for s in ("teacher", "moebert"):
+        assert_same_weights(tmp_path / "two" / s / "model.safetensors", tmp_path / "one" / s / "model.safetensors",
+                            atol=1e-5)
+    from safetensors.torch import load_file
+    imp = [load_file(tmp_path / r / "importance" / "importance.safetensors")["importance"] for r in ("one", "two")]
+    assert_close(imp[1], imp[0], 1e-6 * imp[0].abs().max().item(), "importance summed over processes")
+    # Written once: one log line per step, not two.
+    steps = [r["step"] for r in read_log(tmp_path / "two") if r.get("stage") == "teacher" and "loss" in r]
+    assert steps == sorted(set(steps))
+    for m in ("teacher", "moebert"):
+        assert abs(two[m]["accuracy"] - one[m]["accuracy"]) <= 1 / 32

@@ -11,20 +11,27 @@ same settings; --force redoes them. A stage's folder appears only when the stage
 """
 import argparse
 import ctypes
+import itertools
 import json
 import math
 import os
 import shutil
+import signal
+import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import moebert
-from bert import BertForSequenceClassification, atomic_write_json, find_vocab, makedirs, resolve_pretrained
+from bert import (BertForSequenceClassification, UserError, atomic_write_json, find_vocab, makedirs,
+                  resolve_pretrained)
 from moebert import MoEBertForSequenceClassification, MoEConfig
 
 # Paper Table 7, the distillation stage: lr, batch size, epochs, weight decay, lambda, max length.
@@ -62,6 +69,8 @@ def get_args(argv=None):
     p.add_argument("--max-eval-examples", type=int, help="evaluate on only the first N dev examples")
     p.add_argument("--eval-batch-size", type=int, default=128, help="batch size for evaluation and importance")
     p.add_argument("--log-every", type=int, default=50, help="print a progress line every N steps")
+    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N optimizer steps (and at each "
+                   "epoch's end); rerunning the same command continues from the last one")
     t = p.add_argument_group("teacher fine-tuning (stage 1): the standard BERT GLUE recipe by default")
     t.add_argument("--epochs", type=float, help="epochs of both training stages unless a stage's own flag is "
                    "given (default: 3 for the teacher, the paper's for distillation)")
@@ -100,7 +109,7 @@ def get_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training and evaluation loops, shared by the teacher and the student
+# Evaluation and the parts of training that are not the loop
 
 
 def autocast(device, dtype):
@@ -124,12 +133,28 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+PROGRESS_EVERY = 10.0  # seconds between progress lines of importance and evaluation
+
+
+def progress(batches, total, what):
+    """Yield `batches`, printing the examples done of `total`, the rate and the time left every
+    PROGRESS_EVERY seconds (and a last line if it printed any): importance and evaluation of a
+    large task take minutes, and a quick one stays quiet."""
+    done, t0, last = 0, time.time(), time.time()
+    for batch in batches:
+        yield batch
+        done += len(batch["index"])
+        if MASTER and (time.time() - last >= PROGRESS_EVERY or (done == total and last > t0)):
+            last, rate = time.time(), done / max(time.time() - t0, 1e-9)
+            print(f"{what}: {done}/{total} examples, {rate:.0f}/s, {(total - done) / rate:.0f}s left", flush=True)
+
+
 @torch.inference_mode()
-def predict(model, features, args, device):
+def predict(model, features, args, device, what="evaluation"):
     """Predictions in the order of `features`: label indices, or scores for regression."""
     model.eval()
     preds = [None] * len(features)
-    for batch in data.batches(features, args.eval_batch_size, sort_by_length=True):
+    for batch in progress(data.batches(features, args.eval_batch_size, sort_by_length=True), len(features), what):
         b = to_device(batch, device)
         with autocast(device, args.dtype):
             logits = model(b["input_ids"], b["token_type_ids"], b["attention_mask"]).logits.float()
@@ -143,7 +168,8 @@ def evaluate(model, dev_sets, args, device):
     """Metrics on every dev set; MNLI's mismatched ones get the suffix _mm."""
     metrics = {}
     for suffix, features in dev_sets.items():
-        m = data.compute_metrics(args.task, predict(model, features, args, device), [f["label"] for f in features])
+        preds = predict(model, features, args, device, f"evaluation on dev{suffix}")
+        m = data.compute_metrics(args.task, preds, [f["label"] for f in features])
         metrics.update({k + suffix: v for k, v in m.items()})
     return metrics
 
@@ -154,10 +180,150 @@ def decays(name):
     return "bias" not in name and "LayerNorm" not in name
 
 
+# ----------------------------------------------------------------------------------------------
+# Several processes (torchrun): one per GPU, or gloo processes on the CPU
+
+RANK, WORLD, MASTER = 0, 1, True  # this process, how many there are, whether it writes files and logs
+
+
+def setup_distributed(args):
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is the one process."""
+    global RANK, WORLD, MASTER
+    if "RANK" not in os.environ:
+        return torch.device(args.device)
+    cuda = args.device.startswith("cuda")
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    RANK, WORLD = dist.get_rank(), dist.get_world_size()
+    MASTER = RANK == 0
+    if not cuda:
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    torch.cuda.set_device(device)
+    return device
+
+
+def barrier():
+    """Wait until every process is here (after the master wrote files the others read)."""
+    if WORLD > 1:
+        dist.barrier()
+
+
+def shard(batch, device):
+    """This process's rows of a global batch, and the share of the global batch's loss they carry.
+
+    DDP averages the processes' gradients. For that average to be the gradient of the global
+    batch's mean loss, each process scales its mean by WORLD * (its examples / all examples), and
+    the token-averaged MSEs of distillation by WORLD * (its tokens / all tokens). With one process
+    both shares are exactly 1. Padding stays as in the global batch, so one process computes the same.
+    """
+    rows = torch.tensor_split(torch.arange(len(batch["index"])), WORLD)[RANK]
+    mask = batch["attention_mask"]
+    share = dict(examples=WORLD * len(rows) / len(mask), tokens=WORLD * mask[rows].sum().item() / mask.sum().item())
+    if len(rows) == 0:  # fewer examples than processes: run one with weight 0, as DDP needs every backward
+        rows = torch.tensor([0])
+    return to_device({k: v[rows] for k, v in batch.items()}, device), share
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints inside a stage: one safetensors file, replaced atomically
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def save_checkpoint(path, model, opt, sched, state, device):
+    """Everything needed to continue a stage exactly: weights, AdamW's moments, the LR schedule,
+    the position (state: step, epoch, batches done in the epoch, best dev result) and the random
+    number generators of every process (dropout draws from them). Tensors in safetensors, the rest
+    as JSON in its metadata; written beside and renamed, so a kill leaves the previous one intact."""
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    rng = {k: gather(v, device) for k, v in rng.items()}  # every process's generators, on the master
+    if not MASTER:
+        return
+    tensors = {"model." + k: v for k, v in model.state_dict().items()}
+    sd = opt.state_dict()
+    tensors.update({f"optimizer.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()})
+    tensors.update({f"rng.{k}.{r}": t for k, ts in rng.items() for r, t in enumerate(ts)})
+    meta = {"state": dict(state, processes=WORLD), "param_groups": sd["param_groups"], "scheduler": sched.state_dict()}
+    tmp = path + ".partial"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+              metadata={k: json.dumps(v) for k, v in meta.items()})
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())  # on disk before the rename, so a crash of the machine cannot half-write it
+    os.replace(tmp, path)
+
+
+def gather(t, device):
+    """[tensor of every process] (the master's list; one process: [t])."""
+    if WORLD == 1:
+        return [t]
+    t = t.to(device)  # NCCL gathers GPU tensors only
+    out = [torch.empty_like(t) for _ in range(WORLD)]
+    dist.all_gather(out, t)
+    return [o.cpu() for o in out]
+
+
+def load_checkpoint(path, model, opt, sched, device):
+    """Restore what save_checkpoint wrote into model, opt, sched and the generators; returns state."""
+    try:
+        with safe_open(path, "pt") as f:
+            meta = {k: json.loads(v) for k, v in f.metadata().items()}
+        tensors = load_file(path)
+    except Exception as e:  # safetensors raises its own error types on a damaged file
+        raise UserError(f"{path} is damaged ({e}). Delete it to redo this stage from its start.") from None
+    state = meta["state"]
+    if state["processes"] != WORLD:  # each process's dropout stream continues only in the same layout
+        raise UserError(f"{path} was written by {state['processes']} processes, this run has {WORLD}: resume "
+                        f"with the same number (torchrun --nproc_per_node), or --force to start over")
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    moments = {}
+    for k, v in tensors.items():
+        if k.startswith("optimizer."):
+            _, i, name = k.split(".", 2)
+            moments.setdefault(int(i), {})[name] = v
+    # JSON made AdamW's betas a list; the optimizer expects a tuple
+    groups = [dict(g, betas=tuple(g["betas"])) for g in meta["param_groups"]]
+    opt.load_state_dict({"state": moments, "param_groups": groups})
+    sched.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors[f"rng.cpu.{RANK}"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(tensors[f"rng.cuda.{RANK}"], device)
+    return state
+
+
+@contextmanager
+def deferred_signals():
+    """While training: Ctrl-C (SIGINT) and SIGTERM (preemption, kill, torchrun passing either on)
+    only set a flag, which fit() reads after each step to save a checkpoint and stop there.
+    A second signal stops at once."""
+    got = []
+
+    def handler(signum, frame):
+        if got:
+            raise KeyboardInterrupt
+        got.append(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop, shared by the teacher and the student
+
+
 def fit(model, loss_fn, train_features, dev_sets, stage_dir, hp, args, device, log):
     """AdamW with linear decay (and optional warm-up), clipping at 1.0, an evaluation on dev after
-    each epoch, the best dev checkpoint saved to stage_dir. loss_fn(model, batch) -> (loss, parts)."""
-    torch.manual_seed(args.seed)  # the same dropout masks for the same --seed, whatever ran before
+    each epoch, the best dev checkpoint saved to stage_dir. loss_fn(model, batch, share) -> (loss, parts).
+
+    Every args.save_every steps and at each epoch's end, a checkpoint goes to stage_dir; when one is
+    there, training continues from it, and ends exactly as if it had never stopped.
+    """
+    torch.manual_seed(args.seed + RANK)  # the same dropout masks for the same --seed, whatever ran before
     decay = [p for n, p in model.named_parameters() if decays(n)]
     no_decay = [p for n, p in model.named_parameters() if not decays(n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp["weight_decay"]},
@@ -170,37 +336,80 @@ def fit(model, loss_fn, train_features, dev_sets, stage_dir, hp, args, device, l
     # Linear warm-up to lr, then linear decay to 0 at the last step.
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: s / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+    ckpt = os.path.join(stage_dir, CHECKPOINT)
+    state = dict(step=0, epoch=0, batch=0, best=None)  # batch: batches of the epoch done
+    if os.path.exists(ckpt):
+        state = load_checkpoint(ckpt, model, opt, sched, device)
+        log(dict(stage=hp["stage"], step=state["step"], resumed=ckpt))
+    # Several processes: DDP all-reduces the gradients during backward. Every expert is always in
+    # the graph, since each layer's experts are one stacked tensor per weight (moebert.Experts): an
+    # expert with no token in a step gets a zero gradient, so find_unused_parameters (an extra pass
+    # over the graph each step) is not needed. The buffers (hash tables) never change: no broadcast.
+    trained = model if WORLD == 1 else DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                           broadcast_buffers=False)
     main = data.TASKS[args.task].metric  # the dev metric that picks the checkpoint
-    best, step, t0, seen = None, 0, time.time(), 0
-    for epoch in range(math.ceil(hp["epochs"])):
-        model.train()
-        # A new, reproducible order each epoch; batches of similar lengths, so little padding.
-        for batch in data.batches(train_features, hp["batch_size"], shuffle=True, seed=args.seed * 1000 + epoch,
-                                  group_by_length=True):
-            if step == total:
-                break
-            batch = to_device(batch, device)
-            with autocast(device, args.dtype):
-                loss, parts = loss_fn(model, batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as BERT and the paper
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step, seen = step + 1, seen + len(batch["labels"])
-            if step % args.log_every == 0 or step == total:
-                rate = seen / (time.time() - t0)
-                eta = (total - step) * hp["batch_size"] / rate
-                parts = {k: round(v.item(), 4) for k, v in parts.items()}  # .item() waits for the GPU: log steps only
-                log(dict(stage=hp["stage"], step=step, total=total, **parts, lr=sched.get_last_lr()[0],
-                         examples_per_s=round(rate, 1), eta_s=round(eta)))
-        metrics = evaluate(model, dev_sets, args, device)
-        log(dict(stage=hp["stage"], epoch=epoch + 1, step=step, dev=metrics))
-        # Keep the best dev epoch, as GLUE dev results (the paper's included) are usually reported.
-        if best is None or metrics[main] > best[main]:
-            best = dict(metrics, epoch=epoch + 1)
-            model.save_pretrained(stage_dir)
-    return best
+    t0, seen = time.time(), 0
+    with deferred_signals() as stop:
+        for epoch in range(state["epoch"], math.ceil(hp["epochs"])):
+            model.train()
+            # A new, reproducible order each epoch; batches of similar lengths, so little padding.
+            # After a resume, the batches this epoch has done are skipped.
+            order = data.batches(train_features, hp["batch_size"], shuffle=True, seed=args.seed * 1000 + epoch,
+                                 group_by_length=True)
+            for batch in itertools.islice(order, state["batch"], None):
+                if state["step"] == total:
+                    break
+                b, share = shard(batch, device)
+                with autocast(device, args.dtype):
+                    loss, parts = loss_fn(trained, b, share)
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as BERT and the paper
+                # One wait for the device per step: a non-finite loss or gradient stops training
+                # before the update, and every process learns of a signal at the same step.
+                flags = torch.stack([~(torch.isfinite(loss) & torch.isfinite(norm)), torch.tensor(bool(stop), device=device)]).int()
+                if WORLD > 1:
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                bad, stopping = flags.tolist()
+                if bad:
+                    raise UserError(
+                        f"{hp['stage']}: the loss is not finite at step {state['step'] + 1} "
+                        f"({', '.join(f'{k} {v.item():.4g}' for k, v in parts.items())}); nothing was updated. "
+                        f"The last checkpoint ({ckpt if os.path.exists(ckpt) else 'none yet'}) and the finished "
+                        f"stages are kept. Try a lower learning rate (--lr, --distill-lr) or --dtype fp32, with "
+                        f"another --out (--teacher OUT/teacher reuses a finished teacher), or --force.")
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                state["step"], state["batch"], seen = state["step"] + 1, state["batch"] + 1, seen + len(batch["index"])
+                step = state["step"]
+                if step % args.log_every == 0 or step == total:
+                    rate = seen / (time.time() - t0)
+                    eta = (total - step) * hp["batch_size"] / rate
+                    values = torch.stack([v.detach().float() for v in parts.values()])  # .item() waits: log steps only
+                    if WORLD > 1:  # each process's parts are its share of the global batch's: average them
+                        dist.all_reduce(values)
+                        values /= WORLD
+                    log(dict(stage=hp["stage"], step=step, total=total,
+                             **{k: round(v, 4) for k, v in zip(parts, values.tolist())},
+                             lr=sched.get_last_lr()[0], examples_per_s=round(rate, 1), eta_s=round(eta)))
+                if stopping:
+                    save_checkpoint(ckpt, model, opt, sched, state, device)
+                    if MASTER:
+                        print(f"stopped by {signal.Signals(stop[0]).name} at {hp['stage']} step {step}; "
+                              f"checkpoint saved in {ckpt}. Run the same command again to resume.", flush=True)
+                    raise SystemExit(128 + stop[0])
+                if step % args.save_every == 0:
+                    save_checkpoint(ckpt, model, opt, sched, state, device)
+            metrics = evaluate(model, dev_sets, args, device)
+            log(dict(stage=hp["stage"], epoch=epoch + 1, step=state["step"], dev=metrics))
+            # Keep the best dev epoch, as GLUE dev results (the paper's included) are usually reported.
+            if state["best"] is None or metrics[main] > state["best"][main]:
+                state["best"] = dict(metrics, epoch=epoch + 1)
+                if MASTER:
+                    model.save_pretrained(stage_dir)
+            state["epoch"], state["batch"] = epoch + 1, 0
+            save_checkpoint(ckpt, model, opt, sched, state, device)
+    return state["best"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,72 +417,103 @@ def fit(model, loss_fn, train_features, dev_sets, stage_dir, hp, args, device, l
 
 
 def finished(folder, settings, force):
-    """True when `folder` holds a finished stage made with `settings`; refuse a mismatch."""
-    if os.path.exists(folder + ".partial"):
-        print(f"{folder}: an earlier run stopped during this stage; it is redone from the start")
-        shutil.rmtree(folder + ".partial")
-    done = os.path.join(folder, "settings.json")
-    if force or not os.path.exists(done):
+    """True when `folder` holds a finished stage made with `settings`. False when the stage is to
+    run: from its checkpoint when an earlier run stopped in it with the same settings (fit resumes
+    it), else from the start. Other settings are refused, so no result is silently replaced."""
+    partial = folder + ".partial"
+    done = not force and differs(folder, settings)  # None: finished with these settings
+    if done is None:
+        if MASTER:
+            print(f"{folder}: done already, reused")
+        return True
+    stopped = not force and os.path.exists(os.path.join(partial, CHECKPOINT)) and differs(partial, settings)
+    if stopped is None:
+        if MASTER:
+            print(f"{folder}: an earlier run stopped during this stage; it continues from its checkpoint")
         return False
-    with open(done) as f:
+    for diff in (done, stopped):
+        if diff:
+            raise UserError(f"{diff}.\nUse another --out, or --force to redo it.")
+    barrier()  # every process has looked before the master changes the folders
+    if MASTER:
+        if os.path.exists(partial):
+            print(f"{folder}: an earlier run stopped during this stage; it is redone from the start")
+            shutil.rmtree(partial)
+        # The settings go in first: a checkpoint written here later is known to match them.
+        atomic_write_json(os.path.join(makedirs(partial), "settings.json"), settings)
+    barrier()
+    return False
+
+
+def differs(folder, settings):
+    """None if `folder` was made with `settings`; else what differs, as a sentence ('' if no folder)."""
+    path = os.path.join(folder, "settings.json")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
         old = json.load(f)
     diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-    if diff:
-        raise SystemExit(f"{folder} was made with other settings ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}).\n"
-                         f"Use another --out, or --force to redo it.")
-    print(f"{folder}: done already, reused")
-    return True
+    if not diff:
+        return None
+    return f"{folder} was made with other settings ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())})"
 
 
-def publish(partial, folder, settings):
-    """Mark a stage finished: its settings beside its output, then one atomic rename."""
-    atomic_write_json(os.path.join(partial, "settings.json"), settings)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(partial, folder)
+def publish(partial, folder):
+    """Mark a stage finished: the checkpoint goes (the best model is beside it), then one atomic rename."""
+    if MASTER:
+        for name in (CHECKPOINT, CHECKPOINT + ".partial"):  # the latter if a kill came during a write
+            if os.path.exists(os.path.join(partial, name)):
+                os.remove(os.path.join(partial, name))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(partial, folder)
+    barrier()  # the others read the finished stage from here on
 
 
 def check_teacher(path, task, num_labels):
     """A --teacher must be a fine-tuned classifier for this task's labels with its vocabulary."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
-        raise SystemExit(f"--teacher {path}: no config.json; pass a fine-tuned teacher folder, e.g. out/{task}/teacher")
+        raise UserError(f"--teacher {path}: no config.json; pass a fine-tuned teacher folder, e.g. out/{task}/teacher")
     with open(cfg_path) as f:
         cfg = json.load(f)
     if cfg.get("num_labels") != num_labels:
-        raise SystemExit(f"--teacher {path} has {cfg.get('num_labels')} labels; {task} needs {num_labels}")
+        raise UserError(f"--teacher {path} has {cfg.get('num_labels')} labels; {task} needs {num_labels}")
     vocab = find_vocab(path)
     with open(vocab, encoding="utf-8") as f:
         n = sum(1 for _ in f)
     if n != cfg.get("vocab_size"):
-        raise SystemExit(f"--teacher {path}: vocab.txt has {n} tokens but the model has {cfg.get('vocab_size')}")
+        raise UserError(f"--teacher {path}: vocab.txt has {n} tokens but the model has {cfg.get('vocab_size')}")
 
 
 def main(argv=None):
     args = get_args(argv)
     torch.manual_seed(args.seed)  # the classifier head and the gates are drawn from it too
-    device = torch.device(args.device)
+    device = setup_distributed(args)
     if device.type == "cpu":
         keep_freed_memory()
     task = data.TASKS[args.task]
     os.makedirs(args.out, exist_ok=True)
-    log_file = open(os.path.join(args.out, "log.jsonl"), "a")
+    log_file = open(os.path.join(args.out, "log.jsonl"), "a") if MASTER else None
 
-    def log(record):
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
-        print("  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+    def log(record):  # one JSON record per line in OUT/log.jsonl, and a readable line; the master only
+        if MASTER:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            print("  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
+                  flush=True)
 
     # One --out holds one task's run: refuse to mix another task into it.
     run_file = os.path.join(args.out, "run.json")
     if os.path.exists(run_file):
         with open(run_file) as f:
             if (prev := json.load(f)["task"]) != args.task:
-                raise SystemExit(f"{args.out} holds a run of task {prev}; use another --out for {args.task}")
+                raise UserError(f"{args.out} holds a run of task {prev}; use another --out for {args.task}")
     if args.eval_only:  # nothing will be trained: both models must be there
         for d in (args.teacher or os.path.join(args.out, "teacher"), os.path.join(args.out, "moebert")):
             if not os.path.exists(os.path.join(d, "model.safetensors")):
-                raise SystemExit(f"{d} holds no finished model; run without --eval-only first")
-    atomic_write_json(run_file, {"task": args.task})
+                raise UserError(f"{d} holds no finished model; run without --eval-only first")
+    if MASTER:
+        atomic_write_json(run_file, {"task": args.task})
     times = {}
 
     # Data: tokenizer from the teacher's (or the pretrained model's) vocabulary.
@@ -284,14 +524,18 @@ def main(argv=None):
     vocab = find_vocab(source)
     tokenizer = data.load_tokenizer(vocab, lowercase=data.is_uncased(vocab))
     folder = data.glue_dir(args.task, args.data_dir)
-    encode = lambda split, n: data.encode(data.read_glue(args.task, folder, split)[:n], tokenizer, args.max_seq_length)
-    train_features = encode("train", args.max_train_examples)
-    dev_sets = {"": encode("dev", args.max_eval_examples)}
+    encode = lambda examples, n=None: data.encode(examples[:n], tokenizer, args.max_seq_length)
+    t0 = time.time()
+    train_features = encode(data.read_glue(args.task, folder, "train"), args.max_train_examples)
+    dev_sets = {"": encode(data.read_glue(args.task, folder, "dev"), args.max_eval_examples)}
     if args.task == "mnli":
-        dev_sets["_mm"] = encode("dev_mismatched", args.max_eval_examples)
+        dev_sets["_mm"] = encode(data.read_glue(args.task, folder, "dev_mismatched"), args.max_eval_examples)
+    if MASTER:
+        print(f"data: {len(train_features)} training and {len(dev_sets[''])} dev examples tokenized in "
+              f"{time.time() - t0:.1f}s")
     # What every stage's output depends on; a stage reused with other settings would mix results.
     data_settings = dict(task=args.task, max_seq_length=args.max_seq_length, seed=args.seed,
-                         train_examples=len(train_features), dev_examples=len(dev_sets[""]))
+                         train_examples=len(train_features), dev_examples=len(dev_sets[""]), dtype=args.dtype)
 
     # Stage 1: the teacher.
     teacher_dir = os.path.join(args.out, "teacher")
@@ -306,15 +550,16 @@ def main(argv=None):
         hp = dict(stage="teacher", epochs=args.teacher_epochs, lr=args.lr, batch_size=args.batch_size,
                   weight_decay=args.weight_decay, warmup=args.warmup)
 
-        def ce(model, b):  # the teacher's loss: cross-entropy, MSE for STS-B
+        def ce(model, b, share):  # the teacher's loss: cross-entropy, MSE for STS-B
             loss = moebert.task_loss(model(b["input_ids"], b["token_type_ids"], b["attention_mask"]).logits,
-                                     b["labels"])
+                                     b["labels"]) * share["examples"]
             return loss, {"loss": loss}
 
         best = fit(teacher, ce, train_features, dev_sets, teacher_dir + ".partial", hp, args, device, log)
-        shutil.copy(vocab, teacher_dir + ".partial")
-        atomic_write_json(os.path.join(teacher_dir + ".partial", "metrics.json"), best)
-        publish(teacher_dir + ".partial", teacher_dir, teacher_settings)
+        if MASTER:
+            shutil.copy(vocab, teacher_dir + ".partial")
+            atomic_write_json(os.path.join(teacher_dir + ".partial", "metrics.json"), best)
+        publish(teacher_dir + ".partial", teacher_dir)
         times["teacher"] = time.time() - t0
     # From disk even when just trained: the best epoch, not the last. Frozen from here on.
     teacher = BertForSequenceClassification.from_pretrained(teacher_dir, num_labels=num_labels).to(device).eval()
@@ -325,14 +570,22 @@ def main(argv=None):
     imp_settings = dict(data_settings, teacher=args.teacher)  # None: this run's own teacher, checked above
     if not (args.eval_only or finished(imp_dir, imp_settings, args.force)):
         t0 = time.time()
-        scores = moebert.importance_scores(
-            teacher, (to_device(b, device) for b in data.batches(train_features, 32, sort_by_length=True)))
-        save_file({"importance": scores.float()}, os.path.join(makedirs(imp_dir + ".partial"), "importance.safetensors"))
-        publish(imp_dir + ".partial", imp_dir, imp_settings)
+        mine = train_features[RANK::WORLD]  # each process scores its share of the examples; the sum is Eq. 4's
+        batches = data.batches(mine, 32, sort_by_length=True)
+        scores = moebert.importance_scores(teacher, (to_device(b, device) for b in progress(
+            batches, len(mine), "importance" if WORLD == 1 else f"importance, process {RANK}'s share")))
+        if WORLD > 1:
+            scores = scores.to(device)
+            dist.all_reduce(scores)
+        if MASTER:
+            save_file({"importance": scores.float().cpu()}, os.path.join(imp_dir + ".partial", "importance.safetensors"))
+        publish(imp_dir + ".partial", imp_dir)
         times["importance"] = time.time() - t0
-        print(f"importance: {len(train_features)} training examples in {times['importance']:.1f}s")
+        if MASTER:
+            print(f"importance: {len(train_features)} training examples in {times['importance']:.1f}s")
 
-    # Stage 3: MoEBERT from the teacher, the surgery in one call.
+    # Stage 3: MoEBERT from the teacher, the surgery in one call (the same on every process: the
+    # split comes from the importance file, the hash tables from --seed).
     cfg = teacher.config
     moe_cfg = MoEConfig.scaled(cfg.intermediate_size, args.num_experts, args.expert_dim, args.shared_dim,
                                route=args.route, split=args.split, expert_dropout=args.expert_dropout,
@@ -351,17 +604,19 @@ def main(argv=None):
         # Stage 4: distillation. loss = CE + lambda * (hidden MSEs + symmetric KL) [+ balance loss]
         regression = task.labels is None
 
-        def distill(model, b):
+        def distill(model, b, share):
             inputs = (b["input_ids"], b["token_type_ids"], b["attention_mask"])
             out = model(*inputs, output_hidden_states=args.distill_lambda > 0)
-            loss = ce = moebert.task_loss(out.logits, b["labels"])
+            loss = ce = moebert.task_loss(out.logits, b["labels"]) * share["examples"]
             parts = {"ce": ce}
             if args.distill_lambda > 0:  # lambda 0: fine-tuning alone, the ablation; no teacher pass
                 with torch.no_grad():
                     t_out = teacher(*inputs, output_hidden_states=True)
-                parts["distill"] = moebert.distillation_loss(out, t_out, b["attention_mask"], regression)
+                hidden, pred = moebert.distillation_terms(out, t_out, b["attention_mask"], regression)
+                parts["distill"] = hidden * share["tokens"] + pred * share["examples"]
                 loss = loss + args.distill_lambda * parts["distill"]
-            if out.balance_loss is not None and moe_cfg.balance_weight > 0:
+            if out.balance_loss is not None and moe_cfg.balance_weight > 0 and share["examples"] > 0:
+                # Each process balances its own tokens (as the Switch Transformer does per device).
                 parts["balance"] = out.balance_loss
                 loss = loss + moe_cfg.balance_weight * out.balance_loss
             return loss, parts
@@ -369,10 +624,14 @@ def main(argv=None):
         hp = dict(stage="distill", epochs=args.distill_epochs, lr=args.distill_lr,
                   batch_size=args.distill_batch_size, weight_decay=args.distill_weight_decay)
         best = fit(student, distill, train_features, dev_sets, student_dir + ".partial", hp, args, device, log)
-        shutil.copy(vocab, student_dir + ".partial")
-        atomic_write_json(os.path.join(student_dir + ".partial", "metrics.json"), best)
-        publish(student_dir + ".partial", student_dir, student_settings)
+        if MASTER:
+            shutil.copy(vocab, student_dir + ".partial")
+            atomic_write_json(os.path.join(student_dir + ".partial", "metrics.json"), best)
+        publish(student_dir + ".partial", student_dir)
         times["distill"] = time.time() - t0
+    if not MASTER:  # training is done; evaluation and the files are the master's
+        dist.destroy_process_group()
+        return None
 
     # Stage 5: both models from disk, evaluated on dev: what is reported is what was saved.
     t0 = time.time()
@@ -384,7 +643,7 @@ def main(argv=None):
     total, active = moebert.param_counts(student)
     results["params"] = {"teacher": sum(p.numel() for p in teacher.parameters()),
                          "moebert_total": total, "moebert_active_per_token": active}
-    results["config"] = dict(vars(args))
+    results["config"] = dict(vars(args), processes=WORLD)
     results["moe"] = asdict(student.moe_config)
     results["seconds"] = times
     if os.path.exists(os.path.join(args.out, "results.json")):  # a rerun keeps the skipped stages' times
@@ -398,8 +657,14 @@ def main(argv=None):
         print(f"{who:<15}" + "  ".join(f"{100 * results[who][n]:10.2f}" for n in names))
     print(f"parameters: teacher {results['params']['teacher'] / 1e6:.1f}M, MoEBERT {total / 1e6:.1f}M total, "
           f"{active / 1e6:.1f}M active per token;  results in {args.out}/results.json")
+    if WORLD > 1:
+        dist.destroy_process_group()
     return results
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # something the user can fix: one message, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
