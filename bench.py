@@ -104,6 +104,21 @@ def importance(args, cfg, device):
     return row
 
 
+def make_step(model, loss_fn, autocast):
+    """One training step of `model` (loss_fn(model) -> loss) as train.py takes it; and its optimizer.
+    Fused AdamW, as train.py uses and as transformers' Trainer does by default (adamw_torch_fused)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+    def step():
+        with autocast():
+            loss = loss_fn(model)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, opt
+
+
 def training(args, cfg, device, autocast):
     """Examples per second of a fine-tuning step (ours vs transformers) and a distillation step."""
     import transformers
@@ -119,19 +134,6 @@ def training(args, cfg, device, autocast):
     teacher = BertForSequenceClassification(cfg, 2).to(device).eval().requires_grad_(False)
     inputs = batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
 
-    def make_step(model, loss_fn):
-        # Fused AdamW, as train.py uses and as transformers' Trainer does by default (adamw_torch_fused).
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-
-        def step():
-            with autocast():
-                loss = loss_fn(model)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
-
     def distill(model):
         out = model(*inputs, output_hidden_states=True)
         with torch.no_grad():
@@ -139,10 +141,12 @@ def training(args, cfg, device, autocast):
         return moebert.task_loss(out.logits, batch["labels"]) + moebert.distillation_loss(out, t)
 
     steps = {
-        "teacher step (ours)": make_step(ours, lambda m: moebert.task_loss(m(*inputs).logits, batch["labels"])),
+        "teacher step (ours)": make_step(ours, lambda m: moebert.task_loss(m(*inputs).logits, batch["labels"]),
+                                         autocast)[0],
         "teacher step (transformers)": make_step(hf, lambda m: m(input_ids=inputs[0], token_type_ids=inputs[1],
-                                                                attention_mask=inputs[2], labels=batch["labels"]).loss),
-        "distillation step (ours)": make_step(moe, distill),
+                                                                attention_mask=inputs[2], labels=batch["labels"]).loss,
+                                                 autocast)[0],
+        "distillation step (ours)": make_step(moe, distill, autocast)[0],
     }
     seconds = {name: [] for name in steps}
     for _ in range(args.train_repeats):  # alternate, so that drift in the machine's speed hits all alike
@@ -155,6 +159,41 @@ def training(args, cfg, device, autocast):
         round(hf / ours, 3) for ours, hf in zip(seconds["teacher step (ours)"], seconds["teacher step (transformers)"])]
     print("  ".join(f"{k}: {v}" for k, v in row.items()), flush=True)
     return row
+
+
+def checkpoints(args, cfg, device, autocast):
+    """A training checkpoint (train.save_checkpoint: weights, AdamW's moments, RNGs) of BERT-base
+    and of MoEBERT-base: size, write and read seconds, and its share of a stage that writes one
+    every --save-every steps. The step is a plain fine-tuning step, the fastest a stage takes
+    (distillation adds a teacher forward), so the share is an upper bound."""
+    import tempfile
+    import train
+    batch = random_batch(cfg, args.train_batch, args.seq_len, device)
+    dense = BertForSequenceClassification(cfg, 2).to(device)
+    moe = moebert_from_dense(dense, torch.rand(cfg.num_hidden_layers, cfg.intermediate_size),
+                             MoEConfig.scaled(cfg.intermediate_size)).to(device)
+    rows = {}
+    # On the disk the results go to, as a run's checkpoints go beside its outputs.
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.out))) as tmp:
+        for name, model in (("dense", dense), ("moebert", moe)):
+            model.train()
+            step, opt = make_step(model, lambda m: moebert.task_loss(
+                m(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).logits, batch["labels"]),
+                autocast)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+            step_s = timeit(step, device, args.min_seconds)  # also fills AdamW's moments
+            path = os.path.join(tmp, "checkpoint.safetensors")
+            state = dict(step=1, epoch=0, batch=1, best=None)
+            write = [timeit(lambda: train.save_checkpoint(path, model, opt, sched, state, device), device, 0,
+                            warmup=0) for _ in range(3)]
+            read = timeit(lambda: train.load_checkpoint(path, model, opt, sched, device), device, 0, warmup=0)
+            rows[name] = {"size_mb": round(os.path.getsize(path) / 1e6, 1), "write_s": round(min(write), 2),
+                          "write_s_each": [round(w, 2) for w in write], "read_s": round(read, 2),
+                          "train_step_s": round(step_s, 4), "save_every": args.save_every,
+                          "share_of_stage": round(min(write) / (min(write) + args.save_every * step_s), 5)}
+            print(f"{name}: " + "  ".join(f"{k} {v}" for k, v in rows[name].items()), flush=True)
+            os.remove(path)
+    return rows
 
 
 def machine(device):
@@ -181,8 +220,9 @@ def main():
     p.add_argument("--min-seconds", type=float, default=3.0, help="time each measurement at least this long")
     p.add_argument("--repeats", type=int, default=2, help="alternating repeats of the inference measurements")
     p.add_argument("--train-repeats", type=int, default=4, help="alternating repeats of the training steps")
-    p.add_argument("--only", nargs="+", choices=["inference", "importance", "training"],
-                   default=["inference", "importance", "training"], help="run only these parts")
+    p.add_argument("--only", nargs="+", choices=["inference", "importance", "training", "checkpoint"],
+                   default=["inference", "importance", "training", "checkpoint"], help="run only these parts")
+    p.add_argument("--save-every", type=int, default=2000, help="checkpoint interval (steps) for the share of a stage")
     p.add_argument("--quick", action="store_true", help="a small 4-layer config, to check the script")
     p.add_argument("--out", default="bench.json", help="where to write the results")
     args = p.parse_args()
@@ -207,6 +247,9 @@ def main():
     if "training" in args.only:
         print("\n3. training steps, examples/s")
         results["training"] = training(args, cfg, device, autocast)
+    if "checkpoint" in args.only:
+        print(f"\n4. training checkpoint (batch {args.train_batch}, every {args.save_every} steps)")
+        results["checkpoint"] = checkpoints(args, cfg, device, autocast)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     print(f"\nwritten to {args.out}")

@@ -21,6 +21,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+# ----------------------------------------------------------------------------------------------
+# Errors a user can fix. Each also inherits the builtin type raised here before, so callers that
+# catch FileNotFoundError, ValueError or ConnectionError keep working.
+
+
+class UserError(Exception):
+    """A problem the user can fix: a path, a file, a download, a setting. train.py prints it as one
+    'error: ...' message and exits 2; any other exception is a bug and keeps its traceback."""
+
+
+class MissingFile(UserError, FileNotFoundError):
+    """A folder or file the run needs is not there (or a name that is neither a folder nor a release)."""
+
+
+class BadFile(UserError, ValueError):
+    """A file is there but unusable: a malformed row, a corrupt or unfitting checkpoint, a bad vocabulary."""
+
+
+class Offline(UserError, ConnectionError):
+    """A download failed: no network, a refused connection, or a transfer cut short."""
+
+
 @dataclass
 class BertConfig:
     vocab_size: int = 30522  # WordPiece vocabulary size
@@ -40,12 +62,19 @@ class BertConfig:
     def from_json(cls, path):
         """Read Google's bert_config.json or Hugging Face's config.json (extra keys are ignored)."""
         with open(path) as f:
-            d = json.load(f)
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:  # a cut-off download or a hand edit gone wrong
+                raise BadFile(f"{path} is not valid JSON ({e}); restore or re-download it") from None
         known = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in known})
         if cfg.hidden_size % cfg.num_attention_heads:
-            raise ValueError(f"{path}: hidden_size {cfg.hidden_size} is not divisible by "
-                             f"num_attention_heads {cfg.num_attention_heads}")
+            raise BadFile(f"{path}: hidden_size {cfg.hidden_size} is not divisible by num_attention_heads "
+                          f"{cfg.num_attention_heads}; fix the config or use another model folder")
+        # Checked here, not as a KeyError deep in the model: a non-BERT config names other activations.
+        if cfg.hidden_act not in ACT2FN:
+            raise BadFile(f"{path}: hidden_act {cfg.hidden_act!r} is not one of {', '.join(ACT2FN)}; "
+                          f"this does not look like a BERT config, use a BERT model folder")
         return cfg
 
     def to_dict(self):
@@ -202,7 +231,7 @@ class PreTrained(nn.Module):
         folder = resolve_pretrained(path_or_name)
         config = BertConfig.from_json(find_config(folder))
         model = cls(config, **kwargs)
-        load_weights(model, read_checkpoint(folder))
+        load_weights(model, read_checkpoint(folder), source=folder)
         return model
 
     def save_pretrained(self, folder, extra_config=None):
@@ -269,11 +298,12 @@ class BertForSequenceClassification(PreTrained):
 SKIPPED_KEYS = re.compile(r"^(cls[./]|global_step$|.*/adam_[mv]$|.*position_ids$)")
 
 
-def load_weights(model, tensors):
+def load_weights(model, tensors, source="the checkpoint"):
     """Copy a {name: tensor} dict into `model`, failing loudly on anything that does not fit.
 
     Names may be Google's TF names (mapped here), Hugging Face names with or without `bert.`.
     A classification head absent from a pretrained encoder checkpoint is freshly initialised.
+    `source` (the folder) only names the checkpoint in the error message.
     """
     tensors = {hf_name(k): v for k, v in tensors.items()}
     skipped = sorted(k for k in tensors if SKIPPED_KEYS.match(k))
@@ -296,10 +326,13 @@ def load_weights(model, tensors):
     wrong_shape = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
                    for k in sorted(set(own) & set(tensors)) if tuple(tensors[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or wrong_shape:
-        raise ValueError("checkpoint does not fit the model:\n" + "\n".join(
+        # The usual causes: weights of another architecture, a config that does not belong to them,
+        # or a fine-tuned head with another number of labels; the user fixes it by the folder passed.
+        raise BadFile(f"{source} does not fit the model:\n" + "\n".join(
             f"  {what} ({len(keys)}): {', '.join(keys[:20])}{' ...' if len(keys) > 20 else ''}"
             for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
-            if keys))
+            if keys) + "\nPass a BERT folder whose config matches its weights (and, for a fine-tuned model, "
+            "one made for this task's labels).")
     if fresh_head:
         print(f"loading: no classification head in the checkpoint, initialised fresh ({', '.join(fresh_head)})")
     with torch.no_grad():
@@ -330,8 +363,12 @@ def read_checkpoint(folder):
     pt = os.path.join(folder, "pytorch_model.bin")
     tf_index = os.path.join(folder, "bert_model.ckpt.index")
     if os.path.exists(st):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(st)
+        try:
+            return load_file(st)
+        except SafetensorError as e:  # truncated or garbled: most often an interrupted download or copy
+            raise BadFile(f"{st} is corrupt or incomplete ({e}); re-download or re-save the model") from None
     if os.path.exists(pt):
         return torch.load(pt, map_location="cpu", weights_only=True)  # no pickle code execution
     if os.path.exists(tf_index):
@@ -339,22 +376,25 @@ def read_checkpoint(folder):
         # TF stores a Linear's kernel as [in, out]; torch.nn.Linear holds [out, in].
         return {k: torch.from_numpy(np.ascontiguousarray(v.T if k.endswith("/kernel") else v))
                 for k, v in tensors.items()}
-    raise FileNotFoundError(
+    raise MissingFile(
         f"{folder}: no weights found. Expected model.safetensors or pytorch_model.bin (Hugging Face) "
-        f"or bert_model.ckpt.index + bert_model.ckpt.data-00000-of-00001 (Google's release).")
+        f"or bert_model.ckpt.index + bert_model.ckpt.data-00000-of-00001 (Google's release); pass a folder "
+        f"that holds them.")
 
 
 def find_config(folder):
     for name in ("config.json", "bert_config.json"):
         if os.path.exists(os.path.join(folder, name)):
             return os.path.join(folder, name)
-    raise FileNotFoundError(f"{folder}: no config.json (Hugging Face) or bert_config.json (Google) found")
+    raise MissingFile(f"{folder}: no config.json (Hugging Face) or bert_config.json (Google) found; "
+                      f"pass a complete BERT folder")
 
 
 def find_vocab(folder):
     path = os.path.join(folder, "vocab.txt")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{folder}: no vocab.txt; a BERT folder needs its WordPiece vocabulary")
+        raise MissingFile(f"{folder}: no vocab.txt; a BERT folder needs its WordPiece vocabulary, "
+                          f"copy the vocab.txt of the model it was made from into it")
     return path
 
 
@@ -494,7 +534,8 @@ def _read_index(path):
     with open(path, "rb") as f:
         data = f.read()
     if len(data) < 48 or int.from_bytes(data[-8:], "little") != 0xDB4775248B80FB57:
-        raise ValueError(f"{path} is not a TensorFlow checkpoint index (truncated, or bad magic number)")
+        raise BadFile(f"{path} is not a TensorFlow checkpoint index (truncated, or bad magic number); "
+                      f"re-download the checkpoint")
     try:
         pos = len(data) - 48
         for _ in range(2):  # skip the metaindex handle; TF leaves that block empty
@@ -509,7 +550,7 @@ def _read_index(path):
                 entries[key.decode()] = value
         return entries
     except (IndexError, ValueError) as err:
-        raise ValueError(f"corrupt TensorFlow checkpoint index {path}: {err}") from err
+        raise BadFile(f"corrupt TensorFlow checkpoint index {path}: {err}; re-download the checkpoint") from err
 
 
 # --- the tensors: BundleEntryProto -> numpy ----------------------------------------------
@@ -524,23 +565,24 @@ def _read_tensor(name, entry, shards):
     e = _proto_fields(entry)
     dtype, shard, offset, size, crc = (e.get(i, [0])[0] for i in (1, 3, 4, 5, 6))
     if 7 in e:
-        raise ValueError(f"tensor {name!r} is partitioned into slices; sliced checkpoints are not supported")
+        raise BadFile(f"tensor {name!r} is partitioned into slices; sliced checkpoints are not supported, "
+                      f"use Google's release or a Hugging Face folder")
     if dtype not in _DTYPES:
-        raise ValueError(f"tensor {name!r} has TF dtype {dtype} (see tensorflow/core/framework/types.proto), "
-                         f"which this reader does not support")
+        raise BadFile(f"tensor {name!r} has TF dtype {dtype} (see tensorflow/core/framework/types.proto), "
+                      f"which this reader does not support; use Google's release or a Hugging Face folder")
     dims = _proto_fields(e[2][0]).get(2, []) if 2 in e else []  # TensorShapeProto: repeated Dim dim = 2
     shape = [_proto_fields(d).get(1, [0])[0] for d in dims]  # Dim: int64 size = 1
     path = shards[shard]
     if offset + size > os.path.getsize(path):  # catch an incomplete download before reading
-        raise ValueError(f"data file {path} is truncated: tensor {name!r} needs bytes {offset}..{offset + size} "
-                         f"but the file has {os.path.getsize(path)}; the download is incomplete, re-download it")
+        raise BadFile(f"data file {path} is truncated: tensor {name!r} needs bytes {offset}..{offset + size} "
+                      f"but the file has {os.path.getsize(path)}; the download is incomplete, re-download it")
     raw = bytearray(size)  # a bytearray, so the returned array is writable
     with open(path, "rb") as f:
         f.seek(offset)
         f.readinto(raw)
     if _masked(crc32c(raw)) != crc:
-        raise ValueError(f"checksum mismatch for tensor {name!r} in {path}: the download is probably "
-                         f"corrupt, re-download the checkpoint")
+        raise BadFile(f"checksum mismatch for tensor {name!r} in {path}: the download is probably "
+                      f"corrupt, re-download the checkpoint")
     array = np.frombuffer(raw, dtype=_DTYPES[dtype]).reshape(shape)
     if dtype == 14:  # bfloat16 is the top half of a float32
         array = (array.astype(np.uint32) << 16).view(np.float32)
@@ -552,16 +594,17 @@ def read_tf_checkpoint(prefix: str) -> dict[str, np.ndarray]:
     Returns every variable (weights, global_step, optimizer slots); verifies every checksum."""
     index_path = prefix + ".index"
     if not os.path.isfile(index_path):
-        raise FileNotFoundError(f"checkpoint index file not found: {index_path}; {_RELEASE_HINT}")
+        raise MissingFile(f"checkpoint index file not found: {index_path}; {_RELEASE_HINT}")
     entries = _read_index(index_path)
     header = _proto_fields(entries.pop("", b""))  # BundleHeaderProto: 1 num_shards, 2 endianness, 3 version
     if header.get(2, [0])[0] != 0:
-        raise ValueError(f"{index_path}: big-endian checkpoints are not supported")
+        raise BadFile(f"{index_path}: big-endian checkpoints are not supported; use Google's release "
+                      f"or a Hugging Face folder")
     num_shards = header.get(1, [1])[0]
     shards = [f"{prefix}.data-{i:05d}-of-{num_shards:05d}" for i in range(num_shards)]
     for path in shards:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint data file not found: {path}; {_RELEASE_HINT}")
+            raise MissingFile(f"checkpoint data file not found: {path}; {_RELEASE_HINT}")
     return {name: _read_tensor(name, entry, shards) for name, entry in entries.items()}
 
 
@@ -602,10 +645,10 @@ def download(url, path, what="file"):
     except OSError as e:  # URLError, timeouts and HTTP errors are all OSErrors
         if os.path.exists(partial):
             os.remove(partial)
-        raise ConnectionError(f"could not download {what} from {url}: {e}") from e
+        raise Offline(f"could not download {what} from {url}: {e}; check the network and run again") from e
     if total and done != total:
         os.remove(partial)
-        raise ConnectionError(f"download of {what} from {url} stopped at {done} of {total} bytes; run again")
+        raise Offline(f"download of {what} from {url} stopped at {done} of {total} bytes; run again")
     os.replace(partial, path)
 
 
@@ -614,7 +657,7 @@ def resolve_pretrained(path_or_name):
     if os.path.isdir(path_or_name):
         return path_or_name
     if path_or_name not in RELEASES:
-        raise FileNotFoundError(
+        raise MissingFile(
             f"{path_or_name!r} is neither a folder nor a known release ({', '.join(RELEASES)}). Pass a folder "
             f"holding Google's release (bert_config.json, vocab.txt, bert_model.ckpt.*) or a Hugging Face "
             f"folder (config.json, model.safetensors, vocab.txt).")
@@ -627,7 +670,7 @@ def resolve_pretrained(path_or_name):
         if not os.path.exists(zip_path):
             download(url, zip_path, what=path_or_name)
     except ConnectionError as e:
-        raise ConnectionError(
+        raise Offline(
             f"{e}\nOffline? Download {url} elsewhere, unzip it, and pass the folder instead of the name "
             f"(e.g. --bert /path/to/{os.path.basename(url)[:-4]}); or set MOEBERT_CACHE to a cache "
             f"that already holds it.") from None
@@ -648,7 +691,7 @@ def unpack_release(zip_path, folder):
                         shutil.copyfileobj(src, dst)
     except zipfile.BadZipFile as e:
         os.remove(zip_path)  # a broken download: delete so the next run fetches it again
-        raise ValueError(f"{zip_path} is not a valid zip ({e}); it was deleted, run again to re-download") from None
+        raise BadFile(f"{zip_path} is not a valid zip ({e}); it was deleted, run again to re-download") from None
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
 

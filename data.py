@@ -1,4 +1,5 @@
-"""GLUE data for BERT fine-tuning: WordPiece tokenizer, TSV readers, download, batches, metrics.
+"""GLUE data for BERT fine-tuning: WordPiece tokenizer, TSV readers, download, batches, metrics,
+and the test-set prediction files the GLUE leaderboard takes (test_sets, write_predictions).
 
 The nine GLUE tasks are read from the TSV files written by GLUE's official download script
 (download_glue_data.py), one folder per task. Pass a folder with --data-dir, or let glue_dir()
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from bert import cache_dir, download
+from bert import BadFile, MissingFile, Offline, cache_dir, download
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
@@ -28,6 +29,8 @@ from bert import cache_dir, download
 
 def load_tokenizer(vocab_path, lowercase=True):
     """BERT's WordPiece tokenizer from a vocab.txt (same ids as Hugging Face's BertTokenizerFast)."""
+    if not os.path.isfile(vocab_path):  # checked here: the tokenizers library raises a bare Exception
+        raise MissingFile(f"{vocab_path} not found; pass the vocab.txt of the BERT model you use")
     tok = Tokenizer(models.WordPiece.from_file(vocab_path, unk_token="[UNK]", max_input_chars_per_word=100))
     # Unicode cleanup, CJK characters split apart, and (uncased models only) lowercase + strip accents.
     tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
@@ -35,7 +38,8 @@ def load_tokenizer(vocab_path, lowercase=True):
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()  # split on whitespace and punctuation
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     if any(tok.token_to_id(s) is None for s in specials):
-        raise ValueError(f"{vocab_path}: not a BERT vocabulary, it lacks one of {specials}")
+        raise BadFile(f"{vocab_path}: not a BERT vocabulary, it lacks one of {specials}; "
+                      f"use the vocab.txt that came with the BERT model")
     tok.add_special_tokens(specials)  # a literal "[SEP]" in the text stays one token, as in HF
     # [CLS] a [SEP] b [SEP], with segment (token type) id 0 for sentence a and 1 for sentence b.
     tok.post_processor = processors.TemplateProcessing(
@@ -114,7 +118,7 @@ def read_glue(task, data_dir, split):
     folder = glue_dir(task) if data_dir is None else task_folder(task, data_dir)
     path = os.path.join(folder, split_file(task, split))
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found. " + data_dir_help(task))
+        raise MissingFile(f"{path} not found. " + data_dir_help(task))
     test = split.startswith("test")
     a, b, y = (*t.test_cols, None) if test else t.cols
     examples, skipped = [], 0
@@ -124,14 +128,15 @@ def read_glue(task, data_dir, split):
         first = next(rows, [])
         width = len(first)  # every row must have as many fields as the header (or CoLA's first row)
         if width <= max(abs(c) for c in (a, b, y) if c is not None):
-            raise ValueError(f"{path}, line 1: {width} fields, too few for a {t.folder} {split} file")
+            raise BadFile(f"{path}, line 1: {width} fields, too few for a {t.folder} {split} file; "
+                          f"{FORMAT_HELP}")
         for row in rows if test or t.header else itertools.chain([first], rows):
             where = f"{path}, line {rows.line_num}"
             if len(row) != width:
                 if task == "qqp":  # some QQP releases hold broken rows; GLUE's baselines skip them
                     skipped += 1
                     continue
-                raise ValueError(f"{where}: {len(row)} tab-separated fields, expected {width}")
+                raise BadFile(f"{where}: {len(row)} tab-separated fields, expected {width}; {FORMAT_HELP}")
             examples.append(Example(row[a], None if b is None else row[b],
                                     None if test else parse_label(t, row[y], where)))
     if skipped:
@@ -144,10 +149,15 @@ def parse_label(t, s, where):
         try:
             return float(s)
         except ValueError:
-            raise ValueError(f"{where}: score {s!r} is not a number") from None
+            raise BadFile(f"{where}: score {s!r} is not a number; {FORMAT_HELP}") from None
     if s not in t.labels:
-        raise ValueError(f"{where}: unknown label {s!r}, expected one of {t.labels}")
+        raise BadFile(f"{where}: unknown label {s!r}, expected one of {t.labels}; {FORMAT_HELP}")
     return t.labels.index(s)
+
+
+# What to do about a malformed row: the files must be GLUE's own, unedited.
+FORMAT_HELP = ("fix the row, or use the file as GLUE's download_glue_data.py wrote it "
+               "(tab-separated, no quoting)")
 
 
 def data_dir_help(task):
@@ -155,6 +165,84 @@ def data_dir_help(task):
     folder = TASKS[task].folder
     return (f"Pass --data-dir FOLDER: a folder holding the {folder} files ({files}) as written by "
             f"GLUE's download_glue_data.py, or the GLUE folder that holds {folder}/.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Test-set predictions in the files the GLUE leaderboard (gluebenchmark.com) takes
+
+
+def test_sets(task, data_dir):
+    """{leaderboard file name: examples} of a task's unlabeled test split(s) (data_dir None: glue_dir).
+
+    The file names are the leaderboard's: CoLA.tsv, SST-2.tsv, ..., the task folder's name. MNLI
+    gives MNLI-m.tsv and MNLI-mm.tsv, and AX.tsv when GLUE's diagnostic set is there: the
+    leaderboard scores it with the MNLI model's predictions.
+    """
+    folder = glue_dir(task) if data_dir is None else task_folder(task, data_dir)
+    if task == "mnli":
+        names = {"MNLI-m.tsv": "test_matched", "MNLI-mm.tsv": "test_mismatched"}
+    else:
+        names = {TASKS[task].folder + ".tsv": "test"}
+    sets = {}
+    for name, split in names.items():
+        path = os.path.join(folder, split_file(task, split))
+        if not os.path.exists(path):  # checked here so the message can say why the file is needed
+            raise MissingFile(f"{path} not found: --predict needs the unlabeled test split, as GLUE's "
+                              f"download_glue_data.py writes it. " + data_dir_help(task))
+        sets[name] = read_glue(task, folder, split)
+    if task == "mnli":
+        # GLUE's script saves the diagnostic set as <GLUE root>/diagnostic/diagnostic.tsv; a copy
+        # beside MNLI's own files is accepted too. No diagnostic file: no AX.tsv, and no error.
+        for path in (os.path.join(folder, "diagnostic.tsv"),
+                     os.path.join(folder, os.pardir, "diagnostic", "diagnostic.tsv")):
+            if os.path.exists(path):
+                sets["AX.tsv"] = read_diagnostic(path)
+                break
+    return sets
+
+
+test_sets.__test__ = False  # not a pytest test, should a test module import it by name
+
+
+def read_diagnostic(path):
+    """GLUE's diagnostic set (AX): a header row, then index, sentence1, sentence2; no labels."""
+    examples = []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)  # as read_glue: quotes are text
+        header = next(rows, [])
+        if header != ["index", "sentence1", "sentence2"]:
+            raise BadFile(f"{path}, line 1: expected the header index, sentence1, sentence2 of GLUE's "
+                          f"diagnostic.tsv; download it again with download_glue_data.py --tasks diagnostic")
+        for row in rows:
+            if len(row) != 3:
+                raise BadFile(f"{path}, line {rows.line_num}: {len(row)} tab-separated fields, expected 3; "
+                              f"{FORMAT_HELP}")
+            examples.append(Example(row[1], row[2], None))
+    return examples
+
+
+def write_predictions(task, preds, path):
+    """Write predictions as the GLUE leaderboard takes them: a header `index<TAB>prediction`, then one
+    row per test example in file order, index 0..n-1 (as Hugging Face's run_glue.py writes them).
+
+    preds: label indices (or logits [N, C]) in the order of the examples; STS-B: scores. A label
+    is written as its string in the train files (TASKS[task].labels), a score with 3 decimals.
+    """
+    labels = TASKS[task].labels
+    preds = np.asarray(preds)
+    if labels is None:
+        rows = [f"{p:.3f}" for p in preds.reshape(-1).astype(np.float64)]
+    else:
+        if preds.ndim == 2:
+            preds = preds.argmax(-1)  # logits -> predicted class
+        rows = [labels[int(p)] for p in preds]
+    path = os.fspath(path)  # a str or a pathlib.Path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".partial"  # written whole, then renamed: an interrupted run leaves no half file
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        f.write("index\tprediction\n")
+        f.writelines(f"{i}\t{r}\n" for i, r in enumerate(rows))
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,7 +274,7 @@ def glue_dir(task, data_dir=None):
         folder = task_folder(task, data_dir)
         for name in needed:
             if not os.path.exists(os.path.join(folder, name)):
-                raise FileNotFoundError(f"{os.path.join(folder, name)} not found. " + data_dir_help(task))
+                raise MissingFile(f"{os.path.join(folder, name)} not found. " + data_dir_help(task))
         return folder
     folder = os.path.join(cache_dir(), "glue", TASKS[task].folder)
     if all(os.path.exists(os.path.join(folder, name)) for name in needed):
@@ -206,14 +294,17 @@ def glue_dir(task, data_dir=None):
             try:
                 with zipfile.ZipFile(zip_path) as z:
                     z.extractall(tmp)  # extractall keeps every member inside tmp
+            except zipfile.BadZipFile as e:  # a damaged download, or an HTML error page saved as .zip
+                raise BadFile(f"{GLUE_URLS[task]} gave no valid zip ({e}); it was deleted, run again to "
+                              f"re-download it. Or " + data_dir_help(task)) from None
             finally:
                 os.remove(zip_path)  # extracted, or broken (then the next run downloads it again)
             # The zips hold one folder (RTE/, QNLI/ for QNLIv2.zip, ...): that one becomes the task's.
             done = next((d for d, _, files in os.walk(tmp) if needed[0] in files), None)
             if done is None:
-                raise ValueError(f"{GLUE_URLS[task]}: the zip holds no {needed[0]}")
+                raise BadFile(f"{GLUE_URLS[task]}: the zip holds no {needed[0]}. " + data_dir_help(task))
     except ConnectionError as e:
-        raise ConnectionError(f"{e}\nOffline? " + data_dir_help(task)) from None
+        raise Offline(f"{e}\nOffline? " + data_dir_help(task)) from None
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(done, folder)
     shutil.rmtree(tmp, ignore_errors=True)

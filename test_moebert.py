@@ -10,6 +10,7 @@ import json
 import http.server
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -28,6 +29,7 @@ import torch
 import bert
 import data
 import moebert
+from bert import BadFile, MissingFile, Offline, UserError
 from bert import BertConfig, BertForSequenceClassification, BertModel, _read_tensor, crc32c, read_tf_checkpoint
 from moebert import MoEConfig, importance_scores, moebert_from_dense
 
@@ -1472,3 +1474,288 @@ def test_two_processes_equal_one(never_stopped, tmp_path):
     assert steps == sorted(set(steps))
     for m in ("teacher", "moebert"):
         assert abs(two[m]["accuracy"] - one[m]["accuracy"]) <= 1 / 32
+
+
+def test_predict_writes_the_leaderboard_files(never_stopped):
+    """--predict: both models' test-set predictions, as label strings, in the order of test.tsv."""
+    import train
+    ref = never_stopped["ref"]
+    train.main(never_stopped["args"] + ["--out", str(ref), "--eval-only", "--predict"])
+    tests = data.read_glue("rte", never_stopped["root"] / "RTE", "test")
+    tok = data.load_tokenizer(os.path.join(ref, "moebert", "vocab.txt"))
+    batch = next(data.batches(data.encode(tests, tok, 512), len(tests)))
+    for who, model in (("teacher", BertForSequenceClassification.from_pretrained(ref / "teacher", num_labels=2)),
+                       ("moebert", moebert.MoEBertForSequenceClassification.from_pretrained(ref / "moebert"))):
+        rows = (ref / "predictions" / who / "RTE.tsv").read_text().splitlines()
+        with torch.no_grad():
+            expected = model.eval()(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).logits.argmax(-1)
+        assert rows == ["index\tprediction"] + [f"{i}\t{data.TASKS['rte'].labels[p]}" for i, p in enumerate(expected)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors a user can fix (bert.UserError: train.py prints one line and exits 2), GLUE test-set
+# prediction files, and the README's example of using a finished MoEBERT
+
+def raised(fn, *args, **kwargs):
+    """The exception fn(*args) raises; fails the test if it raises none."""
+    with pytest.raises(Exception) as e:
+        fn(*args, **kwargs)
+    return e.value
+
+
+def assert_user_error(e, cls, builtin, *phrases):
+    """e is a UserError of class cls, still the old builtin type, and its message holds every phrase."""
+    assert isinstance(e, UserError) and isinstance(e, builtin) and type(e) is cls, repr(e)
+    for phrase in phrases:
+        assert phrase in str(e), f"{phrase!r} not in: {e}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors a user can fix
+
+
+def test_user_error_classes_keep_the_builtin_types():
+    assert issubclass(MissingFile, UserError) and issubclass(MissingFile, FileNotFoundError)
+    assert issubclass(BadFile, UserError) and issubclass(BadFile, ValueError)
+    assert issubclass(Offline, UserError) and issubclass(Offline, ConnectionError)
+    # Plain builtin errors are bugs, not user errors: train.py must keep their traceback.
+    assert not issubclass(FileNotFoundError, UserError) and not issubclass(ValueError, UserError)
+
+
+def test_missing_folders_and_files(tmp_path, glue):
+    e = raised(BertModel.from_pretrained, "/nonexistent/bert-folder")  # neither a folder nor a release
+    assert_user_error(e, MissingFile, FileNotFoundError, "'/nonexistent/bert-folder'", "Pass a folder")
+    e = raised(bert.find_vocab, str(tmp_path))
+    assert_user_error(e, MissingFile, FileNotFoundError, str(tmp_path), "vocab.txt", "copy the vocab.txt")
+    e = raised(bert.find_config, str(tmp_path))
+    assert_user_error(e, MissingFile, FileNotFoundError, str(tmp_path), "config.json", "pass a complete BERT folder")
+    e = raised(bert.read_checkpoint, str(tmp_path))
+    assert_user_error(e, MissingFile, FileNotFoundError, str(tmp_path), "no weights found", "pass a folder")
+    e = raised(data.load_tokenizer, str(tmp_path / "vocab.txt"))
+    assert_user_error(e, MissingFile, FileNotFoundError, str(tmp_path / "vocab.txt"), "pass the vocab.txt")
+    os.remove(glue / "RTE/dev.tsv")
+    e = raised(data.read_glue, "rte", glue, "dev")
+    assert_user_error(e, MissingFile, FileNotFoundError, os.path.join("RTE", "dev.tsv"), "Pass --data-dir FOLDER")
+    e = raised(data.glue_dir, "rte", str(glue))
+    assert_user_error(e, MissingFile, FileNotFoundError, os.path.join("RTE", "dev.tsv"), "Pass --data-dir FOLDER")
+    shutil.copytree(GOOGLE_TINY, tmp_path / "google")
+    os.remove(tmp_path / "google/bert_model.ckpt.data-00000-of-00001")
+    e = raised(BertModel.from_pretrained, str(tmp_path / "google"))
+    assert_user_error(e, MissingFile, FileNotFoundError, "bert_model.ckpt.data-00000-of-00001", "pass the prefix")
+
+
+def test_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEBERT_CACHE", str(tmp_path))
+    monkeypatch.setitem(bert.RELEASES, "bert-tiny-test", (closed_port_url(), True))
+    e = raised(BertModel.from_pretrained, "bert-tiny-test")
+    assert_user_error(e, Offline, ConnectionError, "could not download bert-tiny-test", "Offline?",
+                      "pass the folder instead of the name")
+    monkeypatch.setitem(data.GLUE_URLS, "rte", closed_port_url())
+    e = raised(data.glue_dir, "rte")
+    assert_user_error(e, Offline, ConnectionError, "could not download GLUE RTE", "Offline? Pass --data-dir FOLDER")
+
+
+def test_malformed_glue_rows(glue):
+    write(glue / "RTE/dev.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\tonly three\tfields\n")
+    e = raised(data.read_glue, "rte", glue, "dev")
+    assert_user_error(e, BadFile, ValueError, os.path.join("RTE", "dev.tsv") + ", line 3", "download_glue_data.py")
+    write(glue / "RTE/dev.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n")
+    e = raised(data.read_glue, "rte", glue, "dev")
+    assert_user_error(e, BadFile, ValueError, "line 2: unknown label 'maybe'", "fix the row")
+    write(glue / "STS-B/dev.tsv", (glue / "STS-B/dev.tsv").read_text().replace("\t3.2", "\tn/a"))
+    e = raised(data.read_glue, "stsb", glue, "dev")
+    assert_user_error(e, BadFile, ValueError, "score 'n/a' is not a number", "fix the row")
+
+
+def test_checkpoint_that_does_not_fit(tmp_path):
+    tiny_model(num_labels=3).save_pretrained(tmp_path)
+    e = raised(BertForSequenceClassification.from_pretrained, str(tmp_path), num_labels=2)  # a 3-label head
+    assert_user_error(e, BadFile, ValueError, f"{tmp_path} does not fit the model",
+                      "wrong shape (2): classifier.bias", "Pass a BERT folder whose config matches its weights")
+
+
+def test_corrupt_checkpoints_and_config(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "hf")
+    st = tmp_path / "hf/model.safetensors"
+    os.truncate(st, os.path.getsize(st) // 2)  # an interrupted download
+    e = raised(BertModel.from_pretrained, str(tmp_path / "hf"))
+    assert_user_error(e, BadFile, ValueError, str(st), "corrupt or incomplete", "re-download or re-save")
+    (tmp_path / "hf/config.json").write_text('{"hidden_size": 32,')
+    e = raised(bert.BertConfig.from_json, str(tmp_path / "hf/config.json"))
+    assert_user_error(e, BadFile, ValueError, "config.json is not valid JSON", "re-download")
+    (tmp_path / "hf/config.json").write_text('{"hidden_act": "silu"}')
+    e = raised(bert.BertConfig.from_json, str(tmp_path / "hf/config.json"))
+    assert_user_error(e, BadFile, ValueError, "hidden_act 'silu'", "use a BERT model folder")
+    # Google's TF checkpoint: a flipped byte in the data file, then a cut-off index.
+    shutil.copytree(GOOGLE_TINY, tmp_path / "google")
+    data_file = tmp_path / "google/bert_model.ckpt.data-00000-of-00001"
+    raw = bytearray(data_file.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data_file.write_bytes(bytes(raw))
+    e = raised(BertModel.from_pretrained, str(tmp_path / "google"))
+    assert_user_error(e, BadFile, ValueError, "checksum mismatch", str(data_file), "re-download the checkpoint")
+    index = tmp_path / "google/bert_model.ckpt.index"
+    index.write_bytes(index.read_bytes()[:-10])
+    e = raised(BertModel.from_pretrained, str(tmp_path / "google"))
+    assert_user_error(e, BadFile, ValueError, str(index), "re-download the checkpoint")
+
+
+def test_broken_zips_and_non_bert_vocab(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEBERT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(bert.RELEASES, "bert-tiny-test", (closed_port_url(), True))
+    write(tmp_path / "cache/bert-tiny-test.zip", "PK\x03\x04 not really a zip")
+    e = raised(BertModel.from_pretrained, "bert-tiny-test")
+    assert_user_error(e, BadFile, ValueError, "bert-tiny-test.zip is not a valid zip", "run again to re-download")
+    # GLUE's server answers with something that is not a zip (a proxy's error page, say).
+    write(tmp_path / "site/RTE.zip", "<html>blocked</html>")
+    with serve(tmp_path / "site") as url:
+        monkeypatch.setitem(data.GLUE_URLS, "rte", url + "/RTE.zip")
+        e = raised(data.glue_dir, "rte")
+    assert_user_error(e, BadFile, ValueError, "RTE.zip gave no valid zip", "run again to re-download",
+                      "Pass --data-dir FOLDER")
+    assert not os.path.exists(tmp_path / "cache/glue/RTE.zip")  # deleted, so the next run fetches it again
+    write(tmp_path / "vocab.txt", "a\nb\n")
+    e = raised(data.load_tokenizer, str(tmp_path / "vocab.txt"))
+    assert_user_error(e, BadFile, ValueError, "not a BERT vocabulary", "use the vocab.txt that came with")
+
+
+def test_programming_errors_stay_plain():
+    # Wrong arguments from code, not from the user: a traceback is what helps there.
+    e = raised(data.split_file, "rte", "dev_matched")
+    assert type(e) is ValueError
+    e = raised(lambda: next(data.batches([], 1, shuffle=True, sort_by_length=True)))
+    assert type(e) is ValueError
+
+
+# ----------------------------------------------------------------------------------------------
+# GLUE test-set predictions
+
+
+LEADERBOARD = {"cola": "CoLA.tsv", "sst2": "SST-2.tsv", "mrpc": "MRPC.tsv", "stsb": "STS-B.tsv", "qqp": "QQP.tsv",
+               "qnli": "QNLI.tsv", "rte": "RTE.tsv", "wnli": "WNLI.tsv"}
+
+
+def read_tsv(path):
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    assert text.endswith("\n")
+    return [line.split("\t") for line in text.splitlines()]
+
+
+def test_test_sets_use_leaderboard_names(glue):
+    for task, name in LEADERBOARD.items():
+        assert data.test_sets(task, glue) == {name: data.read_glue(task, glue, "test")}
+        assert data.test_sets(task, glue / data.TASKS[task].folder) == data.test_sets(task, glue)
+    sets = data.test_sets("mnli", glue)  # the fixture has no diagnostic file: no AX.tsv
+    assert sets == {"MNLI-m.tsv": [data.Example("Hierbas, ans seco.", "No hierbas.", None)],
+                    "MNLI-mm.tsv": [data.Example("What have you decided?", "Nothing.", None)]}
+
+
+def test_mnli_diagnostic_where_glue_puts_it_or_beside_mnli(glue):
+    # download_glue_data.py writes <GLUE root>/diagnostic/diagnostic.tsv; a quote is plain text.
+    write(glue / "diagnostic/diagnostic.tsv", 'index\tsentence1\tsentence2\n0\tThe cat sat.\tThe cat did not sit.\n'
+                                              '1\tHe said "no.\tHe spoke.\n')
+    ax = [data.Example("The cat sat.", "The cat did not sit.", None), data.Example('He said "no.', "He spoke.", None)]
+    assert data.test_sets("mnli", glue)["AX.tsv"] == ax
+    assert data.test_sets("mnli", glue / "MNLI")["AX.tsv"] == ax  # from the task folder: ../diagnostic
+    shutil.move(glue / "diagnostic/diagnostic.tsv", glue / "MNLI/diagnostic.tsv")
+    assert data.test_sets("mnli", glue / "MNLI")["AX.tsv"] == ax
+    write(glue / "MNLI/diagnostic.tsv", "index\tsentence1\n0\tThe cat sat.\n")  # not GLUE's diagnostic file
+    e = raised(data.test_sets, "mnli", glue)
+    assert_user_error(e, BadFile, ValueError, "diagnostic.tsv, line 1", "--tasks diagnostic")
+
+
+def test_missing_test_split_says_predict_needs_it(glue):
+    os.remove(glue / "RTE/test.tsv")
+    e = raised(data.test_sets, "rte", glue)
+    assert_user_error(e, MissingFile, FileNotFoundError, os.path.join("RTE", "test.tsv"),
+                      "--predict needs the unlabeled test split", "Pass --data-dir FOLDER")
+    os.remove(glue / "MNLI/test_mismatched.tsv")
+    e = raised(data.test_sets, "mnli", glue)
+    assert_user_error(e, MissingFile, FileNotFoundError, "test_mismatched.tsv", "--predict needs")
+
+
+def test_write_predictions_labels_and_scores(tmp_path):
+    data.write_predictions("rte", [1, 0, 1], tmp_path / "RTE.tsv")
+    assert read_tsv(tmp_path / "RTE.tsv") == [["index", "prediction"], ["0", "not_entailment"], ["1", "entailment"],
+                                              ["2", "not_entailment"]]
+    data.write_predictions("mnli", np.array([[0.1, 0.2, 3.0], [5.0, 0, 0]]), tmp_path / "MNLI-m.tsv")  # logits
+    assert read_tsv(tmp_path / "MNLI-m.tsv")[1:] == [["0", "neutral"], ["1", "contradiction"]]
+    data.write_predictions("cola", np.array([1, 0]), tmp_path / "CoLA.tsv")
+    assert read_tsv(tmp_path / "CoLA.tsv")[1:] == [["0", "1"], ["1", "0"]]  # CoLA's labels are the strings 0, 1
+    data.write_predictions("stsb", [4.56789, 0.1, -0.0004], tmp_path / "sub/STS-B.tsv")  # a new folder is made
+    rows = read_tsv(tmp_path / "sub/STS-B.tsv")
+    assert rows == [["index", "prediction"], ["0", "4.568"], ["1", "0.100"], ["2", "-0.000"]]
+    assert [float(r[1]) for r in rows[1:]] == [4.568, 0.1, 0.0]
+    assert sorted(os.listdir(tmp_path)) == ["CoLA.tsv", "MNLI-m.tsv", "RTE.tsv", "sub"]  # no .partial left
+
+
+def test_prediction_files_for_the_leaderboard(glue, tmp_path):
+    """What --predict does: one file per test set, one row per example, each task's label strings."""
+    write(glue / "diagnostic/diagnostic.tsv", "index\tsentence1\tsentence2\n0\tA.\tB.\n1\tC.\tD.\n2\tE.\tF.\n")
+    out = tmp_path / "predictions"
+    for task in [*LEADERBOARD, "mnli"]:
+        labels = data.TASKS[task].labels
+        for name, examples in data.test_sets(task, glue).items():
+            n = len(examples)
+            preds = np.linspace(0, 5, n) if labels is None else np.arange(n) % len(labels)
+            data.write_predictions(task, preds, out / name)
+            rows = read_tsv(out / name)
+            assert rows[0] == ["index", "prediction"] and len(rows) == n + 1, name
+            assert [r[0] for r in rows[1:]] == [str(i) for i in range(n)], name
+            if labels is None:
+                assert [float(r[1]) for r in rows[1:]] == pytest.approx(preds, abs=5e-4), name
+            else:
+                assert [r[1] for r in rows[1:]] == [labels[p] for p in preds], name
+    assert sorted(os.listdir(out)) == sorted([*LEADERBOARD.values(), "MNLI-m.tsv", "MNLI-mm.tsv", "AX.tsv"])
+    assert [r[1] for r in read_tsv(out / "AX.tsv")[1:]] == ["contradiction", "entailment", "neutral"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The README snippet: load a finished MoEBERT and classify a sentence pair
+
+SNIPPET = os.path.join(HERE, "README.md")
+
+
+def snippet_code(folder):
+    """The README's ```python block that uses a finished MoEBERT, pointed at `folder` instead of out/rte/moebert."""
+    with open(SNIPPET, encoding="utf-8") as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+    blocks = [b for b in blocks if '"out/rte/moebert"' in b]
+    assert len(blocks) == 1, "the README should hold one python block that loads out/rte/moebert"
+    return blocks[0].replace('"out/rte/moebert"', repr(str(folder)))
+
+
+def test_readme_snippet_classifies_with_a_saved_moebert(tmp_path, capsys):
+    torch.manual_seed(0)
+    teacher = tiny_model(num_labels=2)
+    moe = moebert.moebert_from_dense(teacher, torch.rand(3, 37), moebert.MoEConfig(num_experts=3, expert_dim=11,
+                                                                                     shared_dim=5)).eval()
+    folder = tmp_path / "rte" / "moebert"
+    moe.save_pretrained(folder)
+    shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), folder / "vocab.txt")  # as train.py does
+    code = snippet_code(folder)
+
+    # What the model says, computed here without the snippet: the pair through the tokenizer directly.
+    a, b = "A man is playing with his dog.", "A man plays with a dog."
+    assert f'data.Example("{a}", "{b}", None)' in code
+    tok = data.load_tokenizer(os.path.join(GOOGLE_TINY, "vocab.txt"))  # the tiny vocabulary is uncased
+    enc = tok.encode(a, b)
+    assert enc.ids.count(6) <= 2, "most words should be in the tiny vocabulary, not [UNK]"
+
+    def expected():
+        with torch.no_grad():
+            logits = moe(torch.tensor([enc.ids]), torch.tensor([enc.type_ids])).logits
+        return data.TASKS["rte"].labels[logits.argmax(-1).item()]
+
+    first = expected()
+    exec(compile(code, SNIPPET, "exec"), {})
+    assert capsys.readouterr().out == first + "\n"
+    # The same head negated picks the other label: the printed label does come from the saved model.
+    with torch.no_grad():
+        moe.classifier.weight.neg_()
+        moe.classifier.bias.neg_()
+    moe.save_pretrained(folder)
+    exec(compile(code, SNIPPET, "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed == expected() + "\n" and expected() != first

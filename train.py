@@ -59,6 +59,8 @@ def get_args(argv=None):
     p.add_argument("--out", help="output folder (default: out/<task>)")
     p.add_argument("--force", action="store_true", help="redo every stage even when its output exists")
     p.add_argument("--eval-only", action="store_true", help="only evaluate the teacher and MoEBERT stored in --out")
+    p.add_argument("--predict", action="store_true", help="also write both models' GLUE test-set predictions, the "
+                   "leaderboard's files: OUT/predictions/teacher/<Task>.tsv and OUT/predictions/moebert/<Task>.tsv")
     p.add_argument("--seed", type=int, default=0, help="seeds data order, dropout, hash tables")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="compute dtype: bf16 autocast (weights stay fp32) "
@@ -69,7 +71,7 @@ def get_args(argv=None):
     p.add_argument("--max-eval-examples", type=int, help="evaluate on only the first N dev examples")
     p.add_argument("--eval-batch-size", type=int, default=128, help="batch size for evaluation and importance")
     p.add_argument("--log-every", type=int, default=50, help="print a progress line every N steps")
-    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N optimizer steps (and at each "
+    p.add_argument("--save-every", type=int, default=2000, help="checkpoint every N optimizer steps (and at each "
                    "epoch's end); rerunning the same command continues from the last one")
     t = p.add_argument_group("teacher fine-tuning (stage 1): the standard BERT GLUE recipe by default")
     t.add_argument("--epochs", type=float, help="epochs of both training stages unless a stage's own flag is "
@@ -530,6 +532,9 @@ def main(argv=None):
     dev_sets = {"": encode(data.read_glue(args.task, folder, "dev"), args.max_eval_examples)}
     if args.task == "mnli":
         dev_sets["_mm"] = encode(data.read_glue(args.task, folder, "dev_mismatched"), args.max_eval_examples)
+    # Read now, so a missing test file stops the run before training, not after it.
+    test_sets = {name: encode(examples) for name, examples in data.test_sets(args.task, folder).items()} \
+        if args.predict else {}
     if MASTER:
         print(f"data: {len(train_features)} training and {len(dev_sets[''])} dev examples tokenized in "
               f"{time.time() - t0:.1f}s")
@@ -657,6 +662,11 @@ def main(argv=None):
         print(f"{who:<15}" + "  ".join(f"{100 * results[who][n]:10.2f}" for n in names))
     print(f"parameters: teacher {results['params']['teacher'] / 1e6:.1f}M, MoEBERT {total / 1e6:.1f}M total, "
           f"{active / 1e6:.1f}M active per token;  results in {args.out}/results.json")
+    for who, model in (("teacher", teacher), ("moebert", student)):  # --predict: the leaderboard's files
+        for name, features in test_sets.items():
+            path = os.path.join(args.out, "predictions", who, name)
+            data.write_predictions(args.task, predict(model, features, args, device, f"{who} on {name}"), path)
+            print(f"{who}: {len(features)} test predictions in {path}")
     if WORLD > 1:
         dist.destroy_process_group()
     return results
