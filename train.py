@@ -314,6 +314,23 @@ def deferred_signals():
             signal.signal(s, h)
 
 
+def stop_here(stop, where, ckpt):
+    """Exit after a signal, with the one line that says how to resume (status 128 + signal, as a shell's)."""
+    signum = stop[0] if stop else signal.SIGTERM  # with several processes, another may have got it
+    if MASTER:
+        print(f"stopped by {signal.Signals(signum).name} at {where}; checkpoint saved in {ckpt}. "
+              f"Run the same command again to resume.", flush=True)
+    raise SystemExit(128 + signum)
+
+
+def agree(*flags, device):
+    """The flags, each true if it is on any process (with one process, as they are): [int, ...]."""
+    t = torch.stack([torch.as_tensor(f, device=device) for f in flags]).int()
+    if WORLD > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 # ----------------------------------------------------------------------------------------------
 # The training loop, shared by the teacher and the student
 
@@ -368,10 +385,7 @@ def fit(model, loss_fn, train_features, dev_sets, stage_dir, hp, args, device, l
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as BERT and the paper
                 # One wait for the device per step: a non-finite loss or gradient stops training
                 # before the update, and every process learns of a signal at the same step.
-                flags = torch.stack([~(torch.isfinite(loss) & torch.isfinite(norm)), torch.tensor(bool(stop), device=device)]).int()
-                if WORLD > 1:
-                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                bad, stopping = flags.tolist()
+                bad, stopping = agree(~(torch.isfinite(loss) & torch.isfinite(norm)), bool(stop), device=device)
                 if bad:
                     raise UserError(
                         f"{hp['stage']}: the loss is not finite at step {state['step'] + 1} "
@@ -394,14 +408,10 @@ def fit(model, loss_fn, train_features, dev_sets, stage_dir, hp, args, device, l
                     log(dict(stage=hp["stage"], step=step, total=total,
                              **{k: round(v, 4) for k, v in zip(parts, values.tolist())},
                              lr=sched.get_last_lr()[0], examples_per_s=round(rate, 1), eta_s=round(eta)))
+                if stopping or step % args.save_every == 0:
+                    save_checkpoint(ckpt, model, opt, sched, state, device)
                 if stopping:
-                    save_checkpoint(ckpt, model, opt, sched, state, device)
-                    if MASTER:
-                        print(f"stopped by {signal.Signals(stop[0]).name} at {hp['stage']} step {step}; "
-                              f"checkpoint saved in {ckpt}. Run the same command again to resume.", flush=True)
-                    raise SystemExit(128 + stop[0])
-                if step % args.save_every == 0:
-                    save_checkpoint(ckpt, model, opt, sched, state, device)
+                    stop_here(stop, f"{hp['stage']} step {step}", ckpt)
             metrics = evaluate(model, dev_sets, args, device)
             log(dict(stage=hp["stage"], epoch=epoch + 1, step=state["step"], dev=metrics))
             # Keep the best dev epoch, as GLUE dev results (the paper's included) are usually reported.
@@ -411,6 +421,8 @@ def fit(model, loss_fn, train_features, dev_sets, stage_dir, hp, args, device, l
                     model.save_pretrained(stage_dir)
             state["epoch"], state["batch"] = epoch + 1, 0
             save_checkpoint(ckpt, model, opt, sched, state, device)
+            if agree(bool(stop), device=device)[0]:  # a signal during the evaluation
+                stop_here(stop, f"the end of {hp['stage']} epoch {epoch + 1}", ckpt)
     return state["best"]
 
 
