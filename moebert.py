@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bert import ACT2FN, BertConfig, BertForSequenceClassification
+from bert import ACT2FN, BadFile, BertConfig, BertForSequenceClassification, find_config, read_checkpoint
 
 ROUTES = ("hash-random", "hash-balance", "gate-token", "gate-sentence")
 SPLITS = ("importance", "random", "inverse")
@@ -339,14 +339,17 @@ class MoEBertForSequenceClassification(BertForSequenceClassification):
     @classmethod
     def from_pretrained(cls, folder):
         """Reload a saved MoEBERT (config.json with a "moe" entry, model.safetensors), strictly."""
-        from safetensors.torch import load_file
-        with open(os.path.join(folder, "config.json")) as f:
+        with open(find_config(folder)) as f:
             d = json.load(f)
         if "moe" not in d:
-            raise ValueError(f"{folder}/config.json has no 'moe' entry: this is not a saved MoEBERT")
+            raise BadFile(f"{folder}/config.json has no 'moe' entry: this is not a saved MoEBERT; pass the "
+                          f"moebert folder of a finished run (OUT/moebert)")
         model = cls(BertConfig.from_json(os.path.join(folder, "config.json")),
                     MoEConfig.from_dict(d["moe"]), d["num_labels"])
-        model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")), strict=True)
+        try:
+            model.load_state_dict(read_checkpoint(folder), strict=True)
+        except RuntimeError as e:  # torch names the missing, unexpected and misshapen keys
+            raise BadFile(f"{folder}: the weights do not fit its config.json ({e})") from None
         return model
 
 

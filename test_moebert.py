@@ -1759,3 +1759,16 @@ def test_readme_snippet_classifies_with_a_saved_moebert(tmp_path, capsys):
     exec(compile(code, SNIPPET, "exec"), {})
     printed = capsys.readouterr().out
     assert printed == expected() + "\n" and expected() != first
+
+
+def test_saved_moebert_that_is_damaged_or_not_one_is_a_user_error(tmp_path):
+    teacher = tiny_model(num_labels=2)
+    moe = moebert_from_dense(teacher, torch.rand(3, 37), MoEConfig(num_experts=3, expert_dim=11, shared_dim=5))
+    moe.save_pretrained(tmp_path / "moe")
+    teacher.save_pretrained(tmp_path / "dense")
+    assert_user_error(raised(moebert.MoEBertForSequenceClassification.from_pretrained, tmp_path / "dense"),
+                      BadFile, ValueError, "not a saved MoEBERT")
+    weights = tmp_path / "moe" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # cut short, as by a full disk
+    assert_user_error(raised(moebert.MoEBertForSequenceClassification.from_pretrained, tmp_path / "moe"),
+                      BadFile, ValueError, "model.safetensors is corrupt or incomplete")
