@@ -7,6 +7,7 @@ import contextlib
 import functools
 import glob
 import json
+import math
 import http.server
 import os
 import random
@@ -25,13 +26,15 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 import bert
 import data
 import moebert
 from bert import BadFile, MissingFile, Offline, UserError
 from bert import BertConfig, BertForSequenceClassification, BertModel, _read_tensor, crc32c, read_tf_checkpoint
-from moebert import MoEConfig, importance_scores, moebert_from_dense
+from moebert import MoEBertForSequenceClassification, MoEConfig, importance_scores, moebert_from_dense
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
@@ -106,7 +109,8 @@ def random_batch(B=5, T=11, vocab=99, num_labels=3, seed=1):
 
 def hf_reference(folder):
     transformers = pytest.importorskip("transformers")
-    return transformers.BertModel.from_pretrained(folder, attn_implementation="eager").eval()
+    # fp32 whatever the file holds (transformers 5 keeps an fp16 file's dtype)
+    return transformers.BertModel.from_pretrained(folder, attn_implementation="eager", torch_dtype=torch.float32).eval()
 
 
 def compare_with_hf(ours, ref, batch):
@@ -392,7 +396,6 @@ def test_broken_zip_is_deleted_with_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_load_reports_missing_unexpected_and_wrong_shape(tmp_path):
-    from safetensors.torch import load_file, save_file
     model = tiny_model()
     model.save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
@@ -1209,7 +1212,6 @@ def test_pipeline_runs_all_five_stages(tiny_run):
     stored = json.loads((out / "results.json").read_text())
     assert stored["moebert"] == results["moebert"] and stored["moe"]["num_experts"] == 3
     # The importance file holds what importance_scores gives for the saved teacher on the train split.
-    from safetensors.torch import load_file
     assert load_file(out / "importance" / "importance.safetensors")["importance"].shape == (3, 37)
 
 
@@ -1349,7 +1351,6 @@ def stop_midway(cmd, stage_dir, sig, timeout=120):
 
 def assert_same_weights(a, b, atol=0.0):
     """Two model.safetensors: the same tensors, bitwise (atol 0) or within atol."""
-    from safetensors.torch import load_file
     ta, tb = load_file(a), load_file(b)
     assert set(ta) == set(tb)
     for k in ta:
@@ -1466,7 +1467,6 @@ def test_two_processes_equal_one(never_stopped, tmp_path):
     for s in ("teacher", "moebert"):
         assert_same_weights(tmp_path / "two" / s / "model.safetensors", tmp_path / "one" / s / "model.safetensors",
                             atol=1e-5)
-    from safetensors.torch import load_file
     imp = [load_file(tmp_path / r / "importance" / "importance.safetensors")["importance"] for r in ("one", "two")]
     assert_close(imp[1], imp[0], 1e-6 * imp[0].abs().max().item(), "importance summed over processes")
     # Written once: one log line per step, not two.
@@ -1772,3 +1772,286 @@ def test_saved_moebert_that_is_damaged_or_not_one_is_a_user_error(tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])  # cut short, as by a full disk
     assert_user_error(raised(moebert.MoEBertForSequenceClassification.from_pretrained, tmp_path / "moe"),
                       BadFile, ValueError, "model.safetensors is corrupt or incomplete")
+
+
+# ----------------------------------------------------------------------------------------------
+# bf16 autocast (CPU here; CUDA where there is one) and half-precision checkpoints
+
+# CUDA runs only where there is a device; everything else runs on CPU everywhere.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+# bf16 keeps 8 significant bits: unit roundoff u = 2^-8 = 3.9e-3 per rounding. Under autocast every
+# matmul rounds its inputs and output to bf16; 3 layers forward and backward chain ~20 such roundings,
+# which add up like a random walk (sqrt(20) u ~ 1.7e-2). Measured on CPU: logits at most 0.9% of their
+# scale, expert and gate gradients at most 1.5% of theirs. We allow 5% (~13 u): room for CUDA's other
+# kernels (SDPA, reduction orders), while a routing error moves logits by ~45% and gradients by ~97%
+# (test_bf16_bound_would_see_a_routing_error).
+BF16_REL = 5e-2
+# fp16 keeps 11 significant bits: u = 2^-11 = 4.9e-4 (fp16 weights, fp32 arithmetic).
+FP16_U = 2.0 ** -11
+
+
+def relative_to_scale(actual, expected):
+    """Max abs difference over the reference's largest magnitude: the error of a quantity rounded
+    somewhere along the way is proportional to the scale of the numbers it came from."""
+    return ((actual.double().cpu() - expected.double().cpu()).abs().max() / expected.double().abs().max()).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# The MoE layer under bf16 autocast, against fp32 on CPU
+
+
+def moe_for_bf16(route):
+    """A tiny MoEBERT (3 experts of 11 neurons, 5 shared) whose FFNs matter to the logits.
+
+    With BERT's init (std 0.02) random FFN outputs are so small next to the residual that sending
+    every token to the wrong expert moves the logits by 1%, about what bf16 rounding does; at std 0.1 it
+    moves them by ~45%, so the logit comparison can see a routing error. Expert dropout is off and
+    the model is in eval mode: dropout masks differ between CPU and CUDA generators."""
+    torch.manual_seed(0)
+    dense = BertForSequenceClassification(BertConfig(**TINY, initializer_range=0.1), 3)
+    cfg = MoEConfig(num_experts=3, expert_dim=11, shared_dim=5, route=route, expert_dropout=0.0)
+    importance = torch.rand(3, 37, generator=torch.Generator().manual_seed(4))
+    moe = moebert_from_dense(dense, importance, cfg, token_counts=torch.arange(99.0))
+    if route.startswith("gate"):
+        # Gates as BERT initialises them (std 0.02): gate logits stay below ~0.4 (see force_gate_margins).
+        with torch.no_grad():
+            for layer in moe.bert.encoder.layer:
+                layer.moe.gate.weight.normal_(0.0, 0.02)
+    return moe.eval()
+
+
+def force_gate_margins(moe, input_ids, margin=2.0):
+    """Make every top-1 gate choice robust to bf16 rounding; returns the gate logits of each call.
+
+    A top-1 choice flips when two gate probabilities are nearly tied, and one flip early on changes
+    every later layer, so no per-token filter can save the comparison. Instead a forward hook adds
+    `margin` (a constant, without gradient, the same in both runs) to one expert's gate logit: the
+    expert (token id mod N) for gate-token, (sentence index mod N) for gate-sentence. With raw gate
+    logits below ~0.4, the top-1 margin is at least ~1.2, hundreds of times the bf16 error of a gate
+    logit (~2e-3), while the top probability stays near 0.8, so gradients still flow through the
+    gate. Everything after the gate's linear map (softmax, top-1, balance loss, scaling) is the code
+    under test, unchanged."""
+    logits_seen = []
+
+    def hook(gate, inputs, logits):
+        N = logits.size(-1)
+        if logits.dim() == 3:  # gate-token: [B, T, N]
+            pick = input_ids % N
+        else:  # gate-sentence: [B, N]
+            pick = torch.arange(len(logits), device=logits.device) % N
+        forced = logits + margin * F.one_hot(pick, N).to(logits.dtype)
+        logits_seen.append(forced.detach().float().cpu())
+        return forced
+
+    for layer in moe.bert.encoder.layer:
+        layer.moe.gate.register_forward_hook(hook)
+    return logits_seen
+
+
+def forward_backward(moe, batch, device, bf16):
+    """Logits, CE loss (+ the gates' balance loss) and its backward, on `device`, in bf16 autocast or fp32."""
+    moe.to(device)
+    b = {k: v.to(device) for k, v in batch.items()}
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        out = moe(b["input_ids"], b["token_type_ids"], b["attention_mask"])
+        loss = moebert.task_loss(out.logits, b["labels"])
+        if out.balance_loss is not None:
+            loss = loss + out.balance_loss
+    loss.backward()
+    return out, loss
+
+
+def moe_parameters(model):
+    """Every expert parameter, and the gate's for gate routes: {name: parameter}."""
+    return {n: p for n, p in model.named_parameters() if ".moe.experts." in n or ".moe.gate." in n}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("route", moebert.ROUTES)
+def test_moe_under_bf16_autocast_matches_fp32(route, path, device, monkeypatch):
+    take_path(monkeypatch, path)
+    gate = route.startswith("gate")
+    batch = random_batch()  # 5 x 11 tokens, padded: 55 tokens, about 18 per expert
+    ref_model, model = moe_for_bf16(route), moe_for_bf16(route)
+    if gate:
+        ref_gates = force_gate_margins(ref_model, batch["input_ids"])
+        gates = force_gate_margins(model, batch["input_ids"].to(device))
+    ref, ref_loss = forward_backward(ref_model, batch, "cpu", bf16=False)
+    out, loss = forward_backward(model, batch, device, bf16=True)
+
+    # Autocast ran the classifier in bf16; the losses are fp32 (task_loss and the gates upcast).
+    assert out.logits.dtype == torch.bfloat16 and out.logits.device.type == device
+    assert torch.isfinite(out.logits).all() and loss.dtype == torch.float32 and torch.isfinite(loss)
+    if gate:
+        assert out.balance_loss.dtype == torch.float32
+    # Parameters stay fp32 under autocast, and so do their gradients (what AdamW updates).
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32, name
+        assert torch.isfinite(p.grad).all(), name
+
+    if gate:  # the forced margins held: both runs routed every token (or sentence) alike
+        assert len(gates) == len(ref_gates) == 3
+        for layer, (g, r) in enumerate(zip(gates, ref_gates)):
+            top2 = r.topk(2, dim=-1).values
+            assert (top2[..., 0] - top2[..., 1]).min() > 1.0, f"layer {layer}: gate margin too small"
+            assert torch.equal(g.argmax(-1), r.argmax(-1)), f"layer {layer}: routing differs under bf16"
+
+    # Within bf16 rounding of the fp32 reference, and not equal to it: bf16 really was used.
+    err = relative_to_scale(out.logits.float(), ref.logits)
+    assert 0 < err <= BF16_REL, f"logits: {err:.3g} of their scale"
+    ref_params, params = moe_parameters(ref_model), moe_parameters(model)
+    assert len(params) == 3 * (6 + gate)  # 6 stacked expert tensors (+ the gate) in each of 3 layers
+    for name, p in params.items():
+        err = relative_to_scale(p.grad, ref_params[name].grad)
+        assert err <= BF16_REL, f"gradient of {name}: {err:.3g} of its scale"
+
+
+def test_bf16_bound_would_see_a_routing_error():
+    """BF16_REL has teeth: the same comparison in fp32, with every token sent to the next expert
+    (a routing bug), fails it by far, in the logits and in every expert gradient."""
+    batch = random_batch()
+    ref_model, wrong_model = moe_for_bf16("hash-random"), moe_for_bf16("hash-random")
+    for layer in wrong_model.bert.encoder.layer:
+        layer.moe.hash_table.add_(1).remainder_(3)
+    ref, _ = forward_backward(ref_model, batch, "cpu", bf16=False)
+    wrong, _ = forward_backward(wrong_model, batch, "cpu", bf16=False)
+    assert relative_to_scale(wrong.logits, ref.logits) > 4 * BF16_REL
+    ref_params, wrong_params = moe_parameters(ref_model), moe_parameters(wrong_model)
+    for name, p in wrong_params.items():
+        assert relative_to_scale(p.grad, ref_params[name].grad) > 4 * BF16_REL, name
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py end to end with --dtype bf16
+
+
+def is_finite(v):
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pipeline_in_bf16(tmp_path, device):
+    """The tiny pipeline of test_moebert's tiny_run in bf16 autocast: all five stages, finite losses
+    and metrics, and what is saved is fp32. Short (2 epochs of 48 examples): on CPU, bf16 matmuls
+    compile a kernel for every new shape, ~7 ms each, and length-grouped batches keep bringing new ones."""
+    import train
+    model = tiny_model(num_labels=2)
+    model.bert.save_pretrained(tmp_path / "bert")
+    shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), tmp_path / "bert")
+    write_rte_like(tmp_path / "RTE")
+    out = tmp_path / "out"
+    results = train.main(["--task", "rte", "--bert", str(tmp_path / "bert"), "--data-dir", str(tmp_path / "RTE"),
+                          "--out", str(out), "--device", device, "--dtype", "bf16", "--epochs", "2",
+                          "--max-train-examples", "48", "--lr", "2e-3", "--batch-size", "8", "--distill-lr", "2e-4",
+                          "--distill-batch-size", "16", "--expert-dim", "11", "--shared-dim", "5", "--num-experts", "3",
+                          "--log-every", "1"])
+    assert results["config"]["dtype"] == "bf16" and results["config"]["device"] == device
+    assert set(results["seconds"]) == {"teacher", "importance", "distill", "eval"}
+    for who in ("teacher", "moebert"):
+        assert 0.0 <= results[who]["accuracy"] <= 1.0, results[who]
+
+    log = read_log(out)
+    steps = {stage: [r for r in log if r.get("stage") == stage and "dev" not in r] for stage in ("teacher", "distill")}
+    assert len(steps["teacher"]) == 12 and len(steps["distill"]) == 6  # 48 examples: 6 and 3 steps x 2 epochs
+    for r in steps["teacher"] + steps["distill"]:
+        losses = [r[k] for k in ("loss", "ce", "distill") if k in r]
+        assert losses and all(is_finite(v) for v in losses), r
+    evals = [r["dev"] for r in log if "dev" in r]
+    assert len(evals) == 4 and all(is_finite(v) for m in evals for v in m.values())
+
+    # Weights stay fp32 under autocast, so the saved models are fp32 (the hash tables int64).
+    for folder in ("teacher", "moebert"):
+        for name, t in load_file(out / folder / "model.safetensors").items():
+            assert t.dtype in (torch.float32, torch.int64), f"{folder}/{name}: {t.dtype}"
+            assert torch.isfinite(t.float()).all(), f"{folder}/{name}"
+    importance = load_file(out / "importance" / "importance.safetensors")["importance"]
+    assert importance.dtype == torch.float32 and torch.isfinite(importance).all() and importance.sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# fp16 and bf16 checkpoints into fp32 models
+
+
+def half_copy(tensors, dtype):
+    """Every float tensor cast to `dtype`, as tools/minilm_fp16.py writes them; integers unchanged."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_checkpoints_load_into_fp32_exactly(tmp_path, dtype):
+    """Every fp16 and bf16 value is an fp32 value, so loading is an exact upcast; the model stays fp32."""
+    original = tiny_model(num_labels=2)
+    # An encoder-only Hugging Face folder, as a pretrained BERT comes: through from_pretrained.
+    original.bert.save_pretrained(tmp_path / "encoder")
+    fp32 = load_file(tmp_path / "encoder" / "model.safetensors")
+    half = half_copy(fp32, dtype)
+    save_file(half, tmp_path / "encoder" / "model.safetensors")
+    loaded = BertForSequenceClassification.from_pretrained(str(tmp_path / "encoder"), num_labels=2)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    state = loaded.state_dict()
+    for k, v in half.items():
+        assert torch.equal(state["bert." + k], v.float()), k
+    # The file really was rounded: a test of an fp32 file would prove nothing.
+    assert any(not torch.equal(half[k].float(), fp32[k]) for k in fp32)
+
+    # A whole classifier through bert.load_weights, into a model with other weights.
+    full = half_copy(original.state_dict(), dtype)
+    target = tiny_model(num_labels=2, seed=1)
+    bert.load_weights(target, full)
+    for k, v in target.state_dict().items():
+        assert v.dtype == torch.float32 and torch.equal(v, full[k].float()), k
+
+    # A saved MoEBERT (strict load_state_dict): floats upcast, the int64 hash tables and neuron indices kept.
+    cfg = MoEConfig(num_experts=3, expert_dim=11, shared_dim=5, route="hash-random")
+    moe = moebert_from_dense(original, torch.rand(3, 37, generator=torch.Generator().manual_seed(2)), cfg)
+    moe.save_pretrained(tmp_path / "moebert")
+    moe_half = half_copy(load_file(tmp_path / "moebert" / "model.safetensors"), dtype)
+    save_file(moe_half, tmp_path / "moebert" / "model.safetensors")
+    reloaded = MoEBertForSequenceClassification.from_pretrained(str(tmp_path / "moebert"))
+    for k, v in reloaded.state_dict().items():
+        assert v.dtype == (torch.float32 if moe_half[k].is_floating_point() else torch.int64), k
+        assert torch.equal(v, moe_half[k].to(v.dtype)), k
+
+
+def test_minilm_fp16_copy_loads_within_fp16_rounding(tmp_path):
+    """tools/minilm_fp16.py on the real MiniLM: the same tensors rounded to fp16, config and vocab
+    unchanged; loaded into fp32, it computes what MiniLM does, to fp16 rounding of the weights."""
+    src, dst = minilm_dir(), tmp_path / "minilm16"
+    subprocess.run([sys.executable, os.path.join(HERE, "tools", "minilm_fp16.py"), src, str(dst)], check=True)
+    for f in ("config.json", "vocab.txt"):
+        with open(os.path.join(src, f), "rb") as a, open(dst / f, "rb") as b:
+            assert a.read() == b.read(), f
+    fp32, fp16 = load_file(os.path.join(src, "model.safetensors")), load_file(dst / "model.safetensors")
+    assert fp32.keys() == fp16.keys()
+    for k, v in fp32.items():
+        want = v.half() if v.is_floating_point() else v  # position ids stay int64
+        assert fp16[k].dtype == want.dtype and torch.equal(fp16[k], want), k
+    # 91 MB of fp32 weights become about half: what fits the 64 MiB a GPU machine is handed.
+    assert os.path.getsize(dst / "model.safetensors") < 0.51 * os.path.getsize(os.path.join(src, "model.safetensors"))
+
+    tok = data.load_tokenizer(os.path.join(src, "vocab.txt"))
+    pairs = [("The cat sat on the mat.", "A cat is sitting on a mat."),
+             ("Café owners in Zürich raised prices by 3.5% last year.", "Prices went up."),
+             ("He said no.", "Nobody said anything at all about the weather in the mountains that day.")]
+    batch = next(data.batches(data.encode([data.Example(a, b, 0) for a, b in pairs], tok, 64), 3))
+    outs = []
+    for folder in (src, str(dst)):
+        torch.manual_seed(0)  # the same fresh classification head in both
+        model = BertForSequenceClassification.from_pretrained(folder, num_labels=2).eval()
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        with torch.no_grad():
+            outs.append(model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                              output_hidden_states=True))
+    ref, half = outs
+    # Each weight is off by at most u relative; a layer's output by about u of its scale, and post-LN
+    # layers keep that from growing with depth. Measured: hidden states at most 1.0 u of their scale.
+    # We allow 8 u. The logits, from a fresh random head whose terms largely cancel, are ~10x smaller
+    # than those terms, so their relative error is larger (measured 3.5 u): we allow 16 u.
+    real = batch["attention_mask"].bool()  # padding positions are never read
+    for i, (h, r) in enumerate(zip(half.hidden_states, ref.hidden_states, strict=True)):
+        err = relative_to_scale(h[real], r[real])
+        assert 0 < err <= 8 * FP16_U, f"hidden state {i}: {err / FP16_U:.2f} u"
+    err = relative_to_scale(half.logits, ref.logits)
+    assert err <= 16 * FP16_U, f"logits: {err / FP16_U:.2f} u"
