@@ -540,6 +540,8 @@ def main(argv=None):
     folder = data.glue_dir(args.task, args.data_dir)
     encode = lambda examples, n=None: data.encode(examples[:n], tokenizer, args.max_seq_length)
     t0 = time.time()
+    if MASTER:
+        print(f"data: reading and tokenizing {task.folder} from {folder}", flush=True)
     train_features = encode(data.read_glue(args.task, folder, "train"), args.max_train_examples)
     dev_sets = {"": encode(data.read_glue(args.task, folder, "dev"), args.max_eval_examples)}
     if args.task == "mnli":
@@ -690,3 +692,6 @@ if __name__ == "__main__":
     except UserError as e:  # something the user can fix: one message, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C outside training (inside, fit saves a checkpoint and says so)
+        print("interrupted; finished stages are kept: run the same command again to go on", file=sys.stderr)
+        sys.exit(130)
