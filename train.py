@@ -7,7 +7,11 @@
   5. evaluation of teacher and MoEBERT on dev
 
 Each stage writes its output into --out and is skipped when it is there and was made with the
-same settings; --force redoes them. A stage's folder appears only when the stage has finished.
+same settings; --force redoes them. A stage's folder appears only when the stage has finished;
+until then the training stages checkpoint into NAME.partial (every --save-every steps, each
+epoch's end, and on Ctrl-C or SIGTERM), and running the same command again continues from there.
+
+Several GPUs:  torchrun --nproc_per_node K train.py --task mnli   (each takes a share of every batch)
 """
 import argparse
 import ctypes
@@ -363,9 +367,9 @@ def fit(model, loss_fn, train_features, dev_sets, stage_dir, hp, args, device, l
     # Several processes: DDP all-reduces the gradients during backward. Every expert is always in
     # the graph, since each layer's experts are one stacked tensor per weight (moebert.Experts): an
     # expert with no token in a step gets a zero gradient, so find_unused_parameters (an extra pass
-    # over the graph each step) is not needed. The buffers (hash tables) never change: no broadcast.
-    trained = model if WORLD == 1 else DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                           broadcast_buffers=False)
+    # over the graph each step) is not needed. DDP copies the weights and buffers (hash tables) of
+    # process 0 to the others, so all start and route alike (the buffers at each forward: 3 MB at BERT-base).
+    trained = model if WORLD == 1 else DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     main = data.TASKS[args.task].metric  # the dev metric that picks the checkpoint
     t0, seen = time.time(), 0
     with deferred_signals() as stop:
