@@ -6,6 +6,7 @@ distillation, then run to its end; its weights and dev metrics against a run nev
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +40,10 @@ def run(out, kill_in=None):
     print(f"killed {out} inside {kill_in}", flush=True)
 
 
+for old in ("out/real-ref", "out/real-kill"):  # fresh runs: nothing reused from an earlier check
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(old + ".log"):
+        os.remove(old + ".log")
 t0 = time.time()
 run("out/real-ref")
 t_ref, t0 = time.time() - t0, time.time()
