@@ -339,9 +339,10 @@ def agree(*flags, device):
 # The training loop, shared by the teacher and the student
 
 
-def fit(model, loss_fn, train_features, dev_sets, stage_dir, hp, args, device, log):
+def fit(model, loss_fn, train_features, dev, stage_dir, hp, args, device, log):
     """AdamW with linear decay (and optional warm-up), clipping at 1.0, an evaluation on dev after
-    each epoch, the best dev checkpoint saved to stage_dir. loss_fn(model, batch, share) -> (loss, parts).
+    each epoch, the best dev checkpoint saved to stage_dir. loss_fn(model, batch, share) -> (loss, parts);
+    dev(model) -> (metrics, {file name: JSON to write beside the best model}); hp["metric"] picks it.
 
     Every args.save_every steps and at each epoch's end, a checkpoint goes to stage_dir; when one is
     there, training continues from it, and ends exactly as if it had never stopped.
@@ -370,7 +371,6 @@ def fit(model, loss_fn, train_features, dev_sets, stage_dir, hp, args, device, l
     # over the graph each step) is not needed. DDP copies the weights and buffers (hash tables) of
     # process 0 to the others, so all start and route alike (the buffers at each forward: 3 MB at BERT-base).
     trained = model if WORLD == 1 else DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    main = data.TASKS[args.task].metric  # the dev metric that picks the checkpoint
     t0, seen = time.time(), 0
     with deferred_signals() as stop:
         for epoch in range(state["epoch"], math.ceil(hp["epochs"])):
@@ -416,13 +416,15 @@ def fit(model, loss_fn, train_features, dev_sets, stage_dir, hp, args, device, l
                     save_checkpoint(ckpt, model, opt, sched, state, device)
                 if stopping:
                     stop_here(stop, f"{hp['stage']} step {step}", ckpt)
-            metrics = evaluate(model, dev_sets, args, device)
+            metrics, files = dev(model)
             log(dict(stage=hp["stage"], epoch=epoch + 1, step=state["step"], dev=metrics))
             # Keep the best dev epoch, as GLUE dev results (the paper's included) are usually reported.
-            if state["best"] is None or metrics[main] > state["best"][main]:
+            if state["best"] is None or metrics[hp["metric"]] > state["best"][hp["metric"]]:
                 state["best"] = dict(metrics, epoch=epoch + 1)
                 if MASTER:
                     model.save_pretrained(stage_dir)
+                    for name, content in files.items():  # SQuAD: the predictions of that model
+                        atomic_write_json(os.path.join(stage_dir, name), content)
             state["epoch"], state["batch"] = epoch + 1, 0
             save_checkpoint(ckpt, model, opt, sched, state, device)
             if agree(bool(stop), device=device)[0]:  # a signal during the evaluation
@@ -556,6 +558,8 @@ def main(argv=None):
     if MASTER:
         print(f"data: {len(train_features)} training and {len(dev_sets[''])} dev examples tokenized in "
               f"{time.time() - t0:.1f}s")
+    dev = lambda model: (evaluate(model, dev_sets, args, device), {})  # metrics, and no files to write
+    metric = task.metric  # the dev metric that picks the best epoch
     # What every stage's output depends on; a stage reused with other settings would mix results.
     data_settings = dict(task=args.task, max_seq_length=args.max_seq_length, seed=args.seed,
                          train_examples=len(train_features), dev_examples=len(dev_sets[""]), dtype=args.dtype)
@@ -570,7 +574,7 @@ def main(argv=None):
     elif not (args.eval_only or finished(teacher_dir, teacher_settings, args.force)):
         t0 = time.time()
         teacher = BertForSequenceClassification.from_pretrained(source, num_labels=num_labels).to(device)
-        hp = dict(stage="teacher", epochs=args.teacher_epochs, lr=args.lr, batch_size=args.batch_size,
+        hp = dict(stage="teacher", metric=metric, epochs=args.teacher_epochs, lr=args.lr, batch_size=args.batch_size,
                   weight_decay=args.weight_decay, warmup=args.warmup)
 
         def ce(model, b, share):  # the teacher's loss: cross-entropy, MSE for STS-B
@@ -578,7 +582,7 @@ def main(argv=None):
                                      b["labels"]) * share["examples"]
             return loss, {"loss": loss}
 
-        best = fit(teacher, ce, train_features, dev_sets, teacher_dir + ".partial", hp, args, device, log)
+        best = fit(teacher, ce, train_features, dev, teacher_dir + ".partial", hp, args, device, log)
         if MASTER:
             shutil.copy(vocab, teacher_dir + ".partial")
             atomic_write_json(os.path.join(teacher_dir + ".partial", "metrics.json"), best)
@@ -644,9 +648,9 @@ def main(argv=None):
                 loss = loss + moe_cfg.balance_weight * out.balance_loss
             return loss, parts
 
-        hp = dict(stage="distill", epochs=args.distill_epochs, lr=args.distill_lr,
+        hp = dict(stage="distill", metric=metric, epochs=args.distill_epochs, lr=args.distill_lr,
                   batch_size=args.distill_batch_size, weight_decay=args.distill_weight_decay)
-        best = fit(student, distill, train_features, dev_sets, student_dir + ".partial", hp, args, device, log)
+        best = fit(student, distill, train_features, dev, student_dir + ".partial", hp, args, device, log)
         if MASTER:
             shutil.copy(vocab, student_dir + ".partial")
             atomic_write_json(os.path.join(student_dir + ".partial", "metrics.json"), best)
