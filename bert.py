@@ -201,18 +201,21 @@ class BertPooler(nn.Module):
 
 class EncoderOutput(NamedTuple):
     last_hidden_state: torch.Tensor  # [B, T, H]
-    pooler_output: torch.Tensor  # [B, H]
+    pooler_output: Optional[torch.Tensor]  # [B, H]; None without a pooler (question answering)
     hidden_states: Optional[tuple] = None  # embedding output + every layer's output, L+1 x [B, T, H]
 
 
 class ClassifierOutput(NamedTuple):
-    logits: torch.Tensor  # [B, num_labels]
+    logits: torch.Tensor  # [B, num_labels]; question answering: [B, T, 2], start and end logit per token
     hidden_states: Optional[tuple] = None  # as in EncoderOutput, for layer-wise distillation
     balance_loss: Optional[torch.Tensor] = None  # MoEBERT's gate load-balance loss (moebert.py)
 
 
 class PreTrained(nn.Module):
-    """Initialisation and loading shared by the encoder and the classifier."""
+    """Initialisation and loading shared by the encoder and the models with a head."""
+    head = None  # the kind of head, written to config.json so a saved model says what it is
+    head_module = None  # the head's submodule: freshly initialised when a pretrained encoder lacks it
+    head_args = ()  # constructor arguments of the head, saved in config.json to rebuild it
 
     def init_weights(self):
         # Google's init: N(0, 0.02) for matrices and embeddings, zero biases, identity LayerNorm.
@@ -238,19 +241,24 @@ class PreTrained(nn.Module):
         """Write config.json and model.safetensors (Hugging Face's layout, loadable by from_pretrained)."""
         from safetensors.torch import save_file
         os.makedirs(folder, exist_ok=True)
-        atomic_write_json(os.path.join(folder, "config.json"), {**self.config.to_dict(), **(extra_config or {})})
+        # What the head is and its arguments, so a saved model can be rebuilt (the encoder has none).
+        head = {} if self.head is None else {"head": self.head, **{k: getattr(self, k) for k in self.head_args}}
+        config = {**self.config.to_dict(), **head, **(extra_config or {})}
+        atomic_write_json(os.path.join(folder, "config.json"), config)
         tmp = os.path.join(folder, "model.safetensors.partial")
         save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, tmp)
         os.replace(tmp, os.path.join(folder, "model.safetensors"))  # never leave a half-written file
 
 
 class BertModel(PreTrained):
-    def __init__(self, config):
+    def __init__(self, config, add_pooling_layer=True):
         super().__init__()
         self.config = config
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
-        self.pooler = BertPooler(config)
+        # Question answering reads every token, not the pooled [CLS]: without a pooler it has no
+        # parameters that never get a gradient (which DDP refuses) and Hugging Face's state dict.
+        self.pooler = BertPooler(config) if add_pooling_layer else None
         self.init_weights()
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, output_hidden_states=False):
@@ -267,11 +275,13 @@ class BertModel(PreTrained):
         for layer in self.encoder.layer:
             x = layer(x, attn_mask, input_ids, attention_mask)
             hidden_states.append(x)
-        return EncoderOutput(x, self.pooler(x), tuple(hidden_states) if output_hidden_states else None)
+        pooled = self.pooler(x) if self.pooler is not None else None
+        return EncoderOutput(x, pooled, tuple(hidden_states) if output_hidden_states else None)
 
 
 class BertForSequenceClassification(PreTrained):
     """BERT + dropout + a linear head on the pooled [CLS] vector; num_labels == 1 means regression."""
+    head, head_module, head_args = "classification", "classifier", ("num_labels",)
 
     def __init__(self, config, num_labels=2):
         super().__init__()
@@ -287,22 +297,56 @@ class BertForSequenceClassification(PreTrained):
         logits = self.classifier(self.dropout(out.pooler_output))  # [B, num_labels]
         return ClassifierOutput(logits, out.hidden_states, None)
 
-    def save_pretrained(self, folder, extra_config=None):
-        super().save_pretrained(folder, {"num_labels": self.num_labels, **(extra_config or {})})
+
+# The logit of padding positions in question answering. Every softmax over the sequence (the loss, the
+# distillation KL) then gives padding probability exp(-10000) = 0, so results do not depend on how much
+# a batch is padded (batches are padded to their longest example). Finite in bf16 (as -9984), unlike the
+# dtype's minimum its log-probability stays finite, so the KL's 0 * log(0 / 0) terms are 0, not NaN.
+PAD_LOGIT = -10000.0
+
+
+class BertForQuestionAnswering(PreTrained):
+    """BERT + a linear layer on every token's final hidden state: a start and an end logit per token
+    (extractive QA, SQuAD; as Google's run_squad.py and Hugging Face: no pooler, no dropout on the head).
+    `logits` is [B, T, 2]: start logits in [..., 0], end logits in [..., 1]; padding gets PAD_LOGIT."""
+    head, head_module = "qa", "qa_outputs"
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.init_weights()
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, output_hidden_states=False):
+        out = self.bert(input_ids, token_type_ids, attention_mask, output_hidden_states)
+        logits = self.qa_outputs(out.last_hidden_state)  # [B, T, 2]
+        if attention_mask is not None:  # padding is never an answer (see PAD_LOGIT)
+            logits = logits.masked_fill(attention_mask[..., None] == 0, PAD_LOGIT)
+        return ClassifierOutput(logits, out.hidden_states, None)
 
 
 # ----------------------------------------------------------------------------------------------
 # Weight loading: a name -> tensor dict from any source, then one strict identity copy.
 
-# Keys that pretraining checkpoints carry and a fine-tuning model does not use.
-SKIPPED_KEYS = re.compile(r"^(cls[./]|global_step$|.*/adam_[mv]$|.*position_ids$)")
+# Keys that pretraining checkpoints carry and a fine-tuning model does not use: the masked-LM and
+# next-sentence heads (Google's cls/..., Hugging Face's cls....), the step and Adam's moments.
+SKIPPED_KEYS = re.compile(r"^(cls[./](predictions|seq_relationship)[./]|global_step$|.*/adam_[mv]$|.*position_ids$)")
+# The pooler, which a checkpoint may hold for a model without one (question answering).
+POOLER_KEYS = re.compile(r"^(bert\.)?pooler\.")
+# The heads of Google's fine-tuning scripts: run_squad.py's cls/squad/output_weights [2, H] and
+# run_classifier.py's output_weights [num_labels, H]. Both multiply with transpose_b=True, so they are
+# stored [out, in] as nn.Linear's weight already (not [in, out] as the /kernel matrices).
+GOOGLE_HEADS = {"cls/squad/output_weights": "qa_outputs.weight", "cls/squad/output_bias": "qa_outputs.bias",
+                "output_weights": "classifier.weight", "output_bias": "classifier.bias"}
 
 
 def load_weights(model, tensors, source="the checkpoint"):
     """Copy a {name: tensor} dict into `model`, failing loudly on anything that does not fit.
 
     Names may be Google's TF names (mapped here), Hugging Face names with or without `bert.`.
-    A classification head absent from a pretrained encoder checkpoint is freshly initialised.
+    A head absent from a pretrained encoder checkpoint is freshly initialised; a pooler that the model
+    does not have (question answering) is dropped.
     `source` (the folder) only names the checkpoint in the error message.
     """
     tensors = {hf_name(k): v for k, v in tensors.items()}
@@ -318,10 +362,12 @@ def load_weights(model, tensors, source="the checkpoint"):
     elif has_prefix and not wants_prefix:
         tensors = {k[len("bert."):]: v for k, v in tensors.items() if k.startswith("bert.")}
     tensors = {k: v for k, v in tensors.items() if not SKIPPED_KEYS.match(k.removeprefix("bert."))}
+    if not any(POOLER_KEYS.match(k) for k in own):
+        tensors = {k: v for k, v in tensors.items() if not POOLER_KEYS.match(k)}
 
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
-    fresh_head = [k for k in missing if k.startswith("classifier.")]
+    fresh_head = [k for k in missing if model.head_module and k.startswith(model.head_module + ".")]
     missing = [k for k in missing if k not in fresh_head]
     wrong_shape = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
                    for k in sorted(set(own) & set(tensors)) if tuple(tensors[k].shape) != tuple(own[k].shape)]
@@ -334,7 +380,7 @@ def load_weights(model, tensors, source="the checkpoint"):
             if keys) + "\nPass a BERT folder whose config matches its weights (and, for a fine-tuned model, "
             "one made for this task's labels).")
     if fresh_head:
-        print(f"loading: no classification head in the checkpoint, initialised fresh ({', '.join(fresh_head)})")
+        print(f"loading: no {model.head} head in the checkpoint, initialised fresh ({', '.join(fresh_head)})")
     with torch.no_grad():
         for k, v in tensors.items():
             own[k].copy_(torch.as_tensor(v))
@@ -344,7 +390,10 @@ def hf_name(name):
     """Google TF variable name -> our (Hugging Face) name; other names pass through unchanged.
 
     bert/encoder/layer_3/attention/self/query/kernel -> bert.encoder.layer.3.attention.self.query.weight
+    cls/squad/output_weights -> qa_outputs.weight (and the other GOOGLE_HEADS)
     """
+    if name in GOOGLE_HEADS:
+        return GOOGLE_HEADS[name]
     if "/" not in name:
         return name
     if SKIPPED_KEYS.match(name):

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bert import ACT2FN, BadFile, BertConfig, BertForSequenceClassification, find_config, read_checkpoint
+from bert import (ACT2FN, BadFile, BertConfig, BertForQuestionAnswering, BertForSequenceClassification, find_config,
+                  read_checkpoint)
 
 ROUTES = ("hash-random", "hash-balance", "gate-token", "gate-sentence")
 SPLITS = ("importance", "random", "inverse")
@@ -84,6 +85,8 @@ def importance_scores(model, batches):
         w1_j . dL/dw1_j = w1_j . sum_t dz_tj x_t = sum_t dz_tj (z_tj - b1_j)
         w2_j . dL/dw2_j = sum_i W2_ij sum_t dy_ti a_tj = sum_t a_tj da_tj     (da = W2^T dy)
     so we sum these per token over each example's tokens, take |.|, and sum over examples.
+    task_loss(reduction="sum") is such a sum of per-example losses for every head: cross-entropy,
+    squared error, and question answering's (CE_start + CE_end) / 2.
     """
     was_training, needs_grad = model.training, [p.requires_grad for p in model.parameters()]
     model.eval()  # the paper's scores are taken without dropout
@@ -120,8 +123,15 @@ def importance_scores(model, batches):
 
 
 def task_loss(logits, labels, reduction="mean"):
-    """Cross-entropy for classification; MSE for regression (one output, STS-B)."""
+    """Cross-entropy for classification; MSE for regression (one output, STS-B); for question
+    answering (logits [B, T, 2], labels LongTensor [B, 2] of start and end positions)
+    (CE_start + CE_end) / 2 per example, as Google's run_squad.py and the official MoEBERT, averaged
+    over examples (or summed: reduction="sum"). Positions must be real tokens ([CLS] = 0 for "no answer")."""
     logits = upcast(logits)
+    if logits.dim() == 3:
+        # cross_entropy reads [B, T, 2] as T classes (dim 1) for each of 2 targets: start and end.
+        per_example = F.cross_entropy(logits, labels, reduction="none").mean(-1)  # [B]
+        return per_example.sum() if reduction == "sum" else per_example.mean()
     if logits.size(-1) == 1:
         return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype), reduction=reduction)
     return F.cross_entropy(logits, labels, reduction=reduction)
@@ -316,12 +326,13 @@ class MoEBertLayer(nn.Module):
         return self.moe(self.attention(x, attn_mask), input_ids, attention_mask)
 
 
-class MoEBertForSequenceClassification(BertForSequenceClassification):
-    """BertForSequenceClassification with every FFN replaced by experts; same forward and outputs,
-    plus the gates' load-balance loss (summed over layers) in `balance_loss`."""
+class MoEBert:
+    """MoEBERT (paper section 3) with any head: a mixin listed before the dense class, whose every FFN
+    it replaces by a MoEFFN; embeddings, attention and head are the dense class's, as are forward's
+    inputs and outputs, plus the gates' load-balance loss (summed over layers) in `balance_loss`."""
 
-    def __init__(self, config, moe_config, num_labels=2):
-        super().__init__(config, num_labels)
+    def __init__(self, config, moe_config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)  # the dense model with its head's arguments (num_labels)
         self.moe_config = moe_config.check(config.intermediate_size)
         self.bert.encoder.layer = nn.ModuleList(
             MoEBertLayer(layer.attention, MoEFFN(config, moe_config)) for layer in self.bert.encoder.layer)
@@ -334,18 +345,29 @@ class MoEBertForSequenceClassification(BertForSequenceClassification):
         return out._replace(balance_loss=sum(layer.moe.balance_loss for layer in self.bert.encoder.layer))
 
     def save_pretrained(self, folder, extra_config=None):
+        # config.json: BERT's config, the head ("head" and its arguments) and the MoE config ("moe").
         super().save_pretrained(folder, {"moe": asdict(self.moe_config), **(extra_config or {})})
 
     @classmethod
     def from_pretrained(cls, folder):
-        """Reload a saved MoEBERT (config.json with a "moe" entry, model.safetensors), strictly."""
+        """Reload a saved MoEBERT (config.json with a "moe" entry, model.safetensors), strictly.
+        MoEBert.from_pretrained (or load) builds the head that config.json names; a concrete class
+        refuses a folder with another head."""
         with open(find_config(folder)) as f:
             d = json.load(f)
         if "moe" not in d:
             raise BadFile(f"{folder}/config.json has no 'moe' entry: this is not a saved MoEBERT; pass the "
                           f"moebert folder of a finished run (OUT/moebert)")
+        head = d.get("head", "classification")  # saved before question answering: a classifier
+        if head not in MOE_BY_HEAD:
+            raise BadFile(f"{folder}/config.json: unknown head {head!r}; expected one of {', '.join(MOE_BY_HEAD)}")
+        if cls is MoEBert:
+            cls = MOE_BY_HEAD[head]
+        elif head != cls.head:
+            raise BadFile(f"{folder} holds a MoEBERT with a {head} head, not {cls.head}; load it with "
+                          f"{MOE_BY_HEAD[head].__name__}.from_pretrained or moebert.load")
         model = cls(BertConfig.from_json(os.path.join(folder, "config.json")),
-                    MoEConfig.from_dict(d["moe"]), d["num_labels"])
+                    MoEConfig.from_dict(d["moe"]), *(d[k] for k in cls.head_args))
         try:
             model.load_state_dict(read_checkpoint(folder), strict=True)
         except RuntimeError as e:  # torch names the missing, unexpected and misshapen keys
@@ -353,20 +375,44 @@ class MoEBertForSequenceClassification(BertForSequenceClassification):
         return model
 
 
+class MoEBertForSequenceClassification(MoEBert, BertForSequenceClassification):
+    """BertForSequenceClassification with every FFN replaced by experts: (config, moe_config, num_labels)."""
+
+
+class MoEBertForQuestionAnswering(MoEBert, BertForQuestionAnswering):
+    """BertForQuestionAnswering with every FFN replaced by experts: (config, moe_config)."""
+
+
+MOE_CLASSES = {BertForSequenceClassification: MoEBertForSequenceClassification,
+               BertForQuestionAnswering: MoEBertForQuestionAnswering}  # dense class -> its MoEBERT
+MOE_BY_HEAD = {moe.head: moe for moe in MOE_CLASSES.values()}  # config.json's "head" -> class
+
+
+def load(folder):
+    """Reload a saved MoEBERT with whichever head its config.json names."""
+    return MoEBert.from_pretrained(folder)
+
+
 @torch.no_grad()
 def moebert_from_dense(model, importance, cfg, token_counts=None):
-    """Turn a fine-tuned BertForSequenceClassification into MoEBERT (paper section 3.2).
+    """Turn a fine-tuned dense BERT (any class in MOE_CLASSES) into MoEBERT (paper section 3.2).
 
     model: the dense teacher (left untouched); importance: [num_layers, intermediate_size] from
     importance_scores; cfg: MoEConfig; token_counts: [vocab] training-set token frequencies,
-    needed by hash-balance. Returns a new MoEBertForSequenceClassification.
+    needed by hash-balance. Returns the matching MoE class (MoEBertForSequenceClassification for
+    BertForSequenceClassification, ...) on the teacher's device, in its dtype.
     """
     config = model.config
     cfg.check(config.intermediate_size)
     if cfg.route == "hash-balance" and token_counts is None:
         raise ValueError("route hash-balance needs token_counts: token frequencies of the training split")
-    moe = MoEBertForSequenceClassification(config, cfg, model.num_labels).to(model.classifier.weight.device)
-    # Everything but the FFNs is an identity copy: embeddings, attention, pooler, classifier.
+    if type(model) not in MOE_CLASSES:
+        raise ValueError(f"no MoEBERT for {type(model).__name__}; the dense model must be one of "
+                         f"{', '.join(c.__name__ for c in MOE_CLASSES)}")
+    p = next(model.parameters())
+    moe_class = MOE_CLASSES[type(model)]
+    moe = moe_class(config, cfg, *(getattr(model, k) for k in moe_class.head_args)).to(p.device, p.dtype)
+    # Everything but the FFNs is an identity copy: embeddings, attention, pooler (if any), head.
     dense_state = model.state_dict()
     moe_state = moe.state_dict()
     for k in moe_state:
@@ -414,6 +460,13 @@ def distillation_loss(student, teacher, attention_mask=None, regression=False):
     """L_distill = sum over the embedding output and every layer output of MSE(student, teacher)
                    + 0.5 * (KL(p_t || p_s) + KL(p_s || p_t))       (MSE of the logits for regression)
 
+    p_t, p_s: the teacher's and the student's softmax over the labels, each KL averaged over examples
+    (the official symmetric_KL_loss(p, q) = 0.5 * sum (p - q)(log p - log q), divided by the batch size;
+    no temperature). Question answering (logits [B, T, 2]) uses the mean of that term over the start
+    and the end distributions (softmaxes over the sequence), as the official MoEBertForQuestionAnswering:
+    0.5 * (symmetric KL of the starts + symmetric KL of the ends); its padding logits (bert.PAD_LOGIT)
+    give padding probability 0, where the official code, which does not mask them, lets padding in.
+
     student, teacher: ClassifierOutput with hidden_states. With attention_mask [B, T], the MSE
     averages over real tokens only, so padding, whose states nothing reads, adds nothing.
     """
@@ -435,6 +488,10 @@ def distillation_terms(student, teacher, attention_mask=None, regression=False):
     s, t = upcast(student.logits), upcast(teacher.logits)
     if regression:
         return hidden, F.mse_loss(s, t)
+    if s.dim() == 3:
+        # Question answering: a start and an end distribution over the T positions per example,
+        # [B, T, 2] -> [2B, T]; the batchmean over 2B rows is then 0.5 * (start term + end term).
+        s, t = s.mT.flatten(0, 1), t.mT.flatten(0, 1)
     ls, lt = F.log_softmax(s, -1), F.log_softmax(t, -1)
     # F.kl_div(input=log q, target=log p) is KL(p || q), averaged over the batch.
     kl_ts = F.kl_div(ls, lt, reduction="batchmean", log_target=True)

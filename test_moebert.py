@@ -33,8 +33,8 @@ import bert
 import data
 import moebert
 from bert import BadFile, MissingFile, Offline, UserError
-from bert import BertConfig, BertForSequenceClassification, BertModel, _read_tensor, crc32c, read_tf_checkpoint
-from moebert import MoEBertForSequenceClassification, MoEConfig, importance_scores, moebert_from_dense
+from bert import BertConfig, BertForQuestionAnswering, BertForSequenceClassification, BertModel, _read_tensor, crc32c, read_tf_checkpoint
+from moebert import MoEBertForQuestionAnswering, MoEBertForSequenceClassification, MoEConfig, importance_scores, moebert_from_dense
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
@@ -2055,3 +2055,376 @@ def test_minilm_fp16_copy_loads_within_fp16_rounding(tmp_path):
         assert 0 < err <= 8 * FP16_U, f"hidden state {i}: {err / FP16_U:.2f} u"
     err = relative_to_scale(half.logits, ref.logits)
     assert err <= 16 * FP16_U, f"logits: {err / FP16_U:.2f} u"
+
+
+# ----------------------------------------------------------------------------------------------
+# Question answering (SQuAD) through BERT and MoEBERT: the QA head against Hugging Face, Google's
+# run_squad.py names, the surgery, importance, distillation, saving and loading, padding invariance
+
+def tiny_qa(seed=0):
+    torch.manual_seed(seed)
+    return BertForQuestionAnswering(BertConfig(**TINY))
+
+
+def qa_batch(B=5, T=11, seed=1):
+    """random_batch's padded batch (rows 1 and 3 end at 7 and 4) with QA labels [B, 2]: a start and
+    an end position, start <= end, inside each row's real tokens."""
+    batch = random_batch(B, T, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    n = batch["attention_mask"].sum(1)  # [B] real tokens per row
+    a = (torch.rand(B, generator=g) * n).long()
+    b = (torch.rand(B, generator=g) * n).long()
+    batch["labels"] = torch.stack([torch.minimum(a, b), torch.maximum(a, b)], 1)  # [B, 2]
+    return batch
+
+
+def inputs(batch):
+    return batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
+
+
+# ----------------------------------------------------------------------------------------------
+# bert.py: the QA head against transformers.BertForQuestionAnswering
+
+
+def hf_qa(folder):
+    transformers = pytest.importorskip("transformers")
+    ref, info = transformers.BertForQuestionAnswering.from_pretrained(
+        folder, attn_implementation="eager", dtype=torch.float32, output_loading_info=True)
+    return ref.eval(), info
+
+
+def compare_qa_with_hf(ours, ref, batch):
+    """Start and end logits and every hidden state, on real tokens; padding gets PAD_LOGIT in ours."""
+    with torch.no_grad():
+        a = ours(*inputs(batch), output_hidden_states=True)
+        b = ref(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                attention_mask=batch["attention_mask"], output_hidden_states=True)
+    real = batch["attention_mask"].bool()
+    assert a.logits.shape == (*real.shape, 2)
+    worst = max(assert_close(a.logits[..., 0][real], b.start_logits[real], 1e-5, "start logits"),
+                assert_close(a.logits[..., 1][real], b.end_logits[real], 1e-5, "end logits"))
+    for i, (x, y) in enumerate(zip(a.hidden_states, b.hidden_states, strict=True)):
+        worst = max(worst, assert_close(x[real], y[real], 1e-5, f"hidden state {i}"))
+    assert (a.logits[~real] == bert.PAD_LOGIT).all()
+    return worst
+
+
+def test_tiny_qa_equals_huggingface_both_ways(tmp_path):
+    ours = tiny_qa().eval()
+    ours.save_pretrained(tmp_path / "ours")
+    assert json.loads((tmp_path / "ours/config.json").read_text())["head"] == "qa"
+    ref, info = hf_qa(str(tmp_path / "ours"))
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info  # same names
+    batch = qa_batch()
+    worst = compare_qa_with_hf(ours, ref, batch)
+    print(f"tiny QA vs transformers: max abs diff {worst:.2e}")
+    # And back: Hugging Face's QA checkpoint (no pooler) loads into ours, every weight in place.
+    ref.save_pretrained(tmp_path / "hf")
+    again = BertForQuestionAnswering.from_pretrained(str(tmp_path / "hf"))
+    assert ours.state_dict().keys() == again.state_dict().keys()
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in ours.state_dict().items())
+
+
+def test_minilm_qa_equals_huggingface(minilm):
+    """The real MiniLM, padded batch; MiniLM has no QA head: a fresh random one, copied into both."""
+    torch.manual_seed(0)
+    ours = BertForQuestionAnswering.from_pretrained(minilm).eval()
+    ref, info = hf_qa(minilm)
+    assert sorted(info["missing_keys"]) == ["qa_outputs.bias", "qa_outputs.weight"]
+    ref.qa_outputs.load_state_dict(ours.qa_outputs.state_dict())
+    tok = data.load_tokenizer(os.path.join(minilm, "vocab.txt"))
+    pairs = [("Where did the cat sit?", "The cat sat on the mat in the kitchen."),
+             ("Who raised prices?", "Café owners in Zürich raised prices by 3.5% last year."),
+             ("What did he say?", "He said no.")]
+    batch = next(data.batches(data.encode([data.Example(q, c, 0) for q, c in pairs], tok, 64), 3))
+    assert batch["attention_mask"].eq(0).any(), "the batch should contain padding"
+    worst = compare_qa_with_hf(ours, ref, batch)
+    print(f"MiniLM QA vs transformers: max abs diff {worst:.2e}")
+
+
+def test_qa_model_has_no_pooler_and_every_parameter_gets_a_gradient():
+    """DDP (train.py) runs without find_unused_parameters: a pooler the QA head never reads would stall it."""
+    for model in (tiny_qa(), moebert_from_dense(tiny_qa(), torch.rand(3, 37), MoEConfig(3, 11, 5))):
+        assert model.bert.pooler is None and not any("pooler" in k for k in model.state_dict())
+        batch = qa_batch()
+        moebert.task_loss(model(*inputs(batch)).logits, batch["labels"]).backward()
+        no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+        assert not no_grad, no_grad
+
+
+# ----------------------------------------------------------------------------------------------
+# bert.py: Google's names
+
+
+def google_squad_checkpoint(tmp_path, monkeypatch):
+    """A folder that reads as a Google run_squad.py checkpoint: the tiny TF fixture's tensors (pretraining
+    heads, pooler, Adam slots and all) plus cls/squad/output_weights [2, H] and output_bias [2], by hand."""
+    with np.load(os.path.join(GOOGLE_TINY, "reference.npz")) as ref:
+        tensors = {k: ref[k] for k in ref.files}
+    g = np.random.default_rng(0)
+    tensors["cls/squad/output_weights"] = g.normal(size=(2, 32)).astype(np.float32)  # [out, in]
+    tensors["cls/squad/output_bias"] = g.normal(size=2).astype(np.float32)
+    folder = tmp_path / "squad"
+    folder.mkdir()
+    shutil.copy(os.path.join(GOOGLE_TINY, "bert_config.json"), folder)
+    (folder / "bert_model.ckpt.index").write_bytes(b"")  # read_tf_checkpoint is replaced below
+    monkeypatch.setattr(bert, "read_tf_checkpoint", lambda prefix: dict(tensors))
+    return str(folder), tensors
+
+
+def test_google_squad_names_load_into_qa_outputs(tmp_path, monkeypatch, capsys):
+    folder, tf = google_squad_checkpoint(tmp_path, monkeypatch)
+    model = BertForQuestionAnswering.from_pretrained(folder).eval()
+    out = capsys.readouterr().out
+    assert "skipping" in out and "initialised fresh" not in out  # cls/predictions etc. skipped, the head loaded
+    # No transpose: run_squad.py multiplies with transpose_b=True, so output_weights is [out, in] already.
+    assert np.array_equal(model.qa_outputs.weight.detach().numpy(), tf["cls/squad/output_weights"])
+    assert np.array_equal(model.qa_outputs.bias.detach().numpy(), tf["cls/squad/output_bias"])
+    kernel = "bert/encoder/layer_1/intermediate/dense/kernel"  # [in, out]: transposed, as before
+    assert np.array_equal(model.bert.encoder.layer[1].intermediate.dense.weight.detach().numpy(), tf[kernel].T)
+    # The logits are run_squad.py's: matmul(final_hidden, output_weights, transpose_b=True) + output_bias.
+    batch = qa_batch()
+    with torch.no_grad():
+        h = model.bert(*inputs(batch)).last_hidden_state.numpy()  # [B, T, H]
+        logits = model(*inputs(batch)).logits
+    want = h @ tf["cls/squad/output_weights"].T + tf["cls/squad/output_bias"]
+    real = batch["attention_mask"].bool()
+    assert_close(logits[real], torch.from_numpy(want)[real], 1e-5, "run_squad logits")
+
+
+def test_google_squad_checkpoint_into_encoder_and_classifier_names(tmp_path, monkeypatch):
+    """The encoder alone takes the bert/ part of it; run_classifier.py's root output_weights [num_labels, H]
+    map to classifier.weight, likewise untransposed."""
+    folder, tf = google_squad_checkpoint(tmp_path, monkeypatch)
+    enc = bert.BertModel.from_pretrained(folder)
+    assert np.array_equal(enc.pooler.dense.weight.detach().numpy(), tf["bert/pooler/dense/kernel"].T)
+    clf = tiny_model(num_labels=3)
+    tensors = {k: torch.from_numpy(tf[k].T if k.endswith("/kernel") else tf[k])  # as read_checkpoint gives them
+               for k in tf if k.startswith("bert/") and "adam" not in k}
+    tensors["output_weights"] = torch.randn(3, 32)
+    tensors["output_bias"] = torch.randn(3)
+    bert.load_weights(clf, tensors)
+    assert torch.equal(clf.classifier.weight, tensors["output_weights"])
+    assert torch.equal(clf.classifier.bias, tensors["output_bias"])
+
+
+def test_pretrained_encoder_into_qa_gets_fresh_head_and_drops_the_pooler(capsys):
+    model = BertForQuestionAnswering.from_pretrained(GOOGLE_TINY)
+    out = capsys.readouterr().out
+    assert "no qa head in the checkpoint, initialised fresh (qa_outputs.bias, qa_outputs.weight)" in out
+    with np.load(os.path.join(GOOGLE_TINY, "reference.npz")) as ref:
+        want = ref["bert/embeddings/word_embeddings"]
+    assert np.array_equal(model.bert.embeddings.word_embeddings.weight.detach().numpy(), want)
+    # A fine-tuned classifier is not a QA model: its head is refused, not silently replaced.
+    with pytest.raises(BadFile, match="unexpected .*classifier.bias"):
+        bert.load_weights(tiny_qa(), tiny_model().state_dict())
+
+
+# ----------------------------------------------------------------------------------------------
+# moebert.py: the QA loss, importance, the surgery
+
+
+def test_qa_loss_is_the_mean_of_start_and_end_cross_entropy_per_example():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 9, 2, generator=g, dtype=torch.float64)
+    labels = torch.tensor([[0, 0], [2, 5], [8, 8], [3, 4]])
+    by_hand = []
+    for b in range(4):
+        logp = logits[b] - logits[b].exp().sum(0).log()  # [T, 2], log-softmax over positions
+        by_hand.append(-(logp[labels[b, 0], 0] + logp[labels[b, 1], 1]) / 2)
+    by_hand = torch.stack(by_hand)
+    assert_close(moebert.task_loss(logits, labels), by_hand.mean(), 1e-12, "mean")
+    # reduction="sum" is the sum of the per-example losses, as importance_scores needs
+    assert_close(moebert.task_loss(logits, labels, reduction="sum"), by_hand.sum(), 1e-12, "sum")
+    for b in range(4):
+        assert_close(moebert.task_loss(logits[b:b + 1], labels[b:b + 1]), by_hand[b], 1e-12, f"example {b}")
+
+
+def test_qa_importance_equals_naive_official_algorithm():
+    model = tiny_qa().double()
+    batch = qa_batch()
+    batches = [{k: v[:3] for k, v in batch.items()}, {k: v[3:] for k, v in batch.items()}]
+    fast = importance_scores(model, batches)
+    model.eval()
+    naive = naive_importance(model, batches[0]) + naive_importance(model, batches[1])
+    assert fast.shape == (3, 37) and naive.abs().max() > 0
+    rel = (fast - naive).abs().max() / naive.abs().max()
+    assert rel <= 1e-10, f"relative max diff {rel:.3g}"
+    print(f"QA importance vs naive: relative max diff {rel:.2e}")
+
+
+def test_one_full_expert_reproduces_dense_qa_logits():
+    model = tiny_qa().double().eval()
+    imp = importance_scores(model, [qa_batch()])
+    batch = qa_batch()
+    for route in moebert.ROUTES:
+        cfg = MoEConfig(num_experts=1, expert_dim=37, shared_dim=0, route=route)
+        moe = moebert_from_dense(model, imp, cfg, token_counts=torch.ones(99)).eval()
+        assert type(moe) is MoEBertForQuestionAnswering and moe.qa_outputs.weight.dtype == torch.float64
+        with torch.no_grad():
+            a, b = moe(*inputs(batch)).logits, model(*inputs(batch)).logits
+        assert_close(a, b, 1e-10, f"one expert, {route}")
+
+
+def test_surgery_picks_the_moe_class_of_the_dense_model():
+    imp = torch.rand(3, 37)
+    cfg = MoEConfig(3, 11, 5)
+    ffn = re.compile(r"\.layer\.\d+\.(intermediate|output)\.")  # the dense FFN's names (not attention.output)
+    for dense, moe_class in ((tiny_model(num_labels=4), moebert.MoEBertForSequenceClassification),
+                             (tiny_qa(), MoEBertForQuestionAnswering)):
+        moe = moebert_from_dense(dense, imp, cfg)
+        assert type(moe) is moe_class and moe.head == dense.head
+        # The dense model's names, its FFNs replaced by .moe. ones: the head keeps its name and weights.
+        assert {k for k in moe.state_dict() if ".moe." not in k} == {k for k in dense.state_dict() if not ffn.search(k)}
+        head = getattr(moe, dense.head_module)
+        assert torch.equal(head.weight, getattr(dense, dense.head_module).weight)
+    assert moe.bert.encoder.layer[0].moe.experts.intermediate_weight.shape == (3, 32, 11)
+    with pytest.raises(ValueError, match="no MoEBERT for BertModel"):
+        moebert_from_dense(tiny_qa().bert, imp, cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# moebert.py: the QA distillation loss (paper section 3.3; the official MoEBertForQuestionAnswering)
+
+
+def test_qa_distillation_loss_equals_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    B, T, H = 4, 6, 8
+    hs = [torch.randn(B, T, H, generator=g, dtype=torch.float64) for _ in range(3)]
+    ht = [torch.randn(B, T, H, generator=g, dtype=torch.float64) for _ in range(3)]
+    s, t = (torch.randn(B, T, 2, generator=g, dtype=torch.float64) for _ in range(2))  # logits [B, T, 2]
+
+    # No padding: the official definition, symmetric_KL_loss(p, q) = 0.5 * sum (p - q)(log p - log q)
+    # over the batch and positions, divided by the batch size; then 0.5 * (start + end).
+    def official_sym_kl(p, q):
+        return 0.5 * ((p - q) * (p.log() - q.log())).sum() / B
+    ps, pt = torch.softmax(s, 1), torch.softmax(t, 1)  # over positions
+    official = 0.5 * (official_sym_kl(ps[..., 0], pt[..., 0]) + official_sym_kl(ps[..., 1], pt[..., 1]))
+    mse = sum(((a - b) ** 2).mean() for a, b in zip(hs, ht))
+    student, teacher = bert.ClassifierOutput(s, tuple(hs)), bert.ClassifierOutput(t, tuple(ht))
+    hidden, pred = moebert.distillation_terms(student, teacher)
+    assert_close(pred, official, 1e-12, "prediction term, official definition")
+    assert_close(moebert.distillation_loss(student, teacher), mse + official, 1e-12, "no padding")
+
+    # Padding, as the model emits it (PAD_LOGIT): per example and per start/end, KLs over real positions only.
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[2, 3:] = 0
+    mask[0, 5:] = 0
+    pad = ~mask.bool()
+    s, t = s.masked_fill(pad[..., None], bert.PAD_LOGIT), t.masked_fill(pad[..., None], bert.PAD_LOGIT)
+    direct = 0.0
+    for b in range(B):
+        n = int(mask[b].sum())
+        for k in range(2):  # start, end
+            p, q = torch.softmax(t[b, :n, k], 0), torch.softmax(s[b, :n, k], 0)
+            direct += 0.5 * 0.5 * ((p * (p / q).log()).sum() + (q * (q / p).log()).sum()) / B
+    real = mask.bool()
+    mse = sum(((a[real] - b[real]) ** 2).mean() for a, b in zip(hs, ht))
+    student, teacher = bert.ClassifierOutput(s, tuple(hs)), bert.ClassifierOutput(t, tuple(ht))
+    assert_close(moebert.distillation_loss(student, teacher, mask), mse + direct, 1e-12, "padded")
+
+
+# ----------------------------------------------------------------------------------------------
+# moebert.py: saving and loading every head
+
+
+@pytest.mark.parametrize("route", moebert.ROUTES)
+def test_moebert_qa_round_trips_through_save_and_load(tmp_path, route):
+    cfg = MoEConfig(num_experts=3, expert_dim=11, shared_dim=5, route=route, seed=7)
+    moe = moebert_from_dense(tiny_qa(), torch.rand(3, 37), cfg, token_counts=torch.arange(99.0)).eval()
+    moe.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["head"] == "qa" and saved["moe"]["route"] == route
+    batch = qa_batch()
+    want = moe(*inputs(batch)).logits
+    for again in (MoEBertForQuestionAnswering.from_pretrained(str(tmp_path)), moebert.load(str(tmp_path)),
+                  moebert.MoEBert.from_pretrained(str(tmp_path))):
+        assert type(again) is MoEBertForQuestionAnswering and again.moe_config == cfg
+        again.eval()
+        assert torch.equal(again(*inputs(batch)).logits, want)
+        assert all(torch.equal(v, again.state_dict()[k]) for k, v in moe.state_dict().items())
+    with pytest.raises(BadFile, match="a qa head, not classification.*MoEBertForQuestionAnswering"):
+        moebert.MoEBertForSequenceClassification.from_pretrained(str(tmp_path))
+
+
+def test_classification_moebert_loads_as_before(tmp_path):
+    """A saved MoEBERT classifier, with "head" in its config or without (saved before QA), loads by its
+    class and by moebert.load; a QA class refuses it."""
+    clf = moebert_from_dense(tiny_model(num_labels=3), torch.rand(3, 37), MoEConfig(3, 11, 5)).eval()
+    clf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["head"] == "classification" and config["num_labels"] == 3
+    batch = random_batch()
+    want = clf(*inputs(batch)).logits
+    for saved in (config, {k: v for k, v in config.items() if k != "head"}):
+        (tmp_path / "config.json").write_text(json.dumps(saved))
+        for load in (moebert.MoEBertForSequenceClassification.from_pretrained, moebert.load):
+            again = load(str(tmp_path))
+            assert type(again) is moebert.MoEBertForSequenceClassification and again.num_labels == 3
+            assert torch.equal(again.eval()(*inputs(batch)).logits, want)
+    with pytest.raises(BadFile, match="a classification head, not qa"):
+        MoEBertForQuestionAnswering.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "head": "ner"}))
+    with pytest.raises(BadFile, match="unknown head 'ner'"):
+        moebert.load(str(tmp_path))
+
+
+def test_saved_qa_teacher_round_trip(tmp_path):
+    model = tiny_qa().eval()
+    model.save_pretrained(tmp_path)
+    again = BertForQuestionAnswering.from_pretrained(str(tmp_path)).eval()
+    batch = qa_batch()
+    assert torch.equal(model(*inputs(batch)).logits, again(*inputs(batch)).logits)
+
+
+# ----------------------------------------------------------------------------------------------
+# Padding invariance, and bf16 autocast
+
+
+@pytest.mark.parametrize("route", [None, "hash-random", "gate-token", "gate-sentence"])  # None: the dense model
+def test_qa_logits_and_loss_do_not_depend_on_padding(route):
+    """Each example alone (no padding) and inside the padded batch: the same start/end logits on its
+    real tokens, the same QA loss, the same distillation term against the dense model."""
+    dense = tiny_qa().double().eval()
+    if route is None:
+        model = dense
+    else:
+        model = moebert_from_dense(dense, torch.rand(3, 37), MoEConfig(3, 11, 5, route=route)).eval()
+    batch = qa_batch()
+    with torch.no_grad():
+        out, t_out = model(*inputs(batch), output_hidden_states=True), dense(*inputs(batch), output_hidden_states=True)
+        for b in range(5):
+            n = int(batch["attention_mask"][b].sum())
+            one = {k: (v[b:b + 1, :n] if v.dim() == 2 and k != "labels" else v[b:b + 1]) for k, v in batch.items()}
+            assert one["attention_mask"].all()
+            alone = model(*inputs(one), output_hidden_states=True)
+            assert_close(alone.logits[0], out.logits[b, :n], 1e-10, f"example {b} logits")
+            assert_close(moebert.task_loss(alone.logits, one["labels"]),
+                         moebert.task_loss(out.logits[b:b + 1], batch["labels"][b:b + 1]), 1e-10, f"example {b} loss")
+            t_alone = dense(*inputs(one), output_hidden_states=True)
+            padded = moebert.distillation_terms(
+                bert.ClassifierOutput(out.logits[b:b + 1], tuple(h[b:b + 1] for h in out.hidden_states)),
+                bert.ClassifierOutput(t_out.logits[b:b + 1], tuple(h[b:b + 1] for h in t_out.hidden_states)),
+                batch["attention_mask"][b:b + 1])
+            for x, y in zip(moebert.distillation_terms(alone, t_alone, one["attention_mask"]), padded, strict=True):
+                assert_close(x, y, 1e-10, f"example {b} distillation")
+
+
+def test_qa_under_bf16_autocast():
+    """Padding keeps a finite, far-below logit in bf16; the loss and the distillation term stay finite and
+    near fp32's."""
+    model = tiny_qa().eval()
+    moe = moebert_from_dense(model, torch.rand(3, 37), MoEConfig(3, 11, 5, route="gate-token")).eval()
+    batch = qa_batch()
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        fp32 = [m(*inputs(batch), output_hidden_states=True) for m in (moe, model)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = [m(*inputs(batch), output_hidden_states=True) for m in (moe, model)]
+    assert bf16[0].logits.dtype == torch.bfloat16 and (bf16[0].logits[~real] == -9984).all()
+    for outs in (fp32, bf16):
+        loss = moebert.task_loss(outs[0].logits, batch["labels"])
+        hidden, pred = moebert.distillation_terms(*outs, batch["attention_mask"])
+        assert all(torch.isfinite(x) for x in (loss, hidden, pred))
+    want = moebert.task_loss(fp32[0].logits, batch["labels"])
+    assert_close(moebert.task_loss(bf16[0].logits, batch["labels"]), want, 0.05 * want.abs().item(), "bf16 loss")
