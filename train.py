@@ -34,9 +34,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import moebert
-from bert import (BertForSequenceClassification, UserError, atomic_write_json, find_vocab, makedirs,
-                  resolve_pretrained)
-from moebert import MoEBertForSequenceClassification, MoEConfig
+import squad
+from bert import (BertForQuestionAnswering, BertForSequenceClassification, UserError, atomic_write_json, find_vocab,
+                  makedirs, resolve_pretrained)
+from moebert import MoEConfig
 
 # Paper Table 7, the distillation stage: lr, batch size, epochs, weight decay, lambda, max length.
 # STS-B and WNLI are not in the table; they borrow MRPC's and RTE's settings.
@@ -50,13 +51,20 @@ PAPER = {
     "mnli": (5e-5, 64, 5, 0.0, 5.0, 128),
     "stsb": (3e-5, 8, 5, 0.0, 2.0, 512),
     "wnli": (1e-5, 8, 10, 0.01, 1.0, 512),
+    "squad": (3e-5, 32, 5, 0.01, 2.0, 384),  # SQuAD v1.1
+    "squad2": (3e-5, 16, 4, 0.1, 1.0, 384),  # SQuAD v2.0
 }
+SQUAD = {"squad": "1.1", "squad2": "2.0"}  # --task -> SQuAD version
+# The teacher's recipe: BERT's for GLUE (run_classifier.py), Google's run_squad.py's for SQuAD.
+TEACHER = {"glue": dict(lr=2e-5, batch_size=32, epochs=3.0), "squad": dict(lr=3e-5, batch_size=12, epochs=2.0)}
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, choices=sorted(data.TASKS), help="GLUE task")
-    p.add_argument("--data-dir", help="folder with the task's TSV files (default: download into the cache)")
+    p.add_argument("--task", required=True, choices=sorted(data.TASKS) + list(SQUAD),
+                   help="a GLUE task, or squad (SQuAD v1.1) or squad2 (v2.0)")
+    p.add_argument("--data-dir", help="folder with the task's TSV files, or SQuAD's JSON files (default: download "
+                   "into the cache)")
     p.add_argument("--bert", default="bert-base-uncased",
                    help="pretrained BERT: a release name (downloaded), a Google release folder or a Hugging Face folder")
     p.add_argument("--teacher", help="a fine-tuned teacher folder (skips stage 1), e.g. another run's OUT/teacher")
@@ -70,19 +78,21 @@ def get_args(argv=None):
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="compute dtype: bf16 autocast (weights stay fp32) "
                    "or plain fp32 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--max-seq-length", type=int, help="truncate pairs to this many tokens (default: the paper's, "
-                   "512, or 128 for MNLI and QQP)")
+                   "512, or 128 for MNLI and QQP, 384 for SQuAD)")
+    p.add_argument("--doc-stride", type=int, default=128, help="SQuAD: tokens between the starts of a context's windows")
+    p.add_argument("--max-query-length", type=int, default=64, help="SQuAD: question tokens kept")
     p.add_argument("--max-train-examples", type=int, help="use only the first N training examples (quick runs)")
     p.add_argument("--max-eval-examples", type=int, help="evaluate on only the first N dev examples")
     p.add_argument("--eval-batch-size", type=int, default=128, help="batch size for evaluation and importance")
     p.add_argument("--log-every", type=int, default=50, help="print a progress line every N steps")
     p.add_argument("--save-every", type=int, default=2000, help="checkpoint every N optimizer steps (and at each "
                    "epoch's end); rerunning the same command continues from the last one")
-    t = p.add_argument_group("teacher fine-tuning (stage 1): the standard BERT GLUE recipe by default")
+    t = p.add_argument_group("teacher fine-tuning (stage 1): BERT's GLUE recipe, or run_squad.py's for SQuAD")
     t.add_argument("--epochs", type=float, help="epochs of both training stages unless a stage's own flag is "
                    "given (default: 3 for the teacher, the paper's for distillation)")
-    t.add_argument("--teacher-epochs", type=float, help="teacher epochs (default: --epochs, else 3)")
-    t.add_argument("--lr", type=float, default=2e-5, help="teacher learning rate")
-    t.add_argument("--batch-size", type=int, default=32, help="teacher batch size")
+    t.add_argument("--teacher-epochs", type=float, help="teacher epochs (default: --epochs, else 3; SQuAD 2)")
+    t.add_argument("--lr", type=float, help="teacher learning rate (default 2e-5; SQuAD 3e-5)")
+    t.add_argument("--batch-size", type=int, help="teacher batch size (default 32; SQuAD 12)")
     t.add_argument("--weight-decay", type=float, default=0.01, help="teacher AdamW weight decay")
     t.add_argument("--warmup", type=float, default=0.1, help="teacher warm-up, a fraction of the steps")
     m = p.add_argument_group("MoEBERT (stages 2-4); defaults: the paper's Table 7 for the task")
@@ -105,7 +115,10 @@ def get_args(argv=None):
     args.out = pick(args.out, os.path.join("out", args.task))
     args.dtype = pick(args.dtype, "bf16" if args.device.startswith("cuda") else "fp32")
     args.max_seq_length = pick(args.max_seq_length, max_len)
-    args.teacher_epochs = pick(args.teacher_epochs, pick(args.epochs, 3.0))
+    recipe = TEACHER["squad" if args.task in SQUAD else "glue"]
+    args.teacher_epochs = pick(args.teacher_epochs, pick(args.epochs, recipe["epochs"]))
+    args.lr = pick(args.lr, recipe["lr"])
+    args.batch_size = pick(args.batch_size, recipe["batch_size"])
     args.distill_epochs = pick(args.distill_epochs, pick(args.epochs, epochs))
     args.distill_lr = pick(args.distill_lr, lr)
     args.distill_batch_size = pick(args.distill_batch_size, bs)
@@ -156,18 +169,35 @@ def progress(batches, total, what):
 
 
 @torch.inference_mode()
-def predict(model, features, args, device, what="evaluation"):
-    """Predictions in the order of `features`: label indices, or scores for regression."""
+def logits_of(model, features, args, device, what):
+    """The model's logits for each feature, in order, as float32 numpy arrays: [num_labels], or for
+    SQuAD [length, 2] (start, end) over the feature's own tokens, without the batch's padding."""
     model.eval()
-    preds = [None] * len(features)
+    out = [None] * len(features)
     for batch in progress(data.batches(features, args.eval_batch_size, sort_by_length=True), len(features), what):
         b = to_device(batch, device)
         with autocast(device, args.dtype):
-            logits = model(b["input_ids"], b["token_type_ids"], b["attention_mask"]).logits.float()
-        p = logits[:, 0] if logits.size(-1) == 1 else logits.argmax(-1)
-        for i, v in zip(batch["index"].tolist(), p.tolist()):
-            preds[i] = v
-    return preds
+            logits = model(b["input_ids"], b["token_type_ids"], b["attention_mask"]).logits.float().cpu()
+        for i, row in zip(batch["index"].tolist(), logits.numpy()):
+            out[i] = row[:len(features[i]["input_ids"])] if row.ndim == 2 else row
+    return out
+
+
+def predict(model, features, args, device, what="evaluation"):
+    """Predictions in the order of `features`: label indices, or scores for regression."""
+    return [float(l[0]) if len(l) == 1 else int(l.argmax()) for l in logits_of(model, features, args, device, what)]
+
+
+def squad_dev(model, examples, features, dataset, args, device):
+    """SQuAD dev metrics (the official scripts'), and the files to keep beside the model: the
+    predictions {question id: answer, "" for none}, and for v2.0 each question's null score minus its
+    best span's (null_odds.json, the official v2.0 script's --na-prob-file)."""
+    logits = logits_of(model, features, args, device, "evaluation on dev")
+    version = SQUAD[args.task]
+    preds, diffs = squad.postprocess(examples, features, [l[:, 0] for l in logits], [l[:, 1] for l in logits],
+                                     version)
+    metrics = squad.score(version, dataset, preds, diffs)
+    return metrics, {"predictions.json": preds, **({"null_odds.json": diffs} if diffs is not None else {})}
 
 
 def evaluate(model, dev_sets, args, device):
@@ -490,13 +520,17 @@ def publish(partial, folder):
 
 
 def check_teacher(path, task, num_labels):
-    """A --teacher must be a fine-tuned classifier for this task's labels with its vocabulary."""
+    """A --teacher must be a fine-tuned model for this task (its labels, or SQuAD's span head when
+    num_labels is None) with its vocabulary."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise UserError(f"--teacher {path}: no config.json; pass a fine-tuned teacher folder, e.g. out/{task}/teacher")
     with open(cfg_path) as f:
         cfg = json.load(f)
-    if cfg.get("num_labels") != num_labels:
+    if num_labels is None and cfg.get("head") != "qa":
+        raise UserError(f"--teacher {path} is not a question-answering model (config.json's head: "
+                        f"{cfg.get('head', 'classification')!r}); {task} needs one, e.g. out/{task}/teacher")
+    if num_labels is not None and cfg.get("num_labels") != num_labels:
         raise UserError(f"--teacher {path} has {cfg.get('num_labels')} labels; {task} needs {num_labels}")
     vocab = find_vocab(path)
     with open(vocab, encoding="utf-8") as f:
@@ -505,13 +539,49 @@ def check_teacher(path, task, num_labels):
         raise UserError(f"--teacher {path}: vocab.txt has {n} tokens but the model has {cfg.get('vocab_size')}")
 
 
+def glue_data(args, tokenizer, device):
+    """A GLUE task's training features, dev(model) -> (metrics, {}), the metric that picks the best
+    epoch, the number of dev examples, and (with --predict) the test sets by leaderboard file name."""
+    folder = data.glue_dir(args.task, args.data_dir)
+    encode = lambda examples, n=None: data.encode(examples[:n], tokenizer, args.max_seq_length)
+    if MASTER:
+        print(f"data: reading and tokenizing {data.TASKS[args.task].folder} from {folder}", flush=True)
+    train_features = encode(data.read_glue(args.task, folder, "train"), args.max_train_examples)
+    dev_sets = {"": encode(data.read_glue(args.task, folder, "dev"), args.max_eval_examples)}
+    if args.task == "mnli":
+        dev_sets["_mm"] = encode(data.read_glue(args.task, folder, "dev_mismatched"), args.max_eval_examples)
+    # Read now, so a missing test file stops the run before training, not after it.
+    test_sets = {name: encode(examples) for name, examples in data.test_sets(args.task, folder).items()} \
+        if args.predict else {}
+    dev = lambda model: (evaluate(model, dev_sets, args, device), {})
+    return train_features, dev, data.TASKS[args.task].metric, len(dev_sets[""]), test_sets
+
+
+def squad_data(args, tokenizer, device):
+    """SQuAD as glue_data gives GLUE: features are context windows (squad.make_features); dev runs
+    the official metrics on the postprocessed answers; F1 picks the best epoch; no test sets."""
+    version = SQUAD[args.task]
+    if MASTER:
+        print(f"data: reading and tokenizing SQuAD {version}", flush=True)
+    featurize = lambda examples: squad.make_features(examples, tokenizer, args.max_seq_length, args.doc_stride,
+                                                     args.max_query_length)
+    train_examples, _ = squad.load_squad(version, "train", args.data_dir, args.max_train_examples)
+    examples, dataset = squad.load_squad(version, "dev", args.data_dir, args.max_eval_examples)
+    features = featurize(examples)
+    dev = lambda model: squad_dev(model, examples, features, dataset, args, device)
+    return featurize(train_examples), dev, "f1", len(examples), {}
+
+
 def main(argv=None):
     args = get_args(argv)
     torch.manual_seed(args.seed)  # the classifier head and the gates are drawn from it too
     device = setup_distributed(args)
     if device.type == "cpu":
         keep_freed_memory()
-    task = data.TASKS[args.task]
+    qa = args.task in SQUAD  # question answering: a start and an end over the tokens, not a class
+    if qa and args.predict:
+        raise UserError("--predict writes GLUE's test-set files; SQuAD's test sets are not public (the dev "
+                        "predictions are in OUT/teacher/predictions.json and OUT/moebert/predictions.json)")
     os.makedirs(args.out, exist_ok=True)
     log_file = open(os.path.join(args.out, "log.jsonl"), "a") if MASTER else None
 
@@ -537,32 +607,26 @@ def main(argv=None):
     times = {}
 
     # Data: tokenizer from the teacher's (or the pretrained model's) vocabulary.
-    num_labels = 1 if task.labels is None else len(task.labels)
+    # The teacher's class: a classifier (num_labels outputs; 1 is STS-B's regression) or SQuAD's span head.
+    if qa:
+        Teacher, head = BertForQuestionAnswering, {}
+    else:
+        labels = data.TASKS[args.task].labels
+        Teacher, head = BertForSequenceClassification, {"num_labels": 1 if labels is None else len(labels)}
     if args.teacher:
-        check_teacher(args.teacher, args.task, num_labels)
+        check_teacher(args.teacher, args.task, head.get("num_labels"))
     source = args.teacher or resolve_pretrained(args.bert)
     vocab = find_vocab(source)
     tokenizer = data.load_tokenizer(vocab, lowercase=data.is_uncased(vocab))
-    folder = data.glue_dir(args.task, args.data_dir)
-    encode = lambda examples, n=None: data.encode(examples[:n], tokenizer, args.max_seq_length)
     t0 = time.time()
+    train_features, dev, metric, n_dev, test_sets = (squad_data if qa else glue_data)(args, tokenizer, device)
     if MASTER:
-        print(f"data: reading and tokenizing {task.folder} from {folder}", flush=True)
-    train_features = encode(data.read_glue(args.task, folder, "train"), args.max_train_examples)
-    dev_sets = {"": encode(data.read_glue(args.task, folder, "dev"), args.max_eval_examples)}
-    if args.task == "mnli":
-        dev_sets["_mm"] = encode(data.read_glue(args.task, folder, "dev_mismatched"), args.max_eval_examples)
-    # Read now, so a missing test file stops the run before training, not after it.
-    test_sets = {name: encode(examples) for name, examples in data.test_sets(args.task, folder).items()} \
-        if args.predict else {}
-    if MASTER:
-        print(f"data: {len(train_features)} training and {len(dev_sets[''])} dev examples tokenized in "
-              f"{time.time() - t0:.1f}s")
-    dev = lambda model: (evaluate(model, dev_sets, args, device), {})  # metrics, and no files to write
-    metric = task.metric  # the dev metric that picks the best epoch
+        print(f"data: {len(train_features)} training and {n_dev} dev examples tokenized in {time.time() - t0:.1f}s")
     # What every stage's output depends on; a stage reused with other settings would mix results.
     data_settings = dict(task=args.task, max_seq_length=args.max_seq_length, seed=args.seed,
-                         train_examples=len(train_features), dev_examples=len(dev_sets[""]), dtype=args.dtype)
+                         train_examples=len(train_features), dev_examples=n_dev, dtype=args.dtype)
+    if qa:
+        data_settings.update(doc_stride=args.doc_stride, max_query_length=args.max_query_length)
 
     # Stage 1: the teacher.
     teacher_dir = os.path.join(args.out, "teacher")
@@ -573,11 +637,11 @@ def main(argv=None):
         teacher_dir = args.teacher
     elif not (args.eval_only or finished(teacher_dir, teacher_settings, args.force)):
         t0 = time.time()
-        teacher = BertForSequenceClassification.from_pretrained(source, num_labels=num_labels).to(device)
+        teacher = Teacher.from_pretrained(source, **head).to(device)
         hp = dict(stage="teacher", metric=metric, epochs=args.teacher_epochs, lr=args.lr, batch_size=args.batch_size,
                   weight_decay=args.weight_decay, warmup=args.warmup)
 
-        def ce(model, b, share):  # the teacher's loss: cross-entropy, MSE for STS-B
+        def ce(model, b, share):  # the teacher's loss: cross-entropy, MSE for STS-B, SQuAD's (CE start + CE end) / 2
             loss = moebert.task_loss(model(b["input_ids"], b["token_type_ids"], b["attention_mask"]).logits,
                                      b["labels"]) * share["examples"]
             return loss, {"loss": loss}
@@ -589,7 +653,7 @@ def main(argv=None):
         publish(teacher_dir + ".partial", teacher_dir)
         times["teacher"] = time.time() - t0
     # From disk even when just trained: the best epoch, not the last. Frozen from here on.
-    teacher = BertForSequenceClassification.from_pretrained(teacher_dir, num_labels=num_labels).to(device).eval()
+    teacher = Teacher.from_pretrained(teacher_dir, **head).to(device).eval()
     teacher.requires_grad_(False)
 
     # Stage 2: importance on the training split, not the dev split that is reported.
@@ -629,7 +693,7 @@ def main(argv=None):
         student = moebert.moebert_from_dense(teacher, importance, moe_cfg, token_counts=counts).to(device)
 
         # Stage 4: distillation. loss = CE + lambda * (hidden MSEs + symmetric KL) [+ balance loss]
-        regression = task.labels is None
+        regression = head.get("num_labels") == 1
 
         def distill(model, b, share):
             inputs = (b["input_ids"], b["token_type_ids"], b["attention_mask"])
@@ -662,10 +726,12 @@ def main(argv=None):
 
     # Stage 5: both models from disk, evaluated on dev: what is reported is what was saved.
     t0 = time.time()
-    student = MoEBertForSequenceClassification.from_pretrained(student_dir).to(device)
-    results = {"task": args.task,
-               "teacher": evaluate(teacher, dev_sets, args, device),
-               "moebert": evaluate(student, dev_sets, args, device)}
+    student = moebert.load(student_dir).to(device)  # the head its config.json names
+    results = {"task": args.task}
+    for who, model in (("teacher", teacher), ("moebert", student)):
+        results[who], files = dev(model)
+        for name, content in files.items():  # SQuAD: predictions.json beside the stage's metrics.json
+            atomic_write_json(os.path.join(makedirs(os.path.join(args.out, who)), name), content)
     times["eval"] = time.time() - t0
     total, active = moebert.param_counts(student)
     results["params"] = {"teacher": sum(p.numel() for p in teacher.parameters()),
@@ -678,10 +744,12 @@ def main(argv=None):
             results["seconds"] = {**json.load(f).get("seconds", {}), **times}
     atomic_write_json(os.path.join(args.out, "results.json"), results)
 
-    names = sorted(results["teacher"])
+    # GLUE metrics are fractions, SQuAD's percentages (as the official scripts print them); counts are left out.
+    names = [n for n in sorted(results["teacher"]) if not n.endswith("total")]
+    scale = 1 if qa else 100
     print(f"\n{args.task} dev       " + "  ".join(f"{n:>10}" for n in names))
     for who in ("teacher", "moebert"):
-        print(f"{who:<15}" + "  ".join(f"{100 * results[who][n]:10.2f}" for n in names))
+        print(f"{who:<15}" + "  ".join(f"{scale * results[who][n]:10.2f}" for n in names))
     print(f"parameters: teacher {results['params']['teacher'] / 1e6:.1f}M, MoEBERT {total / 1e6:.1f}M total, "
           f"{active / 1e6:.1f}M active per token;  results in {args.out}/results.json")
     for who, model in (("teacher", teacher), ("moebert", student)):  # --predict: the leaderboard's files
