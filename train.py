@@ -81,7 +81,7 @@ def get_args(argv=None):
                    "512, or 128 for MNLI and QQP, 384 for SQuAD)")
     p.add_argument("--doc-stride", type=int, default=128, help="SQuAD: tokens between the starts of a context's windows")
     p.add_argument("--max-query-length", type=int, default=64, help="SQuAD: question tokens kept")
-    p.add_argument("--max-train-examples", type=int, help="use only the first N training examples (quick runs)")
+    p.add_argument("--max-train-examples", type=int, help="use only the first N training examples (SQuAD: questions; quick runs)")
     p.add_argument("--max-eval-examples", type=int, help="evaluate on only the first N dev examples")
     p.add_argument("--eval-batch-size", type=int, default=128, help="batch size for evaluation and importance")
     p.add_argument("--log-every", type=int, default=50, help="print a progress line every N steps")
@@ -621,7 +621,8 @@ def main(argv=None):
     t0 = time.time()
     train_features, dev, metric, n_dev, test_sets = (squad_data if qa else glue_data)(args, tokenizer, device)
     if MASTER:
-        print(f"data: {len(train_features)} training and {n_dev} dev examples tokenized in {time.time() - t0:.1f}s")
+        print(f"data: {len(train_features)} training features (SQuAD: windows) and {n_dev} dev examples, tokenized "
+              f"in {time.time() - t0:.1f}s")
     # What every stage's output depends on; a stage reused with other settings would mix results.
     data_settings = dict(task=args.task, max_seq_length=args.max_seq_length, seed=args.seed,
                          train_examples=len(train_features), dev_examples=n_dev, dtype=args.dtype)
