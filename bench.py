@@ -1,9 +1,20 @@
-"""Speed: MoEBERT vs dense BERT, our importance vs the official algorithm, our training steps vs
-Hugging Face. Random weights (speed does not depend on them). Prints tables, writes JSON.
+"""Speed: MoEBERT vs dense BERT, the cap that attention leaves MoEBERT, a 6-layer student, where
+MoEBERT's time above the cap goes, our importance vs the official algorithm, our training steps vs
+Hugging Face, checkpoints. Random weights (speed does not depend on them). Prints tables, writes JSON.
 
-    python bench.py                       # CPU, fp32, 2 threads (about 25 minutes for BERT-base)
+    python bench.py                       # CPU, fp32, 2 threads (about half an hour for BERT-base)
     python bench.py --device cuda         # GPU, bf16 autocast
-    python bench.py --quick               # a small config, a minute, to check the script runs
+    python bench.py --quick               # a small config, a minute or two, to check the script runs
+    python bench.py --only importance     # ours, the official algorithm (all 16 examples: minutes), fwd + bwd
+    python bench.py --only importance --official-examples 4   # the official loop on 4 of 16, scaled by 4
+    python bench.py --only profile --profile-batch 1 8   # where MoEBERT's time above the cap goes
+
+Inference times, side by side and alternating, so the machine's drift hits all alike: dense
+BERT-base, MoEBERT (every route), a dense BERT-base with half the layers (a 6-layer student, as
+DistilBERT's), and a dense BERT-base whose FFN is cut to one expert's size (intermediate 768, a quarter).
+The last is MoEBERT with perfect experts: attention, embeddings and head are common to both, so
+cap = dense time / quarter-FFN time is the most MoEBERT can gain on the machine at hand, and MoEBERT's
+speedup is reported as a share of it. `--only profile` splits MoEBERT's time above that floor by op.
 
 `transformers` is used here only as the peer to compare with; the project does not need it.
 """
@@ -54,38 +65,251 @@ def flop_ceiling(cfg, moe_cfg, T):
     return dense / moe
 
 
-def inference(args, cfg, device, autocast):
-    """Examples per second of dense BERT and MoEBERT (every route), forward only."""
+def inference_models(cfg, device, names, student_layers):
+    """The models to time, by name: "dense" (BERT), "quarter-FFN" (the same with every FFN cut to one
+    expert's size: MoEBERT with perfect experts), f"{n}-layer" (dense with n layers: the small
+    student to beat) and MoEBERT routes (moebert.ROUTES). Random weights, eval mode."""
+    moe_cfg = MoEConfig.scaled(cfg.intermediate_size)  # 4 x 768, 512 shared for BERT-base
     dense = BertForSequenceClassification(cfg, 2).to(device).eval()
     # Random importance: which neurons an expert holds does not change its cost.
     importance = torch.rand(cfg.num_hidden_layers, cfg.intermediate_size)
     counts = torch.randint(1, 1000, (cfg.vocab_size,)).float()  # token frequencies for hash-balance
-    moe_cfg = MoEConfig.scaled(cfg.intermediate_size)  # 4 x 768, 512 shared for BERT-base
-    models = {"dense": dense}
-    for route in moebert.ROUTES:
-        models[route] = moebert_from_dense(dense, importance, dataclasses.replace(moe_cfg, route=route),
-                                           token_counts=counts).to(device).eval()
+    models = {}
+    for name in names:
+        if name == "dense":
+            models[name] = dense
+        elif name == "quarter-FFN":  # a token's FFN work in MoEBERT: one expert, expert_dim neurons
+            small = dataclasses.replace(cfg, intermediate_size=moe_cfg.expert_dim)
+            models[name] = BertForSequenceClassification(small, 2).to(device).eval()
+        elif name == f"{student_layers}-layer":
+            shallow = dataclasses.replace(cfg, num_hidden_layers=student_layers)
+            models[name] = BertForSequenceClassification(shallow, 2).to(device).eval()
+        else:
+            models[name] = moebert_from_dense(dense, importance, dataclasses.replace(moe_cfg, route=name),
+                                              token_counts=counts).to(device).eval()
+    return models, moe_cfg
+
+
+def forward_fn(model, batch, autocast):
+    def run():
+        with torch.inference_mode(), autocast():
+            model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+    return run
+
+
+def inference(args, cfg, device, autocast):
+    """Examples per second of dense BERT, the quarter-FFN floor, the shallow student and MoEBERT
+    (every route), forward only; the cap and each model's speedups."""
+    student = f"{args.student_layers}-layer"
+    models, moe_cfg = inference_models(cfg, device, ["dense", "quarter-FFN", student, *moebert.ROUTES],
+                                       args.student_layers)
     rows = []
     for B in args.batch_sizes:
         batch = random_batch(cfg, B, args.seq_len, device)
-        row = {"batch": B, "ceiling": round(flop_ceiling(cfg, moe_cfg, args.seq_len), 3)}
-        for _ in range(args.repeats):  # alternate the models, keep each one's best: less noise
+        each = {name: [] for name in models}  # examples/s of every repeat
+        for _ in range(args.repeats):  # alternate the models: drift in the machine's speed hits all alike
             for name, model in models.items():
-                def run():
-                    with torch.inference_mode(), autocast():
-                        model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
-                row[name] = round(max(row.get(name, 0), B / timeit(run, device, args.min_seconds)), 2)
-        for route in moebert.ROUTES:
-            row[f"{route} speedup"] = round(row[route] / row["dense"], 3)
+                each[name].append(B / timeit(forward_fn(model, batch, autocast), device, args.min_seconds))
+        eps = {name: max(v) for name, v in each.items()}  # best of the repeats: the least disturbed
+        cap = eps["quarter-FFN"] / eps["dense"]  # = dense time / quarter-FFN time
+        speedup = {name: eps[name] / eps["dense"] for name in (*moebert.ROUTES, student)}
+        row = {"batch": B,
+               "examples_per_s": {k: round(v, 2) for k, v in eps.items()},
+               "cap": round(cap, 3),
+               "flop_ceiling": round(flop_ceiling(cfg, moe_cfg, args.seq_len), 3),
+               "speedup_over_dense": {k: round(v, 3) for k, v in speedup.items()},
+               "percent_of_cap": {r: round(100 * speedup[r] / cap, 1) for r in moebert.ROUTES},
+               f"{student}_over_moebert": {r: round(eps[student] / eps[r], 3) for r in moebert.ROUTES},
+               # Each repeat's numbers, and the cap within each (dense and quarter-FFN back to back): its noise.
+               "examples_per_s_each_repeat": {k: [round(x, 2) for x in v] for k, v in each.items()},
+               "cap_each_repeat": [round(q / d, 3) for q, d in zip(each["quarter-FFN"], each["dense"])]}
         rows.append(row)
-        print("  ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+        print(f"batch {B}: dense {eps['dense']:.2f}  quarter-FFN {eps['quarter-FFN']:.2f} (cap {cap:.2f}x, "
+              f"FLOP ceiling {row['flop_ceiling']:.2f}x)  {student} {eps[student]:.2f} "
+              f"({speedup[student]:.2f}x dense, {row[f'{student}_over_moebert']['hash-random']:.2f}x hash-random)",
+              flush=True)
+        for r in moebert.ROUTES:
+            print(f"    {r:14s} {eps[r]:7.2f}  {speedup[r]:.2f}x dense  {row['percent_of_cap'][r]:5.1f}% of cap  "
+                  f"{student} is {row[f'{student}_over_moebert'][r]:.2f}x it", flush=True)
     return rows
 
 
+# Op groups of the profile, first match wins; what is left is "other ops". The embeddings' lookup
+# (index_select) is in the first group for both models, so it cancels in the difference.
+OP_GROUPS = (
+    ("gathers/scatters (index*)", ("aten::index_select", "aten::index_copy_", "aten::index_copy", "aten::index",
+                                   "aten::index_put_", "aten::_index_put_impl_")),
+    ("argsort/bincount/cumsum", ("aten::argsort", "aten::sort", "aten::bincount", "aten::cumsum", "aten::min",
+                                 "aten::max", "aten::arange")),
+    ("tolist (sync)", ("tolist (sync)", "aten::item", "aten::_local_scalar_dense")),
+    ("LayerNorm (+ affine addcmul)", ("aten::layer_norm", "aten::native_layer_norm", "aten::addcmul")),
+    ("GEMM", ("aten::linear", "aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::matmul")),
+    ("GELU", ("aten::gelu",)),
+    ("attention (SDPA)", ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
+                          "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention",
+                          "aten::_scaled_dot_product_cudnn_attention", "aten::_efficient_attention_forward",
+                          "aten::_flash_attention_forward")),
+    ("copies, allocation", ("aten::copy_", "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::zeros",
+                            "aten::zero_", "aten::fill_", "aten::clone", "aten::contiguous", "aten::to",
+                            "aten::_to_copy", "aten::resize_")),
+)
+OP_GROUP = {op: group for group, ops in OP_GROUPS for op in ops}
+BETWEEN_OPS = "between ops (Python, dispatch)"
+
+
+def profile_forward(run, device, iters):
+    """Per forward: ms of self time of each op (torch.profiler, CPU side; on CUDA also the device's),
+    calls, and the wall time. Tensor.tolist is labelled so its time shows (on CPU it runs no aten op)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    tolist = torch.Tensor.tolist
+
+    def labelled_tolist(self):
+        with record_function("tolist (sync)"):
+            return tolist(self)
+    for _ in range(2):
+        run()
+    torch.Tensor.tolist = labelled_tolist
+    try:
+        with profile(activities=activities) as prof:
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                run()
+            sync()
+            wall = time.perf_counter() - t0
+    finally:
+        torch.Tensor.tolist = tolist
+    ops = {}
+    for e in prof.key_averages():
+        ops[e.key] = {"ms": e.self_cpu_time_total / 1e3 / iters, "calls": e.count / iters}
+        if device.type == "cuda":
+            ops[e.key]["device_ms"] = getattr(e, "self_device_time_total", 0) / 1e3 / iters
+    return ops, wall * 1e3 / iters
+
+
+def group_ops(ops, wall_ms):
+    """ms and op calls per forward by op group (nested ops counted too: aten::linear and its addmm);
+    what the ops' self times leave of the wall time is BETWEEN_OPS."""
+    groups = {name: {"ms": 0.0, "calls": 0.0} for name, _ in OP_GROUPS}
+    groups["other ops"] = {"ms": 0.0, "calls": 0.0}
+    for op, v in ops.items():
+        g = groups[OP_GROUP.get(op, "other ops")]
+        g["ms"] += v["ms"]
+        g["calls"] += v["calls"]
+    groups[BETWEEN_OPS] = {"ms": wall_ms - sum(v["ms"] for v in ops.values()), "calls": 0.0}
+    return groups
+
+
+def profile(args, cfg, device, autocast):
+    """Where MoEBERT's time above the cap goes: torch.profiler on MoEBERT (--profile-route) and on the
+    quarter-FFN dense model (its floor), op by op, in ms per forward; the difference is what a faster
+    MoE layer could win back. Unprofiled times of both, measured alternately, give the real gap."""
+    route = args.profile_route
+    models, _ = inference_models(cfg, device, ["quarter-FFN", route], args.student_layers)
+    results = []
+    for B in args.profile_batch:
+        batch = random_batch(cfg, B, args.seq_len, device)
+        runs = {name: forward_fn(model, batch, autocast) for name, model in models.items()}
+        # Unprofiled, alternating: the profiler's own cost per op (a few us) inflates the profiled times.
+        plain = {name: [] for name in runs}
+        for _ in range(args.repeats):
+            for name, run in runs.items():
+                plain[name].append(timeit(run, device, args.min_seconds) * 1e3)
+        plain = {name: min(v) for name, v in plain.items()}
+        prof = {name: profile_forward(run, device, args.profile_iters) for name, run in runs.items()}
+        (moe_ops, moe_wall), (floor_ops, floor_wall) = prof[route], prof["quarter-FFN"]
+        moe_groups, floor_groups = group_ops(moe_ops, moe_wall), group_ops(floor_ops, floor_wall)
+        gap = moe_wall - floor_wall
+        groups = [{"group": g, "moebert_ms": round(moe_groups[g]["ms"], 3),
+                   "quarter_ffn_ms": round(floor_groups[g]["ms"], 3),
+                   "extra_ms": round(moe_groups[g]["ms"] - floor_groups[g]["ms"], 3),
+                   "share_of_gap": round((moe_groups[g]["ms"] - floor_groups[g]["ms"]) / gap, 3) if gap else None,
+                   "moebert_calls": round(moe_groups[g]["calls"], 1),
+                   "quarter_ffn_calls": round(floor_groups[g]["calls"], 1)}
+                  for g in moe_groups]
+        zero = {"ms": 0.0, "calls": 0.0}
+        by_op = sorted(set(moe_ops) | set(floor_ops),
+                       key=lambda op: -abs(moe_ops.get(op, zero)["ms"] - floor_ops.get(op, zero)["ms"]))
+        top_ops = [{"op": op, "group": OP_GROUP.get(op, "other ops"),
+                    "moebert_ms": round(moe_ops.get(op, zero)["ms"], 3),
+                    "quarter_ffn_ms": round(floor_ops.get(op, zero)["ms"], 3),
+                    "extra_ms": round(moe_ops.get(op, zero)["ms"] - floor_ops.get(op, zero)["ms"], 3),
+                    "moebert_calls": round(moe_ops.get(op, zero)["calls"], 1),
+                    "quarter_ffn_calls": round(floor_ops.get(op, zero)["calls"], 1)} for op in by_op[:args.profile_top]]
+        row = {"batch": B, "route": route, "iterations": args.profile_iters,
+               "unprofiled_ms": {"moebert": round(plain[route], 3), "quarter_ffn": round(plain["quarter-FFN"], 3),
+                                 "gap": round(plain[route] - plain["quarter-FFN"], 3),
+                                 "moebert_over_quarter_ffn": round(plain[route] / plain["quarter-FFN"], 3)},
+               "profiled_ms": {"moebert": round(moe_wall, 3), "quarter_ffn": round(floor_wall, 3),
+                               "gap": round(gap, 3)},
+               "groups": groups, "top_ops": top_ops}
+        if device.type == "cuda":  # the device's own kernel time per op group
+            for g in groups:
+                g["moebert_device_ms"] = round(sum(v["device_ms"] for op, v in moe_ops.items()
+                                                   if OP_GROUP.get(op, "other ops") == g["group"]), 3)
+                g["quarter_ffn_device_ms"] = round(sum(v["device_ms"] for op, v in floor_ops.items()
+                                                       if OP_GROUP.get(op, "other ops") == g["group"]), 3)
+        results.append(row)
+        u = row["unprofiled_ms"]
+        print(f"batch {B}, {route}: unprofiled {u['moebert']:.2f} ms vs quarter-FFN {u['quarter_ffn']:.2f} ms "
+              f"(gap {u['gap']:.2f} ms, {100 * u['quarter_ffn'] / u['moebert']:.1f}% of cap); profiled "
+              f"{moe_wall:.2f} vs {floor_wall:.2f} ms, {args.profile_iters} forwards each")
+        print(f"    {'group':32s} {'MoEBERT':>9s} {'quarter':>9s} {'extra':>9s} {'of gap':>7s}  calls")
+        for g in groups:
+            share = "" if g["share_of_gap"] is None else f"{100 * g['share_of_gap']:6.1f}%"
+            print(f"    {g['group']:32s} {g['moebert_ms']:9.3f} {g['quarter_ffn_ms']:9.3f} {g['extra_ms']:9.3f} "
+                  f"{share:>7s}  {g['moebert_calls']:g} vs {g['quarter_ffn_calls']:g}")
+        print("    top ops by extra ms: " + ", ".join(f"{o['op']} {o['extra_ms']:+.3f} "
+                                                       f"({o['moebert_calls']:g} vs {o['quarter_ffn_calls']:g} calls)"
+                                                       for o in top_ops[:6]), flush=True)
+    return results
+
+
+def official_importance(model, batch, examples=None):
+    """The official MoEBERT importance preprocessing, as written (SimiaoZuo/MoEBERT at cd21f57):
+    one *batched* forward with per-example losses; then, layer by layer and within a layer example by
+    example, one autograd.grad for W1 and one for W2 (retain_graph=True), adding up
+    |sum over a row of W1 * dW1 + sum over a column of W2 * dW2| over the examples. It follows
+      src/transformers/models/bert/modeling_bert.py, BertForSequenceClassification:
+        1505-1519 (forward_clean): CrossEntropyLoss / MSELoss with reduction="none" for the importance;
+        1564-1581 (forward): the loops over layers and examples, the two grads, the sum;
+      examples/text-classification/run_glue.py 411-414: the importance is taken in evaluation only;
+      src/transformers/trainer.py 1853: model.eval(); 1976-1982: prediction_step's forward, outside
+        torch.no_grad when preprocessing the importance; 1728-1733: the summed scores, pickled.
+    Scores accumulate in the model's dtype, as there; returned as float64 on the CPU, [layers, I].
+    Classification and regression heads (as the official BertForSequenceClassification).
+
+    examples: only the first `examples` examples' losses (the forward is still the whole batch), to
+    time a slice of the loop and scale it; 0 runs the forward and nothing else."""
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).logits
+        loss = moebert.task_loss(logits, batch["labels"], reduction="none")  # [B]: one loss per example
+        n = len(loss) if examples is None else examples
+        scores = []
+        for layer in model.bert.encoder.layer:
+            w1, w2 = layer.intermediate.dense.weight, layer.output.dense.weight
+            total = torch.zeros(w1.size(0), dtype=w1.dtype, device=w1.device)
+            for i in range(n):
+                g1 = torch.autograd.grad(loss[i], w1, retain_graph=True)[0]
+                g2 = torch.autograd.grad(loss[i], w2, retain_graph=True)[0]
+                total += ((w1 * g1).sum(1).detach() + (w2 * g2).sum(0).detach()).abs()
+            scores.append(total)
+        return torch.stack(scores).double().cpu()
+    finally:
+        model.train(was_training)
+
+
 def importance(args, cfg, device):
-    """Seconds for one batch: importance_scores, the naive official loop, plain forward + backward."""
+    """Seconds for one batch: importance_scores, the official algorithm, a plain forward + backward,
+    and test_moebert.naive_importance (a cheaper per-example variant: a forward per example, both
+    weights in one grad)."""
     model = BertForSequenceClassification(cfg, 2).to(device).eval()
     batch = random_batch(cfg, args.importance_batch, args.seq_len, device)
+    B, n = args.importance_batch, min(args.official_examples or args.importance_batch, args.importance_batch)
 
     def plain():
         logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).logits
@@ -95,12 +319,27 @@ def importance(args, cfg, device):
     # The floor: one forward and a full backward (weight gradients included) over the same batch.
     ours = timeit(lambda: moebert.importance_scores(model, [batch]), device, args.min_seconds)
     floor = timeit(plain, device, args.min_seconds)
-    from test_moebert import naive_importance  # the official per-example, per-layer loop
-    naive = timeit(lambda: naive_importance(model, batch), device, 0, warmup=0)  # slow: timed once
-    row = {"batch": args.importance_batch, "layers": cfg.num_hidden_layers, "ours_s": round(ours, 3),
-           "forward_backward_s": round(floor, 3), "naive_official_s": round(naive, 3),
-           "speedup_vs_naive": round(naive / ours, 1), "ours_over_forward_backward": round(ours / floor, 3)}
-    print("  ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+    # The official loop is slow (2 x layers x examples backward passes over the whole batch): timed once.
+    # With fewer examples than the batch, its loop scales linearly in them (each example's grads cost
+    # the same); the batched forward is timed on its own (examples=0) and counted once.
+    forward = timeit(lambda: official_importance(model, batch, examples=0), device, args.min_seconds)
+    official_n = timeit(lambda: official_importance(model, batch, examples=n), device, 0, warmup=0)
+    official = forward + (official_n - forward) * B / n
+    from test_moebert import naive_importance
+    naive = timeit(lambda: naive_importance(model, batch), device, 0, warmup=0)
+    row = {"batch": B, "layers": cfg.num_hidden_layers, "ours_s": round(ours, 3),
+           "forward_backward_s": round(floor, 3), "ours_over_forward_backward": round(ours / floor, 3),
+           "official_s": round(official, 3), "official_timed_examples": n,
+           "official_scaled": n < B, "official_forward_s": round(forward, 3),
+           "official_timed_s": round(official_n, 3), "official_over_ours": round(official / ours, 1),
+           "naive_variant_s": round(naive, 3), "naive_variant_over_ours": round(naive / ours, 1)}
+    note = (f" (timed on {n} of {B} examples: the forward {forward:.3f} s once, the grad loop "
+            f"{official_n - forward:.3f} s scaled by {B}/{n})") if n < B else ""
+    print(f"ours {ours:.3f} s  forward+backward {floor:.3f} s (ours {row['ours_over_forward_backward']:.2f}x it)\n"
+          f"official (batched forward, per example and layer a grad for W1 and one for W2) {official:.3f} s, "
+          f"{row['official_over_ours']:.1f}x ours{note}\n"
+          f"naive variant (a forward per example, W1 and W2 in one grad) {naive:.3f} s, "
+          f"{row['naive_variant_over_ours']:.1f}x ours", flush=True)
     return row
 
 
@@ -220,8 +459,16 @@ def main():
     p.add_argument("--min-seconds", type=float, default=3.0, help="time each measurement at least this long")
     p.add_argument("--repeats", type=int, default=2, help="alternating repeats of the inference measurements")
     p.add_argument("--train-repeats", type=int, default=4, help="alternating repeats of the training steps")
-    p.add_argument("--only", nargs="+", choices=["inference", "importance", "training", "checkpoint"],
-                   default=["inference", "importance", "training", "checkpoint"], help="run only these parts")
+    p.add_argument("--student-layers", type=int, help="layers of the shallow dense student (default: half, 6)")
+    p.add_argument("--profile-batch", type=int, nargs="+", default=[1, 8], help="batch sizes of the profile")
+    p.add_argument("--profile-route", default="hash-random", choices=moebert.ROUTES, help="MoEBERT route profiled")
+    p.add_argument("--profile-iters", type=int, default=10, help="profiled forwards of each model")
+    p.add_argument("--profile-top", type=int, default=12, help="ops listed (in the JSON) by extra time")
+    p.add_argument("--official-examples", type=int,
+                   help="time the official importance loop on this many examples of the batch and scale "
+                        "linearly (default: all, no scaling)")
+    parts = ["inference", "profile", "importance", "training", "checkpoint"]
+    p.add_argument("--only", nargs="+", choices=parts, default=parts, help="run only these parts")
     p.add_argument("--save-every", type=int, default=2000, help="checkpoint interval (steps) for the share of a stage")
     p.add_argument("--quick", action="store_true", help="a small 4-layer config, to check the script")
     p.add_argument("--out", default="bench.json", help="where to write the results")
@@ -235,20 +482,28 @@ def main():
     if args.quick:
         cfg = BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
         args.batch_sizes, args.min_seconds, args.repeats, args.train_repeats = [1, 8], 0.5, 1, 1
+        args.profile_iters = min(args.profile_iters, 5)
+        args.official_examples = args.official_examples or 4  # exercises the scaled timing; BERT-base: all
+    args.student_layers = args.student_layers or cfg.num_hidden_layers // 2
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
-    results = {"machine": machine(device), "settings": {**vars(args), "config": cfg.to_dict()}}
+    results = {"machine": machine(device), "settings": {
+        **vars(args), "config": cfg.to_dict(),
+        "statistic": "best of the alternating repeats (highest examples/s, lowest ms); every repeat kept too"}}
     print(f"{results['machine']}\nseq_len {args.seq_len}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
     if "inference" in args.only:
         print("\n1. inference, examples/s")
         results["inference"] = inference(args, cfg, device, autocast)
+    if "profile" in args.only:
+        print(f"\n2. where {args.profile_route}'s time above the quarter-FFN floor goes, ms per forward")
+        results["profile"] = profile(args, cfg, device, autocast)
     if "importance" in args.only:
-        print(f"\n2. importance of one batch of {args.importance_batch}, seconds")
+        print(f"\n3. importance of one batch of {args.importance_batch}, seconds")
         results["importance"] = importance(args, cfg, device)
     if "training" in args.only:
-        print("\n3. training steps, examples/s")
+        print("\n4. training steps, examples/s")
         results["training"] = training(args, cfg, device, autocast)
     if "checkpoint" in args.only:
-        print(f"\n4. training checkpoint (batch {args.train_batch}, every {args.save_every} steps)")
+        print(f"\n5. training checkpoint (batch {args.train_batch}, every {args.save_every} steps)")
         results["checkpoint"] = checkpoints(args, cfg, device, autocast)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)

