@@ -24,6 +24,7 @@ import threading
 import time
 import warnings
 import zipfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -3119,3 +3120,236 @@ def test_profile_groups_add_up_to_the_wall_time():
     assert tolist["moebert_calls"] - tolist["quarter_ffn_calls"] == cfg.num_hidden_layers
     assert groups["argsort/bincount/cumsum"]["moebert_calls"] > groups["argsort/bincount/cumsum"]["quarter_ffn_calls"]
     assert len(row["top_ops"]) == 5
+
+
+# ----------------------------------------------------------------------------------------------
+# --student shallow: the dense student of MoEBERT's cost per token (the paper's Table 1 comparison)
+
+TINY4 = dict(TINY, num_hidden_layers=4)  # an even depth: the shallow student keeps teacher layers 1 and 3
+HEADS = [(BertForSequenceClassification, {"num_labels": 3}), (BertForQuestionAnswering, {})]
+
+
+def tiny_teacher(cls=BertForSequenceClassification, seed=0, **head):
+    torch.manual_seed(seed)
+    return cls(BertConfig(**TINY4), **head).eval()
+
+
+def run(model, batch):
+    with torch.no_grad():
+        return model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], output_hidden_states=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The surgery, the layer map, save and load
+
+
+def test_shallow_layers_are_every_other_ending_with_the_last():
+    assert moebert.shallow_layers(12) == [1, 3, 5, 7, 9, 11]  # BERT-base to 6 layers, 0-based
+    assert moebert.shallow_hidden_states(12) == [0, 2, 4, 6, 8, 10, 12]  # embeddings to embeddings
+    assert moebert.shallow_layers(12, every=3) == [2, 5, 8, 11]
+    assert moebert.shallow_layers(4, every=1) == [0, 1, 2, 3]  # every=1: the teacher itself
+    with pytest.raises(ValueError, match="multiple of 2"):
+        moebert.shallow_layers(3)
+
+
+@pytest.mark.parametrize("cls,head", HEADS)
+def test_shallow_student_is_the_teachers_layers_bitwise(cls, head):
+    teacher = tiny_teacher(cls, **head)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = moebert.shallow_from_dense(teacher)
+    assert type(student) is cls and student.config == replace(teacher.config, num_hidden_layers=2)
+    assert [getattr(student, k) for k in cls.head_args] == [getattr(teacher, k) for k in cls.head_args]
+    # Every student tensor is the teacher's of the same name, encoder layer i being teacher layer 2i + 1.
+    kept = {}
+    for name, v in student.state_dict().items():
+        source = re.sub(r"^bert\.encoder\.layer\.(\d+)\.", lambda m: f"bert.encoder.layer.{2 * int(m[1]) + 1}.", name)
+        assert torch.equal(v, before[source]), f"{name} is not the teacher's {source}"
+        kept[source] = name
+    # ... and every teacher tensor is there but those of the dropped layers 0 and 2 (embeddings, pooler, head).
+    assert set(before) - set(kept) == {k for k in before if re.match(r"bert\.encoder\.layer\.[02]\.", k)}
+    assert ("bert.pooler.dense.weight" in kept) == (cls is BertForSequenceClassification)
+    # The forward is the teacher's embeddings, then its layers 1 and 3.
+    batch = random_batch()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        x = teacher.bert.embeddings(ids, batch["token_type_ids"])
+        for l in (1, 3):
+            x = teacher.bert.encoder.layer[l](x, mask[:, None, None, :].bool(), ids, mask)
+    assert torch.equal(run(student.eval(), batch).hidden_states[-1], x)  # eval: no dropout
+    # Copies: training the student leaves the teacher as it was.
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+
+
+def test_shallow_student_of_an_odd_depth_is_refused():
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="3 layers must be a multiple of 2"):
+        moebert.shallow_from_dense(BertForSequenceClassification(BertConfig(**TINY), 2))
+
+
+def test_shallow_distillation_matches_teacher_states_0_2_4():
+    """The loss with layers=[0, 2, 4] is, term by term, MSE(student hidden_states[i], teacher's [2i])
+    over real tokens, summed, plus the official symmetric KL."""
+    teacher = tiny_teacher(num_labels=3)
+    student = moebert.shallow_from_dense(teacher).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():  # away from the copy, so no term is 0 by construction
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = random_batch()
+    s, t = run(student, batch), run(teacher, batch)
+    layers = moebert.shallow_hidden_states(4)
+    assert layers == [0, 2, 4] and len(s.hidden_states) == 3 and len(t.hidden_states) == 5
+    hidden, pred = moebert.distillation_terms(s, t, batch["attention_mask"], layers=layers)
+    m = batch["attention_mask"][..., None].double()  # real tokens only
+    direct = sum(((s.hidden_states[i].double() - t.hidden_states[2 * i].double()) ** 2 * m).sum() / (m.sum() * 32)
+                 for i in range(3))
+    assert_close(hidden, direct, 1e-6, "hidden MSEs")
+    # The official symmetric_KL_loss: 0.5 * sum (p - q)(log p - log q), per example, averaged.
+    p, q = F.softmax(t.logits.double(), -1), F.softmax(s.logits.double(), -1)
+    kl = 0.5 * ((p - q) * (p.log() - q.log())).sum(-1).mean()
+    assert_close(pred, kl, 1e-6, "symmetric KL")
+    assert_close(moebert.distillation_loss(s, t, batch["attention_mask"], layers=layers), direct + kl, 1e-6, "loss")
+    # Another map gives another loss; a map of the wrong length, or none (one to one), fails loudly.
+    other, _ = moebert.distillation_terms(s, t, batch["attention_mask"], layers=[0, 1, 2])
+    assert abs(other.item() - hidden.item()) > 1e-4
+    for wrong in ([0, 2], None):
+        with pytest.raises(ValueError):
+            moebert.distillation_terms(s, t, batch["attention_mask"], layers=wrong)
+
+
+@pytest.mark.parametrize("cls,head", HEADS)
+def test_shallow_student_round_trips_through_save_and_load(tmp_path, cls, head):
+    student = moebert.shallow_from_dense(tiny_teacher(cls, **head)).eval()
+    student.save_pretrained(tmp_path / "shallow")
+    saved = json.loads((tmp_path / "shallow" / "config.json").read_text())
+    assert saved["num_hidden_layers"] == 2 and saved["head"] == cls.head
+    back = cls.from_pretrained(tmp_path / "shallow", **head).eval()  # the dense class, its own config
+    assert back.config == student.config
+    a, b = back.state_dict(), student.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    batch = random_batch()
+    assert torch.equal(run(back, batch).logits, run(student, batch).logits)
+
+
+def test_moebert_base_costs_what_a_6_layer_bert_does():
+    """The paper's claim in multiply-adds: per token, MoEBERT-base's weights cost 12 x (4 + 2) d^2 =
+    72 d^2, a 6-layer BERT-base's 6 x (4 + 8) d^2 = 72 d^2, the teacher 144 d^2."""
+    base = BertConfig()
+    assert (base.num_hidden_layers, base.hidden_size, base.intermediate_size) == (12, 768, 3072)
+    moe = MoEConfig()
+    assert (moe.num_experts, moe.expert_dim) == (4, 768)
+    d2 = 768 ** 2
+    six = replace(base, num_hidden_layers=len(moebert.shallow_layers(12)))
+    assert moebert.macs_per_token(base, moe=moe)["weights"] == moebert.macs_per_token(six)["weights"] == 72 * d2
+    assert moebert.macs_per_token(base)["weights"] == 144 * d2
+    assert moebert.macs_per_token(base) == {"weights": 144 * d2, "attention": 0, "total": 144 * d2}
+    # Attention's scores and values, 2 T d per layer: MoEBERT's 12 layers pay it twice as often.
+    with_t = moebert.macs_per_token(base, 128, moe)
+    assert with_t["attention"] == 12 * 2 * 128 * 768 == 2 * moebert.macs_per_token(six, 128)["attention"]
+    assert with_t["total"] == 72 * d2 + with_t["attention"]
+    # A gate route adds its d x N scores per layer.
+    assert moebert.macs_per_token(base, moe=replace(moe, route="gate-token"))["weights"] == 72 * d2 + 12 * 768 * 4
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py --student shallow
+
+
+def glue_args(root):
+    """A 4-layer tiny BERT and an RTE-format task under root; train.py's args (no --out, no --student)."""
+    torch.manual_seed(0)
+    BertModel(BertConfig(**TINY4)).save_pretrained(root / "bert")
+    shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), root / "bert")
+    write_rte_like(root / "RTE")
+    return ["--task", "rte", "--bert", str(root / "bert"), "--data-dir", str(root / "RTE"), "--device", "cpu",
+            "--max-seq-length", "48", "--epochs", "4", "--lr", "2e-3", "--batch-size", "8", "--distill-lr", "2e-4",
+            "--distill-batch-size", "16", "--expert-dim", "11", "--shared-dim", "5", "--num-experts", "3",
+            "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def shallow_run(tmp_path_factory):
+    import train
+    root = tmp_path_factory.mktemp("shallow")
+    args = glue_args(root) + ["--out", str(root / "out")]
+    results = train.main(args + ["--student", "shallow"])
+    return dict(root=root, out=root / "out", args=args, results=results, train=train)
+
+
+def test_pipeline_with_the_shallow_student(shallow_run):
+    out, results = shallow_run["out"], shallow_run["results"]
+    for f in ("config.json", "model.safetensors", "vocab.txt", "metrics.json", "settings.json"):
+        assert (out / "shallow" / f).exists(), f
+    assert not (out / "moebert").exists() and not (out / "importance").exists()  # no importance needed
+    settings = json.loads((out / "shallow" / "settings.json").read_text())
+    assert settings["student"] == "shallow" and settings["every"] == 2
+    assert json.loads((out / "shallow" / "config.json").read_text())["num_hidden_layers"] == 2
+    assert set(results) == {"task", "teacher", "shallow", "params", "macs_per_token", "config", "seconds"}
+    assert set(results["seconds"]) == {"teacher", "distill-shallow", "eval"}
+    assert 0.0 <= results["shallow"]["accuracy"] <= 1.0 and results["config"]["student"] == "shallow"
+    assert json.loads((out / "results.json").read_text()) == results
+    # Parameters: the saved student's, all used by every token.
+    n = sum(v.numel() for v in load_file(out / "shallow" / "model.safetensors").values())
+    assert results["params"]["shallow_total"] == results["params"]["shallow_active_per_token"] == n
+    assert results["params"]["teacher"] > n
+    # Multiply-adds per token from the configs, attention at --max-seq-length; half the teacher's.
+    macs = results["macs_per_token"]
+    assert macs["seq_len"] == 48
+    assert macs["teacher"] == moebert.macs_per_token(BertConfig(**TINY4), 48)
+    assert macs["shallow"] == moebert.macs_per_token(BertConfig(**dict(TINY4, num_hidden_layers=2)), 48)
+    assert 2 * macs["shallow"]["total"] == macs["teacher"]["total"]
+    # Stage 4 ran with the distillation term, under its own name.
+    assert any("distill" in r for r in read_log(out) if r.get("stage") == "distill-shallow")
+
+
+def test_one_out_holds_one_student_and_a_teacher_is_shared_by_path(shallow_run, tmp_path):
+    """--student moebert into a shallow run's --out is refused (results of one student per --out);
+    with --teacher OUT/teacher in another --out, MoEBERT reuses that teacher and leaves it as it was."""
+    train, out = shallow_run["train"], shallow_run["out"]
+    args = [a for a in shallow_run["args"]]
+    with pytest.raises(bert.UserError, match="holds a run with --student shallow"):
+        train.main(args)  # --student moebert, the default
+    teacher_files = {f: (out / "teacher" / f).read_bytes() for f in os.listdir(out / "teacher")}
+    moe_out = tmp_path / "moe"
+    moved = args[:args.index("--out")] + ["--out", str(moe_out)] + args[args.index("--out") + 2:]
+    results = train.main(moved + ["--teacher", str(out / "teacher")])
+    assert results["teacher"] == shallow_run["results"]["teacher"]  # the same teacher, evaluated alike
+    assert {f: (out / "teacher" / f).read_bytes() for f in os.listdir(out / "teacher")} == teacher_files
+    assert set(results["macs_per_token"]) == {"seq_len", "teacher", "moebert"}
+    assert results["macs_per_token"]["moebert"]["weights"] < results["macs_per_token"]["teacher"]["weights"]
+
+
+def test_shallow_student_needs_an_even_depth(tmp_path):
+    import train
+    args = tiny_task(tmp_path)  # a 3-layer BERT
+    with pytest.raises(bert.UserError, match="has 3 layers: use a BERT with an even number"):
+        train.main(args + ["--out", str(tmp_path / "out"), "--student", "shallow"])
+    assert not (tmp_path / "out" / "teacher").exists()  # refused before training anything
+
+
+def test_squad_pipeline_with_the_shallow_student(tmp_path):
+    """--task squad --student shallow: the span head (no pooler) at half depth, predictions.json."""
+    import train
+    torch.manual_seed(0)
+    BertModel(BertConfig(**{**TINY4, "max_position_embeddings": 128})).save_pretrained(tmp_path / "bert")
+    shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), tmp_path / "bert")
+    train_name, dev_name = squad.squad_files("1.1")
+    (tmp_path / "SQuAD").mkdir()
+    write_json(tmp_path / "SQuAD" / train_name, fixture_json("1.1"))
+    write_json(tmp_path / "SQuAD" / dev_name, fixture_json("1.1"))
+    out = tmp_path / "out"
+    results = train.main(["--task", "squad", "--bert", str(tmp_path / "bert"), "--data-dir", str(tmp_path / "SQuAD"),
+                          "--out", str(out), "--device", "cpu", "--epochs", "1", "--max-seq-length", "96",
+                          "--doc-stride", "32", "--batch-size", "8", "--distill-batch-size", "8", "--student",
+                          "shallow"])
+    examples, dataset = squad.read_squad(tmp_path / "SQuAD" / dev_name)
+    preds = json.loads((out / "shallow" / "predictions.json").read_text())
+    assert set(preds) == {e.id for e in examples}
+    assert results["shallow"] == squad.score("1.1", dataset, preds, None)
+    config = json.loads((out / "shallow" / "config.json").read_text())
+    assert config["head"] == "qa" and config["num_hidden_layers"] == 2
+    assert not any(k.startswith("bert.pooler") for k in load_file(out / "shallow" / "model.safetensors"))
+    assert set(results["macs_per_token"]) == {"seq_len", "teacher", "shallow"} and not (out / "importance").exists()

@@ -12,6 +12,13 @@ until then the training stages checkpoint into NAME.partial (every --save-every 
 epoch's end, and on Ctrl-C or SIGTERM), and running the same command again continues from there.
 
 Several GPUs:  torchrun --nproc_per_node K train.py --task mnli   (each takes a share of every batch)
+
+The baseline of the same inference cost:  --student shallow  replaces MoEBERT by a dense student of
+half the teacher's depth (moebert.shallow_from_dense: student layer i is teacher layer 2i, 1-based,
+i.e. teacher layers 1, 3, 5, ... 0-based), with the teacher's embeddings, pooler and head, distilled
+by the same stage 4 (student hidden_states[i] matched to the teacher's [2i]); stage 2 is skipped, as
+it needs no importance. Its results go to OUT/shallow and under "shallow" in OUT/results.json; one
+--out holds one student (--teacher OTHER_OUT/teacher lets the two share a teacher).
 """
 import argparse
 import ctypes
@@ -35,8 +42,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import moebert
 import squad
-from bert import (BertForQuestionAnswering, BertForSequenceClassification, UserError, atomic_write_json, find_vocab,
-                  makedirs, resolve_pretrained)
+from bert import (BertConfig, BertForQuestionAnswering, BertForSequenceClassification, UserError, atomic_write_json,
+                  find_config, find_vocab, makedirs, resolve_pretrained)
 from moebert import MoEConfig
 
 # Paper Table 7, the distillation stage: lr, batch size, epochs, weight decay, lambda, max length.
@@ -57,6 +64,9 @@ PAPER = {
 SQUAD = {"squad": "1.1", "squad2": "2.0"}  # --task -> SQuAD version
 # The teacher's recipe: BERT's for GLUE (run_classifier.py), Google's run_squad.py's for SQuAD.
 TEACHER = {"glue": dict(lr=2e-5, batch_size=32, epochs=3.0), "squad": dict(lr=3e-5, batch_size=12, epochs=2.0)}
+# --student: MoEBERT, or the dense baseline of its cost per token, one teacher layer in SHALLOW_EVERY.
+STUDENTS = ("moebert", "shallow")
+SHALLOW_EVERY = 2
 
 
 def get_args(argv=None):
@@ -70,9 +80,11 @@ def get_args(argv=None):
     p.add_argument("--teacher", help="a fine-tuned teacher folder (skips stage 1), e.g. another run's OUT/teacher")
     p.add_argument("--out", help="output folder (default: out/<task>)")
     p.add_argument("--force", action="store_true", help="redo every stage even when its output exists")
-    p.add_argument("--eval-only", action="store_true", help="only evaluate the teacher and MoEBERT stored in --out")
+    p.add_argument("--student", default="moebert", choices=STUDENTS, help="moebert, or shallow: the dense "
+                   "baseline of MoEBERT's cost per token, the teacher at half depth (one layer in 2), same distillation")
+    p.add_argument("--eval-only", action="store_true", help="only evaluate the teacher and the student stored in --out")
     p.add_argument("--predict", action="store_true", help="also write both models' GLUE test-set predictions, the "
-                   "leaderboard's files: OUT/predictions/teacher/<Task>.tsv and OUT/predictions/moebert/<Task>.tsv")
+                   "leaderboard's files: OUT/predictions/teacher/<Task>.tsv and OUT/predictions/<student>/<Task>.tsv")
     p.add_argument("--seed", type=int, default=0, help="seeds data order, dropout, hash tables")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="compute dtype: bf16 autocast (weights stay fp32) "
@@ -95,7 +107,8 @@ def get_args(argv=None):
     t.add_argument("--batch-size", type=int, help="teacher batch size (default 32; SQuAD 12)")
     t.add_argument("--weight-decay", type=float, default=0.01, help="teacher AdamW weight decay")
     t.add_argument("--warmup", type=float, default=0.1, help="teacher warm-up, a fraction of the steps")
-    m = p.add_argument_group("MoEBERT (stages 2-4); defaults: the paper's Table 7 for the task")
+    m = p.add_argument_group("MoEBERT (stages 2-4; the --distill flags also train --student shallow); defaults: "
+                             "the paper's Table 7 for the task")
     m.add_argument("--num-experts", type=int, default=4, help="experts per layer")
     m.add_argument("--expert-dim", type=int, help="neurons per expert (default: intermediate size / 4)")
     m.add_argument("--shared-dim", type=int, help="most important neurons shared by all experts (default: 2/3 "
@@ -592,18 +605,22 @@ def main(argv=None):
             print("  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
                   flush=True)
 
-    # One --out holds one task's run: refuse to mix another task into it.
+    # One --out holds one run, of one task and one student: refuse to mix another into it.
     run_file = os.path.join(args.out, "run.json")
     if os.path.exists(run_file):
         with open(run_file) as f:
-            if (prev := json.load(f)["task"]) != args.task:
-                raise UserError(f"{args.out} holds a run of task {prev}; use another --out for {args.task}")
+            prev = json.load(f)
+        if prev["task"] != args.task:
+            raise UserError(f"{args.out} holds a run of task {prev['task']}; use another --out for {args.task}")
+        if prev.get("student", "moebert") != args.student:  # run.json of older runs: MoEBERT's
+            raise UserError(f"{args.out} holds a run with --student {prev.get('student', 'moebert')}; use another "
+                            f"--out for --student {args.student} (--teacher {args.out}/teacher reuses its teacher)")
     if args.eval_only:  # nothing will be trained: both models must be there
-        for d in (args.teacher or os.path.join(args.out, "teacher"), os.path.join(args.out, "moebert")):
+        for d in (args.teacher or os.path.join(args.out, "teacher"), os.path.join(args.out, args.student)):
             if not os.path.exists(os.path.join(d, "model.safetensors")):
                 raise UserError(f"{d} holds no finished model; run without --eval-only first")
     if MASTER:
-        atomic_write_json(run_file, {"task": args.task})
+        atomic_write_json(run_file, {"task": args.task, "student": args.student})
     times = {}
 
     # Data: tokenizer from the teacher's (or the pretrained model's) vocabulary.
@@ -616,6 +633,11 @@ def main(argv=None):
     if args.teacher:
         check_teacher(args.teacher, args.task, head.get("num_labels"))
     source = args.teacher or resolve_pretrained(args.bert)
+    if args.student == "shallow":  # checked now, not after the teacher's training
+        layers = BertConfig.from_json(find_config(source)).num_hidden_layers
+        if layers % SHALLOW_EVERY:
+            raise UserError(f"--student shallow keeps one teacher layer in {SHALLOW_EVERY}, so the last is the "
+                            f"teacher's last; {source} has {layers} layers: use a BERT with an even number")
     vocab = find_vocab(source)
     tokenizer = data.load_tokenizer(vocab, lowercase=data.is_uncased(vocab))
     t0 = time.time()
@@ -660,7 +682,8 @@ def main(argv=None):
     # Stage 2: importance on the training split, not the dev split that is reported.
     imp_dir = os.path.join(args.out, "importance")
     imp_settings = dict(data_settings, teacher=args.teacher)  # None: this run's own teacher, checked above
-    if not (args.eval_only or finished(imp_dir, imp_settings, args.force)):
+    # The shallow student keeps whole layers: it needs no importance, so the stage is skipped.
+    if args.student == "moebert" and not (args.eval_only or finished(imp_dir, imp_settings, args.force)):
         t0 = time.time()
         mine = train_features[RANK::WORLD]  # each process scores its share of the examples; the sum is Eq. 4's
         batches = data.batches(mine, 32, sort_by_length=True)
@@ -677,21 +700,31 @@ def main(argv=None):
             print(f"importance: {len(train_features)} training examples in {times['importance']:.1f}s")
 
     # Stage 3: MoEBERT from the teacher, the surgery in one call (the same on every process: the
-    # split comes from the importance file, the hash tables from --seed).
+    # split comes from the importance file, the hash tables from --seed). Or the shallow student.
     cfg = teacher.config
     moe_cfg = MoEConfig.scaled(cfg.intermediate_size, args.num_experts, args.expert_dim, args.shared_dim,
                                route=args.route, split=args.split, expert_dropout=args.expert_dropout,
                                balance_weight=args.balance_weight, seed=args.seed)
-    student_dir = os.path.join(args.out, "moebert")
-    student_settings = dict(imp_settings, moe=asdict(moe_cfg), epochs=args.distill_epochs, lr=args.distill_lr,
-                            batch_size=args.distill_batch_size, weight_decay=args.distill_weight_decay,
-                            distill_lambda=args.distill_lambda)
+    student_dir = os.path.join(args.out, args.student)  # OUT/moebert or OUT/shallow
+    distill_settings = dict(epochs=args.distill_epochs, lr=args.distill_lr, batch_size=args.distill_batch_size,
+                            weight_decay=args.distill_weight_decay, distill_lambda=args.distill_lambda)
+    if args.student == "moebert":  # as before --student existed, so finished runs are still reused
+        student_settings = dict(imp_settings, moe=asdict(moe_cfg), **distill_settings)
+    else:  # the student's kind and depth are settings too
+        student_settings = dict(imp_settings, student=args.student, every=SHALLOW_EVERY, **distill_settings)
+    # Which teacher hidden state each student hidden state learns: one to one, or [0, 2, 4, ...].
+    layers = None if args.student == "moebert" else moebert.shallow_hidden_states(cfg.num_hidden_layers,
+                                                                                  SHALLOW_EVERY)
+    stage = "distill" if args.student == "moebert" else f"distill-{args.student}"  # its name in logs and times
     if not (args.eval_only or finished(student_dir, student_settings, args.force)):
         t0 = time.time()
-        importance = load_file(os.path.join(imp_dir, "importance.safetensors"))["importance"]
-        # hash-balance balances the training split's token frequencies across experts.
-        counts = data.token_counts(train_features, cfg.vocab_size) if moe_cfg.route == "hash-balance" else None
-        student = moebert.moebert_from_dense(teacher, importance, moe_cfg, token_counts=counts).to(device)
+        if args.student == "moebert":
+            importance = load_file(os.path.join(imp_dir, "importance.safetensors"))["importance"]
+            # hash-balance balances the training split's token frequencies across experts.
+            counts = data.token_counts(train_features, cfg.vocab_size) if moe_cfg.route == "hash-balance" else None
+            student = moebert.moebert_from_dense(teacher, importance, moe_cfg, token_counts=counts).to(device)
+        else:  # one teacher layer in SHALLOW_EVERY, with its embeddings, pooler and head
+            student = moebert.shallow_from_dense(teacher, SHALLOW_EVERY).to(device)
 
         # Stage 4: distillation. loss = CE + lambda * (hidden MSEs + symmetric KL) [+ balance loss]
         regression = head.get("num_labels") == 1
@@ -704,7 +737,7 @@ def main(argv=None):
             if args.distill_lambda > 0:  # lambda 0: fine-tuning alone, the ablation; no teacher pass
                 with torch.no_grad():
                     t_out = teacher(*inputs, output_hidden_states=True)
-                hidden, pred = moebert.distillation_terms(out, t_out, b["attention_mask"], regression)
+                hidden, pred = moebert.distillation_terms(out, t_out, b["attention_mask"], regression, layers)
                 parts["distill"] = hidden * share["tokens"] + pred * share["examples"]
                 loss = loss + args.distill_lambda * parts["distill"]
             if out.balance_loss is not None and moe_cfg.balance_weight > 0 and share["examples"] > 0:
@@ -713,47 +746,60 @@ def main(argv=None):
                 loss = loss + moe_cfg.balance_weight * out.balance_loss
             return loss, parts
 
-        hp = dict(stage="distill", metric=metric, epochs=args.distill_epochs, lr=args.distill_lr,
+        hp = dict(stage=stage, metric=metric, epochs=args.distill_epochs, lr=args.distill_lr,
                   batch_size=args.distill_batch_size, weight_decay=args.distill_weight_decay)
         best = fit(student, distill, train_features, dev, student_dir + ".partial", hp, args, device, log)
         if MASTER:
             shutil.copy(vocab, student_dir + ".partial")
             atomic_write_json(os.path.join(student_dir + ".partial", "metrics.json"), best)
         publish(student_dir + ".partial", student_dir)
-        times["distill"] = time.time() - t0
+        times[stage] = time.time() - t0
     if not MASTER:  # training is done; evaluation and the files are the master's
         dist.destroy_process_group()
         return None
 
     # Stage 5: both models from disk, evaluated on dev: what is reported is what was saved.
     t0 = time.time()
-    student = moebert.load(student_dir).to(device)  # the head its config.json names
+    if args.student == "moebert":
+        student = moebert.load(student_dir).to(device)  # the head its config.json names
+    else:  # the teacher's class; its config.json has the student's depth
+        student = Teacher.from_pretrained(student_dir, **head).to(device)
     results = {"task": args.task}
-    for who, model in (("teacher", teacher), ("moebert", student)):
+    for who, model in (("teacher", teacher), (args.student, student)):
         results[who], files = dev(model)
         for name, content in files.items():  # SQuAD: predictions.json beside the stage's metrics.json
             atomic_write_json(os.path.join(makedirs(os.path.join(args.out, who)), name), content)
     times["eval"] = time.time() - t0
-    total, active = moebert.param_counts(student)
+    total, active = moebert.param_counts(student)  # a dense student uses all of its parameters
     results["params"] = {"teacher": sum(p.numel() for p in teacher.parameters()),
-                         "moebert_total": total, "moebert_active_per_token": active}
+                         f"{args.student}_total": total, f"{args.student}_active_per_token": active}
+    # Multiply-adds per token (moebert.macs_per_token), attention at the run's --max-seq-length, its bound.
+    results["macs_per_token"] = {"seq_len": args.max_seq_length, **{
+        who: moebert.macs_per_token(m.config, args.max_seq_length, getattr(m, "moe_config", None))
+        for who, m in (("teacher", teacher), (args.student, student))}}
     results["config"] = dict(vars(args), processes=WORLD)
-    results["moe"] = asdict(student.moe_config)
+    if args.student == "moebert":
+        results["moe"] = asdict(student.moe_config)
     results["seconds"] = times
-    if os.path.exists(os.path.join(args.out, "results.json")):  # a rerun keeps the skipped stages' times
-        with open(os.path.join(args.out, "results.json")) as f:
+    results_file = os.path.join(args.out, "results.json")
+    if os.path.exists(results_file):  # a rerun keeps the skipped stages' times
+        with open(results_file) as f:
             results["seconds"] = {**json.load(f).get("seconds", {}), **times}
-    atomic_write_json(os.path.join(args.out, "results.json"), results)
+    atomic_write_json(results_file, results)
 
     # GLUE metrics are fractions, SQuAD's percentages (as the official scripts print them); counts are left out.
     names = [n for n in sorted(results["teacher"]) if not n.endswith("total")]
     scale = 1 if qa else 100
     print(f"\n{args.task} dev       " + "  ".join(f"{n:>10}" for n in names))
-    for who in ("teacher", "moebert"):
+    for who in ("teacher", args.student):
         print(f"{who:<15}" + "  ".join(f"{scale * results[who][n]:10.2f}" for n in names))
-    print(f"parameters: teacher {results['params']['teacher'] / 1e6:.1f}M, MoEBERT {total / 1e6:.1f}M total, "
-          f"{active / 1e6:.1f}M active per token;  results in {args.out}/results.json")
-    for who, model in (("teacher", teacher), ("moebert", student)):  # --predict: the leaderboard's files
+    macs = results["macs_per_token"]
+    print(f"parameters: teacher {results['params']['teacher'] / 1e6:.1f}M, {args.student} {total / 1e6:.1f}M total, "
+          f"{active / 1e6:.1f}M active per token; multiply-adds per token, weights + attention at "
+          f"{args.max_seq_length} tokens: " + ", ".join(f"{who} {macs[who]['weights'] / 1e6:.1f}M + "
+                                                       f"{macs[who]['attention'] / 1e6:.1f}M" for who in ("teacher", args.student)))
+    print(f"results in {results_file}")
+    for who, model in (("teacher", teacher), (args.student, student)):  # --predict: the leaderboard's files
         for name, features in test_sets.items():
             path = os.path.join(args.out, "predictions", who, name)
             data.write_predictions(args.task, predict(model, features, args, device, f"{who} on {name}"), path)
