@@ -138,14 +138,20 @@ def test_tiny_bert_equals_huggingface(tmp_path):
     print(f"tiny BERT vs transformers: max abs diff {worst:.2e}")
 
 
+def minilm_batch(folder, pairs):
+    """The pairs through MiniLM's tokenizer as one padded batch (padding is what the checks need)."""
+    tok = data.load_tokenizer(os.path.join(folder, "vocab.txt"))
+    batch = next(data.batches(data.encode([data.Example(a, b, 0) for a, b in pairs], tok, 64), len(pairs)))
+    assert batch["attention_mask"].eq(0).any(), "the batch should contain padding"
+    return batch
+
+
 def test_minilm_equals_huggingface(minilm):
     folder = minilm
-    tok = data.load_tokenizer(os.path.join(folder, "vocab.txt"))
-    pairs = [("The cat sat on the mat.", "A cat is sitting on a mat."),
-             ("Café owners in Zürich raised prices by 3.5% last year.", "Prices went up."),
-             ("He said no.", "Nobody said anything at all about the weather in the mountains that day.")]
-    batch = next(data.batches(data.encode([data.Example(a, b, 0) for a, b in pairs], tok, 64), 3))
-    assert batch["attention_mask"].eq(0).any(), "the batch should contain padding"
+    batch = minilm_batch(folder, [
+        ("The cat sat on the mat.", "A cat is sitting on a mat."),
+        ("Café owners in Zürich raised prices by 3.5% last year.", "Prices went up."),
+        ("He said no.", "Nobody said anything at all about the weather in the mountains that day.")])
     worst = compare_with_hf(BertModel.from_pretrained(folder).eval(), hf_reference(folder), batch)
     print(f"MiniLM vs transformers: max abs diff {worst:.2e}")
 
@@ -2137,12 +2143,10 @@ def test_minilm_qa_equals_huggingface(minilm):
     ref, info = hf_qa(minilm)
     assert sorted(info["missing_keys"]) == ["qa_outputs.bias", "qa_outputs.weight"]
     ref.qa_outputs.load_state_dict(ours.qa_outputs.state_dict())
-    tok = data.load_tokenizer(os.path.join(minilm, "vocab.txt"))
-    pairs = [("Where did the cat sit?", "The cat sat on the mat in the kitchen."),
-             ("Who raised prices?", "Café owners in Zürich raised prices by 3.5% last year."),
-             ("What did he say?", "He said no.")]
-    batch = next(data.batches(data.encode([data.Example(q, c, 0) for q, c in pairs], tok, 64), 3))
-    assert batch["attention_mask"].eq(0).any(), "the batch should contain padding"
+    batch = minilm_batch(minilm, [
+        ("Where did the cat sit?", "The cat sat on the mat in the kitchen."),
+        ("Who raised prices?", "Café owners in Zürich raised prices by 3.5% last year."),
+        ("What did he say?", "He said no.")])
     worst = compare_qa_with_hf(ours, ref, batch)
     print(f"MiniLM QA vs transformers: max abs diff {worst:.2e}")
 
