@@ -3357,3 +3357,19 @@ def test_squad_pipeline_with_the_shallow_student(tmp_path):
     assert config["head"] == "qa" and config["num_hidden_layers"] == 2
     assert not any(k.startswith("bert.pooler") for k in load_file(out / "shallow" / "model.safetensors"))
     assert set(results["macs_per_token"]) == {"seq_len", "teacher", "shallow"} and not (out / "importance").exists()
+
+
+def test_two_processes_stopped_and_resumed_bitwise(tmp_path):
+    """torchrun with 2 gloo processes, dropout on: SIGTERM to torchrun inside distillation (it passes
+    the signal on; both processes stop at the same step and the master writes every process's RNG
+    state), then the same command again: bitwise the weights of a 2-process run never stopped."""
+    args = tiny_task(tmp_path) + ["--epochs", "6"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TRAIN, *args]
+    subprocess.run(cmd + ["--out", str(tmp_path / "ref")], cwd=HERE, check=True, capture_output=True, timeout=600)
+    code, text = stop_midway(cmd + ["--out", str(tmp_path / "out")], tmp_path / "out" / "moebert", signal.SIGTERM)
+    assert len([l for l in text.splitlines() if l.startswith("stopped by SIGTERM at distill step")]) == 1, text
+    p = subprocess.run(cmd + ["--out", str(tmp_path / "out")], cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert '"resumed"' in (tmp_path / "out" / "log.jsonl").read_text()
+    for s in ("teacher", "moebert"):
+        assert_same_weights(tmp_path / "out" / s / "model.safetensors", tmp_path / "ref" / s / "model.safetensors")
