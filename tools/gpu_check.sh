@@ -5,6 +5,7 @@
 # It needs two git-ignored folders carried along (46 MB together):
 #   gpu_carry/minilm  MiniLM in fp16 (python tools/minilm_fp16.py ~/.cache/moebert/minilm gpu_carry/minilm)
 #   gpu_carry/RTE     GLUE RTE's train.tsv and dev.tsv (0.9 MB)
+#   gpu_carry/squad_eval  the official SQuAD evaluation scripts the tests fetch (cp -r ~/.cache/moebert/squad_eval)
 # Everything lands in $OUT (default ./gpu_out): env.txt, pytest.txt, pytest.xml, pipeline.txt,
 # rte/results.json + rte/log.jsonl, bench.txt + bench_cuda.json, gpu_util.csv, timings.txt.
 # Parts: environment, prep, tests, pipeline, bench. Each has its own timeout, cut further so that the
@@ -88,6 +89,8 @@ prep() {
   test -f gpu_carry/minilm/model.safetensors || { echo "gpu_carry/minilm is missing: carry it"; return 1; }
   test -f gpu_carry/RTE/train.tsv -a -f gpu_carry/RTE/dev.tsv || { echo "gpu_carry/RTE is missing: carry it"; return 1; }
   $PY tools/minilm_fp16.py gpu_carry/minilm "$MOEBERT_CACHE/minilm" --dtype fp32
+  # The official SQuAD scripts the tests compare with come from PyPI wheels, out of reach there: carried.
+  if [ -d gpu_carry/squad_eval ]; then cp -r gpu_carry/squad_eval "$MOEBERT_CACHE/"; else echo "no gpu_carry/squad_eval"; fi
 }
 
 # 3. tests: the whole suite with its CUDA tests (test_bf16.py until it is merged into test_moebert.py).
