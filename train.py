@@ -455,7 +455,9 @@ def fit(model, loss_fn, train_features, dev, stage_dir, hp, args, device, log):
                     log(dict(stage=hp["stage"], step=step, total=total,
                              **{k: round(v, 4) for k, v in zip(parts, values.tolist())},
                              lr=sched.get_last_lr()[0], examples_per_s=round(rate, 1), eta_s=round(eta)))
-                if stopping or step % args.save_every == 0:
+                # The epoch's last step is saved after its evaluation (below), not twice.
+                epoch_ends = state["batch"] == steps_per_epoch or step == total
+                if stopping or (step % args.save_every == 0 and not epoch_ends):
                     save_checkpoint(ckpt, model, opt, sched, state, device)
                 if stopping:
                     stop_here(stop, f"{hp['stage']} step {step}", ckpt)

@@ -6,7 +6,7 @@
 Why: a machine without internet can only be handed a few tens of MB, and MiniLM in fp32 is 91 MB.
 The fp16 copy loads into our fp32 model as is (bert.load_weights upcasts, exactly); --dtype fp32
 writes an fp32 folder from it again, for code that compares two loaders of the same file (the tests
-hold ours and transformers' to 1e-5, which a loader keeping fp16 would not meet).
+hold ours and Hugging Face's reference BERT to 1e-5, which a loader keeping fp16 would not meet).
 Integer tensors (e.g. position ids) are copied unchanged. The folder appears only once complete.
 """
 import argparse
@@ -33,7 +33,7 @@ def convert(src, dst, dtype=torch.float16):
     os.makedirs(partial)
     for f in FILES:
         shutil.copyfile(os.path.join(src, f), os.path.join(partial, f))
-    # "format": "pt" is what transformers expects in the header of a PyTorch safetensors file.
+    # "format": "pt" is what Hugging Face's loader expects in the header of a PyTorch safetensors file.
     save_file({k: v.contiguous() for k, v in cast.items()}, os.path.join(partial, "model.safetensors"),
               metadata={"format": "pt"})
     shutil.rmtree(dst, ignore_errors=True)
