@@ -21,7 +21,7 @@ ROUTES = ("hash-random", "hash-balance", "gate-token", "gate-sentence")
 SPLITS = ("importance", "random", "inverse")
 # Experts.forward runs all experts in one padded batched matmul up to SMALL_BATCH tokens per expert
 # on average and PADDING times the rows (thresholds measured on CPU at BERT-base sizes: README, Speed).
-SMALL_BATCH, PADDING = 128, 1.3
+SMALL_BATCH, PADDING = 256, 1.3
 
 
 @dataclass
@@ -211,17 +211,18 @@ class Experts(nn.Module):
         counts = torch.bincount(expert, minlength=N)  # [N] tokens per expert
         sizes = counts.tolist()  # the one wait for the device in a layer
         C = max(sizes)
-        out = torch.empty_like(x)
         if n <= SMALL_BATCH * N and N * C <= PADDING * n:
-            # Few tokens per expert: one batched matmul over all experts, each padded to C rows
-            # (with token 0; the padding's outputs are dropped). Matmuls of ~32 rows run ~30% slower
-            # per row than a batched one on CPU; past ~128 rows the loop below is as fast, unpadded.
-            e_sorted = expert[order]
-            slot = torch.arange(n, device=x.device) - (counts.cumsum(0) - counts)[e_sorted]  # row in its expert
-            idx = torch.zeros(N, C, dtype=torch.long, device=x.device)
-            idx[e_sorted, slot] = order  # [N, C] the tokens of each expert
-            y = self.ffn(x[idx], slice(None))  # [N, C, H]
-            return out.index_copy_(0, order, y[e_sorted, slot].to(out.dtype))
+            # All experts in one batched matmul, each padded to C rows (with token 0; the padding's
+            # outputs are never read). On CPU N separate matmuls of 32-256 rows run 15-30% slower
+            # per row than one batched; past ~256 rows the loop below is as fast, unpadded.
+            e_sorted = expert.index_select(0, order)
+            start = counts.cumsum(0) - counts  # [N] first sorted position of each expert
+            row = e_sorted * C + torch.arange(n, device=x.device) - start.index_select(0, e_sorted)
+            idx = x.new_zeros(N * C, dtype=torch.long).index_copy_(0, row, order)  # [N*C] token of each row
+            y = self.ffn(x.index_select(0, idx).view(N, C, -1), slice(None))  # [N, C, H]
+            where = torch.empty_like(order).index_copy_(0, order, row)  # [n] each token's row in y
+            return y.view(N * C, -1).index_select(0, where).to(x.dtype)
+        out = torch.empty_like(x)
         for e, idx in enumerate(order.split(sizes)):
             if len(idx):
                 out.index_copy_(0, idx, self.ffn(x.index_select(0, idx), e).to(out.dtype))

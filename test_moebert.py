@@ -1251,7 +1251,7 @@ def test_rerun_skips_finished_stages_and_eval_only_reproduces(tiny_run, capsys):
 
 
 def test_pipeline_refuses_mixed_results(tiny_run):
-    train, args, out = tiny_run["train"], tiny_run["args"], tiny_run["out"]
+    train, args = tiny_run["train"], tiny_run["args"]
     with pytest.raises(bert.UserError, match="lr: 0.002 there, 0.003 now"):
         train.main(args + ["--lr", "3e-3"])
     with pytest.raises(bert.UserError, match="holds a run of task rte"):

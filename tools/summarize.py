@@ -1,4 +1,4 @@
-"""Mean and std over seeds of the runs in out/: python tools/summarize.py [out]"""
+"""Mean and std over seeds of the runs in out/ (OUT/TASK-sN, OUT/TASK-shallow-sN, ...): python tools/summarize.py [out]"""
 import glob
 import json
 import os
@@ -14,7 +14,9 @@ for path in sorted(glob.glob(os.path.join(root, "*-s[0-9]*", "results.json"))):
     with open(path) as f:
         runs.setdefault(name, []).append(json.load(f))
 for name, rs in runs.items():
-    for who in ("teacher", "moebert"):
+    for who in ("teacher", "moebert", "shallow"):  # shallow: the dense student of the same cost
+        if who not in rs[0]:
+            continue
         cells = []
         for metric in rs[0][who]:
             v = 100 * np.array([r[who][metric] for r in rs])
