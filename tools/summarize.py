@@ -24,3 +24,29 @@ for name, rs in runs.items():
         print(f"{name:<16} {who:<8} n={len(rs)}  " + "  ".join(cells))
     secs = {k: np.mean([r["seconds"].get(k, 0) for r in rs]) for k in rs[0]["seconds"]}
     print(f"{'':<16} seconds  " + "  ".join(f"{k} {v:.0f}" for k, v in secs.items()))
+
+# MoEBERT against the dense student of the same cost (issue: the paper's claim), over the seeds that ran
+# both (OUT/TASK-sN and OUT/TASK-shallow-sN share that seed's teacher): a Markdown table.
+def cell(v):
+    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
+
+
+rows = []
+for name, rs in runs.items():
+    if f"{name}-shallow" not in runs:
+        continue
+    moe = {r["config"]["seed"]: r for r in rs}
+    pairs = [(moe[r["config"]["seed"]], r) for r in runs[f"{name}-shallow"] if r["config"]["seed"] in moe]
+    if not pairs:
+        continue
+    metrics = list(pairs[0][0]["moebert"])
+    get = lambda who, i: 100 * np.array([(m if who != "shallow" else s)[who][metrics[i]] for m, s in pairs])
+    col = lambda who: " / ".join(cell(get(who, i)) for i in range(len(metrics)))
+    gap = " / ".join(f"{(get('moebert', i) - get('shallow', i)).mean():+.1f}" for i in range(len(metrics)))
+    seeds = ", ".join(str(m["config"]["seed"]) for m, _ in pairs)
+    rows.append(f"| {name} ({' / '.join(metrics)}) | {seeds} | {col('teacher')} | {col('moebert')} | "
+                f"{col('shallow')} | {gap} |")
+if rows:
+    print("\n| task (metrics) | seeds | teacher | MoEBERT | dense student, half the layers | MoEBERT − student |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
