@@ -34,11 +34,11 @@ for name, rs in runs.items():
 # (OUT/TASK-sN and OUT/TASK-shallow-sN share that seed's teacher): a Markdown table.
 rows = []
 for name, rs in runs.items():
-    moe = {r["config"]["seed"]: r for r in rs}
-    shallow = [r for r in runs.get(f"{name}-shallow", []) if r["config"]["seed"] in moe]
+    by_seed = {r["config"]["seed"]: r for r in rs}
+    shallow = [r for r in runs.get(f"{name}-shallow", []) if r["config"]["seed"] in by_seed]
     if not shallow:
         continue
-    paired = [moe[r["config"]["seed"]] for r in shallow]  # the MoEBERT run (and teacher) of each seed
+    paired = [by_seed[r["config"]["seed"]] for r in shallow]  # the MoEBERT run (and teacher) of each seed
     of = {"teacher": paired, "moebert": paired, "shallow": shallow}
     metrics = list(paired[0]["moebert"])
     score = {(who, m): 100 * np.array([r[who][m] for r in of[who]]) for who in of for m in metrics}
