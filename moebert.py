@@ -20,8 +20,9 @@ from bert import (ACT2FN, BadFile, BertConfig, BertForQuestionAnswering, BertFor
 ROUTES = ("hash-random", "hash-balance", "gate-token", "gate-sentence")
 SPLITS = ("importance", "random", "inverse")
 # Experts.forward runs all experts in one padded batched matmul up to SMALL_BATCH tokens per expert
-# on average and PADDING times the rows (thresholds measured on CPU at BERT-base sizes: README, Speed).
-SMALL_BATCH, PADDING = 256, 1.3
+# on average and PADDING rows of padding in all; else one matmul per expert. On CPU at BERT-base
+# sizes the loop costs about as much more as 30 rows of padding, at 32-256 tokens an expert (README, Speed).
+SMALL_BATCH, PADDING = 256, 32
 
 
 @dataclass
@@ -191,17 +192,20 @@ class Experts(nn.Module):
         self.dropout = nn.Dropout(cfg.expert_dropout)
         self.eps = config.layer_norm_eps
 
-    def ffn(self, x, e):
-        """Expert e on its tokens x [n_e, H]; or, with e = slice(None), every expert at once on
-        x [N, C, H], C tokens each."""
-        mm = torch.addmm if x.dim() == 2 else torch.baddbmm  # bias + x @ w, batched or not
+    def weights(self):
+        """W1, b1, W2, b2 and the LayerNorm's weight and bias, each stacked over the experts."""
+        return (self.intermediate_weight, self.intermediate_bias, self.output_weight, self.output_bias,
+                self.LayerNorm_weight, self.LayerNorm_bias)
 
-        def b(p):  # expert e's vector, with a token axis to broadcast over: [1, D] or [N, 1, D]
-            return p[e].unsqueeze(-2)
-        h = self.act(mm(b(self.intermediate_bias), x, self.intermediate_weight[e]))  # [.., E]
-        y = self.dropout(mm(b(self.output_bias), h, self.output_weight[e])) + x  # [.., H]
-        y = F.layer_norm(y, y.shape[-1:], eps=self.eps)
-        return torch.addcmul(b(self.LayerNorm_bias), y, b(self.LayerNorm_weight))
+    def ffn(self, x, w1, b1, w2, b2, ln_w, ln_b):
+        """One expert on its tokens x [n_e, H] (vectors [D]); or every expert at once on x [N, C, H],
+        C tokens each (weights [N, ...], vectors [N, 1, D] to broadcast over the tokens)."""
+        mm = torch.addmm if x.dim() == 2 else torch.baddbmm  # bias + x @ w, batched or not
+        h = self.act(mm(b1, x, w1))  # [.., E]
+        y = self.dropout(mm(b2, h, w2)) + x  # [.., H]
+        if x.dim() == 2:  # one kernel, and on CPU twice as fast as a LayerNorm without weights
+            return F.layer_norm(y, y.shape[-1:], ln_w, ln_b, self.eps)
+        return torch.addcmul(ln_b, F.layer_norm(y, y.shape[-1:], eps=self.eps), ln_w)
 
     def forward(self, x, expert):  # [n, H], [n] -> [n, H]
         """Each token through its own expert, with no loop over tokens: one sort groups the tokens
@@ -211,21 +215,23 @@ class Experts(nn.Module):
         counts = torch.bincount(expert, minlength=N)  # [N] tokens per expert
         sizes = counts.tolist()  # the one wait for the device in a layer
         C = max(sizes)
-        if n <= SMALL_BATCH * N and N * C <= PADDING * n:
+        if n <= SMALL_BATCH * N and N * C - n <= PADDING:
             # All experts in one batched matmul, each padded to C rows (with token 0; the padding's
-            # outputs are never read). On CPU N separate matmuls of 32-256 rows run 15-30% slower
-            # per row than one batched; past ~256 rows the loop below is as fast, unpadded.
+            # outputs are never read): on CPU it saves the loop's fixed cost, while the padding is
+            # small; past ~256 rows an expert the loop below is as fast, unpadded.
             e_sorted = expert.index_select(0, order)
             start = counts.cumsum(0) - counts  # [N] first sorted position of each expert
             row = e_sorted * C + torch.arange(n, device=x.device) - start.index_select(0, e_sorted)
             idx = x.new_zeros(N * C, dtype=torch.long).index_copy_(0, row, order)  # [N*C] token of each row
-            y = self.ffn(x.index_select(0, idx).view(N, C, -1), slice(None))  # [N, C, H]
+            w = (p if p.dim() == 3 else p.unsqueeze(1) for p in self.weights())
+            y = self.ffn(x.index_select(0, idx).view(N, C, -1), *w)  # [N, C, H]
             where = torch.empty_like(order).index_copy_(0, order, row)  # [n] each token's row in y
             return y.view(N * C, -1).index_select(0, where).to(x.dtype)
         out = torch.empty_like(x)
-        for e, idx in enumerate(order.split(sizes)):
+        experts = zip(*(p.unbind(0) for p in self.weights()))  # expert e's (w1, b1, w2, b2, ln_w, ln_b)
+        for idx, w in zip(order.split(sizes), experts):
             if len(idx):
-                out.index_copy_(0, idx, self.ffn(x.index_select(0, idx), e).to(out.dtype))
+                out.index_copy_(0, idx, self.ffn(x.index_select(0, idx), *w).to(out.dtype))
         return out
 
 
