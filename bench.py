@@ -66,10 +66,24 @@ def flop_ceiling(cfg, moe_cfg, T):
     return dense / moe
 
 
+class UnroutedExperts(moebert.Experts):
+    """MoEBERT's experts with the routing taken out, to split its time above the cap: the n tokens,
+    cut into N equal runs, go to the experts in order, so each expert runs MoEBERT's matmuls on n/N
+    rows (batched or one each, as Experts.forward would), with nothing sorted, gathered, padded or
+    scattered. What this model leaves of the cap is what the matmuls' sizes cost, not the routing."""
+
+    def forward(self, x, expert):  # [n, H]; expert is ignored
+        N = len(self.intermediate_weight)
+        if len(x) <= moebert.SMALL_BATCH * N and len(x) % N == 0:
+            return self.ffn(x.view(N, -1, x.size(-1)), *self.weights(batched=True)).view_as(x)
+        return torch.cat([self.ffn(run, *w) for run, w in zip(x.chunk(N), self.weights())])
+
+
 def inference_models(cfg, device, names, student_layers):
     """The models to time, by name: "dense" (BERT), "quarter-FFN" (the same with every FFN cut to one
     expert's size: MoEBERT with perfect experts), f"{n}-layer" (dense with n layers: the small
-    student to beat) and MoEBERT routes (moebert.ROUTES). Random weights, eval mode."""
+    student to beat), MoEBERT routes (moebert.ROUTES) and "unrouted" (hash-random's experts on equal
+    runs of tokens: UnroutedExperts). Random weights, eval mode."""
     moe_cfg = MoEConfig.scaled(cfg.intermediate_size)  # 4 x 768, 512 shared for BERT-base
     dense = BertForSequenceClassification(cfg, 2).to(device).eval()
     # Random importance: which neurons an expert holds does not change its cost.
@@ -85,6 +99,10 @@ def inference_models(cfg, device, names, student_layers):
         elif name == f"{student_layers}-layer":
             shallow = dataclasses.replace(cfg, num_hidden_layers=student_layers)
             models[name] = BertForSequenceClassification(shallow, 2).to(device).eval()
+        elif name == "unrouted":
+            models[name] = moebert_from_dense(dense, importance, moe_cfg).to(device).eval()
+            for layer in models[name].bert.encoder.layer:
+                layer.moe.experts.__class__ = UnroutedExperts  # same weights, no routing
         else:
             models[name] = moebert_from_dense(dense, importance, dataclasses.replace(moe_cfg, route=name),
                                               token_counts=counts).to(device).eval()
@@ -102,8 +120,8 @@ def inference(args, cfg, device, autocast):
     """Examples per second of dense BERT, the quarter-FFN floor, the shallow student and MoEBERT
     (every route), forward only; the cap and each model's speedups."""
     student = f"{args.student_layers}-layer"
-    models, moe_cfg = inference_models(cfg, device, ["dense", "quarter-FFN", student, *moebert.ROUTES],
-                                       args.student_layers)
+    moes = (*moebert.ROUTES, "unrouted")  # every route, and hash-random's experts without routing
+    models, moe_cfg = inference_models(cfg, device, ["dense", "quarter-FFN", student, *moes], args.student_layers)
     rows = []
     for B in args.batch_sizes:
         batch = random_batch(cfg, B, args.seq_len, device)
@@ -113,13 +131,13 @@ def inference(args, cfg, device, autocast):
                 each[name].append(B / timeit(forward_fn(model, batch, autocast), device, args.min_seconds))
         eps = {name: max(v) for name, v in each.items()}  # best of the repeats: the least disturbed
         cap = eps["quarter-FFN"] / eps["dense"]  # = dense time / quarter-FFN time
-        speedup = {name: eps[name] / eps["dense"] for name in (*moebert.ROUTES, student)}
+        speedup = {name: eps[name] / eps["dense"] for name in (*moes, student)}
         row = {"batch": B,
                "examples_per_s": {k: round(v, 2) for k, v in eps.items()},
                "cap": round(cap, 3),
                "flop_ceiling": round(flop_ceiling(cfg, moe_cfg, args.seq_len), 3),
                "speedup_over_dense": {k: round(v, 3) for k, v in speedup.items()},
-               "percent_of_cap": {r: round(100 * speedup[r] / cap, 1) for r in moebert.ROUTES},
+               "percent_of_cap": {r: round(100 * speedup[r] / cap, 1) for r in moes},
                f"{student}_over_moebert": {r: round(eps[student] / eps[r], 3) for r in moebert.ROUTES},
                # Each repeat's numbers, and the cap within each (dense and quarter-FFN back to back): its noise.
                "examples_per_s_each_repeat": {k: [round(x, 2) for x in v] for k, v in each.items()},
@@ -127,16 +145,17 @@ def inference(args, cfg, device, autocast):
                # MoEBERT's share of the cap within each repeat (the models back to back), then the median:
                # where the machine's speed swings between repeats (~20% at batch 1 here), steadier than the best.
                "percent_of_cap_median": {r: round(100 * statistics.median(
-                   m / q for m, q in zip(each[r], each["quarter-FFN"])), 1) for r in moebert.ROUTES}}
+                   m / q for m, q in zip(each[r], each["quarter-FFN"])), 1) for r in moes}}
         rows.append(row)
         print(f"batch {B}: dense {eps['dense']:.2f}  quarter-FFN {eps['quarter-FFN']:.2f} (cap {cap:.2f}x, "
               f"FLOP ceiling {row['flop_ceiling']:.2f}x)  {student} {eps[student]:.2f} "
               f"({speedup[student]:.2f}x dense, {row[f'{student}_over_moebert']['hash-random']:.2f}x hash-random)",
               flush=True)
-        for r in moebert.ROUTES:
+        for r in moes:
             print(f"    {r:14s} {eps[r]:7.2f}  {speedup[r]:.2f}x dense  {row['percent_of_cap'][r]:5.1f}% of cap "
-                  f"(median of repeats {row['percent_of_cap_median'][r]:5.1f}%)  "
-                  f"{student} is {row[f'{student}_over_moebert'][r]:.2f}x it", flush=True)
+                  f"(median of repeats {row['percent_of_cap_median'][r]:5.1f}%)"
+                  + (f"  {student} is {row[f'{student}_over_moebert'][r]:.2f}x it" if r in moebert.ROUTES else ""),
+                  flush=True)
     return rows
 
 

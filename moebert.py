@@ -192,10 +192,14 @@ class Experts(nn.Module):
         self.dropout = nn.Dropout(cfg.expert_dropout)
         self.eps = config.layer_norm_eps
 
-    def weights(self):
-        """W1, b1, W2, b2 and the LayerNorm's weight and bias, each stacked over the experts."""
-        return (self.intermediate_weight, self.intermediate_bias, self.output_weight, self.output_bias,
-                self.LayerNorm_weight, self.LayerNorm_bias)
+    def weights(self, batched=False):
+        """W1, b1, W2, b2 and the LayerNorm's weight and bias: stacked over the experts for the batched
+        matmul (vectors [N, 1, D], to broadcast over the tokens), else one tuple per expert."""
+        w = (self.intermediate_weight, self.intermediate_bias, self.output_weight, self.output_bias,
+             self.LayerNorm_weight, self.LayerNorm_bias)
+        if batched:
+            return [p if p.dim() == 3 else p.unsqueeze(1) for p in w]
+        return list(zip(*(p.unbind(0) for p in w)))
 
     def ffn(self, x, w1, b1, w2, b2, ln_w, ln_b):
         """One expert on its tokens x [n_e, H] (vectors [D]); or every expert at once on x [N, C, H],
@@ -223,13 +227,11 @@ class Experts(nn.Module):
             start = counts.cumsum(0) - counts  # [N] first sorted position of each expert
             row = e_sorted * C + torch.arange(n, device=x.device) - start.index_select(0, e_sorted)
             idx = x.new_zeros(N * C, dtype=torch.long).index_copy_(0, row, order)  # [N*C] token of each row
-            w = (p if p.dim() == 3 else p.unsqueeze(1) for p in self.weights())
-            y = self.ffn(x.index_select(0, idx).view(N, C, -1), *w)  # [N, C, H]
+            y = self.ffn(x.index_select(0, idx).view(N, C, -1), *self.weights(batched=True))  # [N, C, H]
             where = torch.empty_like(order).index_copy_(0, order, row)  # [n] each token's row in y
             return y.view(N * C, -1).index_select(0, where).to(x.dtype)
         out = torch.empty_like(x)
-        experts = zip(*(p.unbind(0) for p in self.weights()))  # expert e's (w1, b1, w2, b2, ln_w, ln_b)
-        for idx, w in zip(order.split(sizes), experts):
+        for idx, w in zip(order.split(sizes), self.weights()):
             if len(idx):
                 out.index_copy_(0, idx, self.ffn(x.index_select(0, idx), *w).to(out.dtype))
         return out
