@@ -3126,6 +3126,22 @@ def test_profile_groups_add_up_to_the_wall_time():
     assert len(row["top_ops"]) == 5
 
 
+@pytest.mark.parametrize("n", [12, 14, 801])  # one batched matmul; n % N != 0; over SMALL_BATCH * N
+def test_unrouted_experts_are_the_experts_on_equal_runs_of_tokens(n):
+    """bench.UnroutedExperts (the routing taken out, to time the matmuls alone) computes what
+    Experts computes when the tokens go to the experts in order, in N runs as equal as can be."""
+    cfg = MoEConfig(num_experts=3, expert_dim=11, shared_dim=5)
+    moe = moebert_from_dense(tiny_model(), torch.rand(3, 37, generator=torch.Generator().manual_seed(6)), cfg)
+    ex = moe.bert.encoder.layer[1].moe.experts.eval()
+    x = torch.randn(n, 32)
+    in_order = torch.cat([torch.full((len(run),), e) for e, run in enumerate(torch.arange(n).chunk(3))])
+    with torch.no_grad():
+        want = ex(x, in_order)
+        ex.__class__ = bench.UnroutedExperts
+        got = ex(x, in_order[torch.randperm(n)])  # the routing it is given is ignored
+    assert_close(got, want, 1e-5, f"{n} tokens")
+
+
 # ----------------------------------------------------------------------------------------------
 # --student shallow: the dense student of MoEBERT's cost per token (the paper's Table 1 comparison)
 
