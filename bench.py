@@ -14,7 +14,9 @@ BERT-base, MoEBERT (every route), a dense BERT-base with half the layers (a 6-la
 DistilBERT's), and a dense BERT-base whose FFN is cut to one expert's size (intermediate 768, a quarter).
 The last is MoEBERT with perfect experts: attention, embeddings and head are common to both, so
 cap = dense time / quarter-FFN time is the most MoEBERT can gain on the machine at hand, and MoEBERT's
-speedup is reported as a share of it. `--only profile` splits MoEBERT's time above that floor by op.
+speedup is reported as a share of it. "unrouted" (hash-random's experts, each on an equal run of the
+tokens, nothing sorted or gathered) splits what is missing into the experts' matmul sizes and the
+routing; `--only profile` splits MoEBERT's time above the floor by op.
 
 `transformers` is used here only as the peer to compare with; the project does not need it.
 """
