@@ -20,9 +20,8 @@ from bert import (ACT2FN, BadFile, BertConfig, BertForQuestionAnswering, BertFor
 ROUTES = ("hash-random", "hash-balance", "gate-token", "gate-sentence")
 SPLITS = ("importance", "random", "inverse")
 # Experts.forward runs all experts in one padded batched matmul up to SMALL_BATCH tokens per expert
-# on average and PADDING rows of padding in all; else one matmul per expert. On CPU at BERT-base
-# sizes the loop costs about as much more as 30 rows of padding, at 32-256 tokens an expert (README, Speed).
-SMALL_BATCH, PADDING = 256, 32
+# on average and PADDING times the rows (thresholds measured on CPU at BERT-base sizes: README, Speed).
+SMALL_BATCH, PADDING = 256, 1.3
 
 
 @dataclass
@@ -219,10 +218,10 @@ class Experts(nn.Module):
         counts = torch.bincount(expert, minlength=N)  # [N] tokens per expert
         sizes = counts.tolist()  # the one wait for the device in a layer
         C = max(sizes)
-        if n <= SMALL_BATCH * N and N * C - n <= PADDING:
+        if n <= SMALL_BATCH * N and N * C <= PADDING * n:
             # All experts in one batched matmul, each padded to C rows (with token 0; the padding's
-            # outputs are never read): on CPU it saves the loop's fixed cost, while the padding is
-            # small; past ~256 rows an expert the loop below is as fast, unpadded.
+            # outputs are never read). On CPU N separate matmuls of 32-256 rows run 15-30% slower
+            # per row than one batched; past ~256 rows the loop below is as fast, unpadded.
             e_sorted = expert.index_select(0, order)
             start = counts.cumsum(0) - counts  # [N] first sorted position of each expert
             row = e_sorted * C + torch.arange(n, device=x.device) - start.index_select(0, e_sorted)
