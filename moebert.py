@@ -208,6 +208,7 @@ class Experts(nn.Module):
         y = self.dropout(mm(b2, h, w2)) + x  # [.., H]
         if x.dim() == 2:  # one kernel, and on CPU twice as fast as a LayerNorm without weights
             return F.layer_norm(y, y.shape[-1:], ln_w, ln_b, self.eps)
+        # layer_norm takes one weight for all rows: each expert's is applied after, broadcast
         return torch.addcmul(ln_b, F.layer_norm(y, y.shape[-1:], eps=self.eps), ln_w)
 
     def forward(self, x, expert):  # [n, H], [n] -> [n, H]

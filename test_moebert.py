@@ -945,8 +945,8 @@ def test_experts_hold_exactly_the_papers_neurons():
 
 
 # Experts.forward has two paths: one padded batched matmul for few tokens, one matmul per expert
-# otherwise. Thresholds -1 and infinity force each.
-PATHS = {"per-expert": dict(PADDING=-1), "batched": dict(PADDING=float("inf"), SMALL_BATCH=float("inf"))}
+# otherwise. Thresholds 0 and infinity force each.
+PATHS = {"per-expert": dict(PADDING=0.0), "batched": dict(PADDING=float("inf"), SMALL_BATCH=float("inf"))}
 
 
 def take_path(monkeypatch, path):
