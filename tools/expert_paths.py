@@ -32,7 +32,8 @@ LAYERS, REPEATS, MIN_SECONDS = 12, 9, 0.5
 def main():
     keep_freed_memory()
     torch.manual_seed(0)
-    cfg, moe_cfg = BertConfig(), moebert.MoEConfig.scaled(BertConfig().intermediate_size)
+    cfg = BertConfig()  # BERT-base; experts 4 x 768, 512 shared
+    moe_cfg = moebert.MoEConfig.scaled(cfg.intermediate_size)
     quarter_cfg = BertConfig(intermediate_size=moe_cfg.expert_dim)
     quarter = [(BertIntermediate(quarter_cfg).eval(), BertOutput(quarter_cfg).eval()) for _ in range(LAYERS)]
     experts = [moebert.Experts(cfg, moe_cfg).eval() for _ in range(LAYERS)]
@@ -51,10 +52,12 @@ def main():
             saved = {k: getattr(moebert, k) for k in limits}
             for k, v in limits.items():
                 setattr(moebert, k, v)
-            for ex, table in zip(layers, tables):
-                x = ex(x, table[ids])
-            for k, v in saved.items():
-                setattr(moebert, k, v)
+            try:
+                for ex, table in zip(layers, tables):
+                    x = ex(x, table[ids])
+            finally:  # the other runs get moebert's own limits back
+                for k, v in saved.items():
+                    setattr(moebert, k, v)
             return x
         return run
 
