@@ -509,6 +509,11 @@ def test_tokenizer_matches_hugging_face(minilm, lowercase):
 
 
 def test_truncation_matches_hugging_face(minilm):
+    """data.encode cuts pairs itself (truncate_pair); Hugging Face's fast tokenizer, the reference,
+    leaves it to the tokenizers library, whose rule is the same since 0.23.3."""
+    import tokenizers
+    if tuple(int(x) for x in tokenizers.__version__.split(".")[:3]) < (0, 23, 3):
+        pytest.skip(f"tokenizers {tokenizers.__version__} gives an odd token to sentence b always")
     vocab = os.path.join(minilm, "vocab.txt")
     tok = data.load_tokenizer(vocab)
     fast, _ = hf_tokenizers(vocab, True)
@@ -519,19 +524,20 @@ def test_truncation_matches_hugging_face(minilm):
         a = " ".join(rng.choice(words) for _ in range(rng.randint(1, 80)))
         b = " ".join(rng.choice(words) for _ in range(rng.randint(1, 80)))
         examples.append(data.Example(a, b, 0))
-    for max_len in (8, 17, 64, 128):
+    examples += [data.Example("a " * na, "b " * nb, 0) for na in range(1, 13) for nb in range(1, 13)]
+    examples += [data.Example(e.text_a, None, 0) for e in examples[:50]]  # single sentences
+    for max_len in (8, 11, 17, 64, 128):
         feats = data.encode(examples, tok, max_len)
-        ref = fast([e.text_a for e in examples], [e.text_b for e in examples],
-                   truncation="longest_first", max_length=max_len)
-        assert [f["input_ids"] for f in feats] == ref["input_ids"]
-        assert [f["token_type_ids"] for f in feats] == ref["token_type_ids"]
+        ref = [fast(e.text_a, e.text_b, truncation="longest_first", max_length=max_len) for e in examples]
+        assert [f["input_ids"] for f in feats] == [r["input_ids"] for r in ref]
+        assert [f["token_type_ids"] for f in feats] == [r["token_type_ids"] for r in ref]
         assert max(len(f["input_ids"]) for f in feats) == max_len
     assert tok.truncation is None  # encode() worked on a copy
 
 
 def test_truncation_rule():
     """Longest first: cut the longer sentence; when both must be cut each keeps half of the room,
-    the odd token going to the longer one (tokenizers' rule; Google's BERT gives it to sentence A)."""
+    the odd token going to the longer one (tokenizers' rule since 0.23.3, whatever version is installed)."""
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"])}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "vocab.txt")
@@ -2060,10 +2066,13 @@ def test_minilm_fp16_copy_loads_within_fp16_rounding(tmp_path):
     # layers keep that from growing with depth. Measured: hidden states at most 1.0 u of their scale.
     # We allow 8 u. The logits, from a fresh random head whose terms largely cancel, are ~10x smaller
     # than those terms, so their relative error is larger (measured 3.5 u): we allow 16 u.
+    # A MiniLM that is already an fp16 copy (as on a GPU machine, carried in fp16) rounds to itself:
+    # then the outputs must be equal, else they must differ (the copy really is rounded).
+    rounded = any(not torch.equal(v.half().float(), v) for v in fp32.values() if v.is_floating_point())
     real = batch["attention_mask"].bool()  # padding positions are never read
     for i, (h, r) in enumerate(zip(half.hidden_states, ref.hidden_states, strict=True)):
         err = relative_to_scale(h[real], r[real])
-        assert 0 < err <= 8 * FP16_U, f"hidden state {i}: {err / FP16_U:.2f} u"
+        assert (0 < err <= 8 * FP16_U) if rounded else err == 0, f"hidden state {i}: {err / FP16_U:.2f} u"
     err = relative_to_scale(half.logits, ref.logits)
     assert err <= 16 * FP16_U, f"logits: {err / FP16_U:.2f} u"
 
