@@ -81,11 +81,21 @@ class UnroutedExperts(moebert.Experts):
         return torch.cat([self.ffn(run, *w) for run, w in zip(x.chunk(N), self.weights())])
 
 
+class HostSizedExperts(moebert.Experts):
+    """MoEBERT's experts without the grouped path (CUDA's in bf16): the padded batched or the
+    per-expert matmuls, whose sizes the host reads, a wait for the GPU in every layer. Timed beside
+    hash-random on CUDA, as "host-sized", it is the before of the grouped path's before/after."""
+
+    def grouped_dtype(self, x):
+        return None
+
+
 def inference_models(cfg, device, names, student_layers):
     """The models to time, by name: "dense" (BERT), "quarter-FFN" (the same with every FFN cut to one
     expert's size: MoEBERT with perfect experts), f"{n}-layer" (dense with n layers: the small
-    student to beat), MoEBERT routes (moebert.ROUTES) and "unrouted" (hash-random's experts on equal
-    runs of tokens: UnroutedExperts). Random weights, eval mode."""
+    student to beat), MoEBERT routes (moebert.ROUTES), "unrouted" (hash-random's experts on equal
+    runs of tokens: UnroutedExperts) and "host-sized" (hash-random without the grouped path:
+    HostSizedExperts). Random weights, eval mode."""
     moe_cfg = MoEConfig.scaled(cfg.intermediate_size)  # 4 x 768, 512 shared for BERT-base
     dense = BertForSequenceClassification(cfg, 2).to(device).eval()
     # Random importance: which neurons an expert holds does not change its cost.
@@ -101,10 +111,10 @@ def inference_models(cfg, device, names, student_layers):
         elif name == f"{student_layers}-layer":
             shallow = dataclasses.replace(cfg, num_hidden_layers=student_layers)
             models[name] = BertForSequenceClassification(shallow, 2).to(device).eval()
-        elif name == "unrouted":
+        elif name in ("unrouted", "host-sized"):
             models[name] = moebert_from_dense(dense, importance, moe_cfg).to(device).eval()
-            for layer in models[name].bert.encoder.layer:
-                layer.moe.experts.__class__ = UnroutedExperts  # same weights, no routing
+            for layer in models[name].bert.encoder.layer:  # same weights, no routing or no grouped path
+                layer.moe.experts.__class__ = UnroutedExperts if name == "unrouted" else HostSizedExperts
         else:
             models[name] = moebert_from_dense(dense, importance, dataclasses.replace(moe_cfg, route=name),
                                               token_counts=counts).to(device).eval()
@@ -123,6 +133,8 @@ def inference(args, cfg, device, autocast):
     (every route), forward only; the cap and each model's speedups."""
     student = f"{args.student_layers}-layer"
     moes = (*moebert.ROUTES, "unrouted")  # every route, and hash-random's experts without routing
+    if device.type in moebert.GROUPED_DEVICES:  # and hash-random as it ran before the grouped path
+        moes += ("host-sized",)
     models, moe_cfg = inference_models(cfg, device, ["dense", "quarter-FFN", student, *moes], args.student_layers)
     rows = []
     for B in args.batch_sizes:
@@ -167,10 +179,11 @@ OP_GROUPS = (
     ("gathers/scatters (index*)", ("aten::index_select", "aten::index_copy_", "aten::index_copy", "aten::index",
                                    "aten::index_put_", "aten::_index_put_impl_")),
     ("argsort/bincount/cumsum", ("aten::argsort", "aten::sort", "aten::bincount", "aten::cumsum", "aten::min",
-                                 "aten::max", "aten::arange")),
+                                 "aten::max", "aten::arange", "aten::searchsorted")),
     ("tolist (sync)", ("tolist (sync)", "aten::item", "aten::_local_scalar_dense")),
     ("LayerNorm (+ affine addcmul)", ("aten::layer_norm", "aten::native_layer_norm", "aten::addcmul")),
-    ("GEMM", ("aten::linear", "aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::matmul")),
+    ("GEMM", ("aten::linear", "aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::matmul",
+              "aten::_grouped_mm")),
     ("GELU", ("aten::gelu",)),
     ("attention (SDPA)", ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
                           "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention",
@@ -330,10 +343,10 @@ def official_importance(model, batch, examples=None):
         model.train(was_training)
 
 
-def importance(args, cfg, device):
+def importance(args, cfg, device, autocast=None):
     """Seconds for one batch: importance_scores, the official algorithm, a plain forward + backward,
     and test_moebert.naive_importance (a cheaper per-example variant: a forward per example, both
-    weights in one grad)."""
+    weights in one grad). In fp32 on every device, as train.py computes importance (autocast unused)."""
     model = BertForSequenceClassification(cfg, 2).to(device).eval()
     batch = random_batch(cfg, args.importance_batch, args.seq_len, device)
     B, n = args.importance_batch, min(args.official_examples or args.importance_batch, args.importance_batch)
@@ -517,23 +530,18 @@ def main():
         **vars(args), "config": cfg.to_dict(),
         "statistic": "best of the alternating repeats (highest examples/s, lowest ms); every repeat kept too"}}
     print(f"{results['machine']}\nseq_len {args.seq_len}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
-    if "inference" in args.only:
-        print("\n1. inference, examples/s")
-        results["inference"] = inference(args, cfg, device, autocast)
-    if "profile" in args.only:
-        print(f"\n2. where {args.profile_route}'s time above the quarter-FFN floor goes, ms per forward")
-        results["profile"] = profile(args, cfg, device, autocast)
-    if "importance" in args.only:
-        print(f"\n3. importance of one batch of {args.importance_batch}, seconds")
-        results["importance"] = importance(args, cfg, device)
-    if "training" in args.only:
-        print("\n4. training steps, examples/s")
-        results["training"] = training(args, cfg, device, autocast)
-    if "checkpoint" in args.only:
-        print(f"\n5. training checkpoint (batch {args.train_batch}, every {args.save_every} steps)")
-        results["checkpoint"] = checkpoints(args, cfg, device, autocast)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+    stages = [("inference", "1. inference, examples/s", inference),
+             ("profile", f"2. where {args.profile_route}'s time above the quarter-FFN floor goes, ms per forward", profile),
+             ("importance", f"3. importance of one batch of {args.importance_batch}, seconds", importance),
+             ("training", "4. training steps, examples/s", training),
+             ("checkpoint", f"5. training checkpoint (batch {args.train_batch}, every {args.save_every} steps)",
+              checkpoints)]
+    for name, title, run in stages:
+        if name in args.only:
+            print(f"\n{title}")
+            results[name] = run(args, cfg, device, autocast)
+            with open(args.out, "w") as f:  # after each part: a run cut short keeps what it measured
+                json.dump(results, f, indent=2)
     print(f"\nwritten to {args.out}")
 
 

@@ -22,6 +22,11 @@ SPLITS = ("importance", "random", "inverse")
 # Experts.forward runs all experts in one padded batched matmul up to SMALL_BATCH tokens per expert
 # on average and PADDING times the rows (thresholds measured on CPU at BERT-base sizes: README, Speed).
 SMALL_BATCH, PADDING = 256, 1.3
+# On these devices, in bf16, Experts.forward runs each weight as one grouped matmul over all experts
+# instead: no padding, and no wait for the device (the others read the experts' sizes on the host,
+# which on a GPU stalls the queue once a layer). torch's grouped matmul takes bf16; on CPU it loops.
+GROUPED_DEVICES = ("cuda",)
+GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)  # torch >= 2.8
 
 
 @dataclass
@@ -211,9 +216,39 @@ class Experts(nn.Module):
         # layer_norm takes one weight for all rows: each expert's is applied after, broadcast
         return torch.addcmul(ln_b, F.layer_norm(y, y.shape[-1:], eps=self.eps), ln_w)
 
+    def grouped_dtype(self, x):
+        """bf16 where the grouped path can run x (autocast's dtype, else x's), else None: grouped
+        matmuls take bf16, with rows of a multiple of 16 bytes."""
+        device = x.device.type
+        if GROUPED_MM is None or device not in GROUPED_DEVICES:
+            return None
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        H, E = self.intermediate_weight.shape[1:]
+        return dtype if dtype == torch.bfloat16 and H % 8 == 0 and E % 8 == 0 else None
+
+    def grouped(self, x, expert, dtype):  # [n, H], [n] -> [n, H]
+        """Every expert at once, one grouped matmul per weight over the tokens sorted by expert:
+        expert e multiplies rows offs[e-1]:offs[e]. All on the device, with no host sync."""
+        N = len(self.intermediate_weight)
+        order = torch.argsort(expert)  # [n] token indices grouped by expert
+        e_sorted = expert.index_select(0, order)  # [n] expert of each sorted row
+        offs = torch.searchsorted(e_sorted, torch.arange(1, N + 1, device=x.device), out_int32=True)  # [N] ends
+        xs = x.index_select(0, order)  # [n, H]
+        rows = lambda v: v.index_select(0, e_sorted)  # [N, D] -> [n, D]: each row its expert's vector
+        h = self.act(GROUPED_MM(xs.to(dtype), self.intermediate_weight.to(dtype), offs=offs)
+                     + rows(self.intermediate_bias))  # [n, E]
+        y = self.dropout(GROUPED_MM(h.to(dtype), self.output_weight.to(dtype), offs=offs)
+                         + rows(self.output_bias)) + xs  # [n, H]
+        y = torch.addcmul(rows(self.LayerNorm_bias), F.layer_norm(y, y.shape[-1:], eps=self.eps),
+                          rows(self.LayerNorm_weight))
+        return torch.empty_like(x).index_copy_(0, order, y.to(x.dtype))
+
     def forward(self, x, expert):  # [n, H], [n] -> [n, H]
         """Each token through its own expert, with no loop over tokens: one sort groups the tokens
         by expert, each expert gathers its own and runs one matmul per weight over all of them."""
+        dtype = self.grouped_dtype(x)
+        if dtype is not None:
+            return self.grouped(x, expert, dtype)
         n, N = len(x), len(self.intermediate_weight)
         order = torch.argsort(expert)  # [n] token indices grouped by expert
         counts = torch.bincount(expert, minlength=N)  # [N] tokens per expert

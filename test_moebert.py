@@ -1940,6 +1940,65 @@ def test_bf16_bound_would_see_a_routing_error():
         assert relative_to_scale(p.grad, ref_params[name].grad) > 4 * BF16_REL, name
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sizes", [(19, 0, 10), (7, 11, 11)])  # tokens per expert: one expert idle; uneven
+def test_grouped_experts_match_each_token_through_its_expert(sizes, device, monkeypatch):
+    """The grouped path (CUDA's in bf16: one grouped matmul per weight, no host sync) under bf16
+    autocast, against each token run alone through its own expert in fp64: the outputs and the
+    gradients of x and of all six expert tensors within bf16 rounding. Sizes a multiple of 8."""
+    grouped_mm, calls = moebert.GROUPED_MM, []
+    monkeypatch.setattr(moebert, "GROUPED_DEVICES", ("cpu", "cuda"))  # on CPU it is not the default
+    monkeypatch.setattr(moebert, "GROUPED_MM", lambda *a, **k: calls.append(1) or grouped_mm(*a, **k))
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=3, expert_dim=40, shared_dim=16, expert_dropout=0.0)
+    experts = moebert.Experts(BertConfig(**TINY), cfg)  # hidden 32
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.3)  # outputs that depend on the expert
+    expert = torch.cat([torch.full((k,), e) for e, k in enumerate(sizes)])[torch.randperm(sum(sizes))]
+    x, g = torch.randn(len(expert), 32), torch.randn(len(expert), 32)  # g: a random upstream gradient
+
+    ref_experts = {n: p.detach().double().requires_grad_() for n, p in experts.named_parameters()}
+    ref_x = x.double().requires_grad_()
+    ref = []
+    for t, e in enumerate(expert.tolist()):  # one token at a time, through its expert alone
+        p = {n: v[e] for n, v in ref_experts.items()}
+        h = F.gelu(ref_x[t] @ p["intermediate_weight"] + p["intermediate_bias"])
+        y = h @ p["output_weight"] + p["output_bias"] + ref_x[t]
+        ref.append(F.layer_norm(y, (32,), p["LayerNorm_weight"], p["LayerNorm_bias"], experts.eps))
+    ref = torch.stack(ref)
+    (ref * g.double()).sum().backward()
+
+    experts.to(device)
+    x = x.to(device).requires_grad_()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = experts(x, expert.to(device))
+    (out * g.to(device)).sum().backward()
+    assert len(calls) == 2 and out.dtype == torch.float32  # W1 and W2 grouped; x's dtype back
+    err = relative_to_scale(out, ref)
+    assert 0 < err <= BF16_REL, f"outputs: {err:.3g} of their scale"
+    assert relative_to_scale(x.grad, ref_x.grad) <= BF16_REL
+    for n, p in experts.named_parameters():
+        err = relative_to_scale(p.grad, ref_experts[n].grad)
+        assert err <= BF16_REL, f"gradient of {n}: {err:.3g} of its scale"
+        if 0 in sizes:  # the idle expert gets no gradient
+            assert (p.grad[sizes.index(0)] == 0).all(), n
+
+
+def test_grouped_path_only_where_it_can_run(monkeypatch):
+    """Experts.grouped_dtype: bf16 (by autocast or by x's dtype) on a grouped device with sizes a
+    multiple of 8; else the other paths, which keep fp32 exact."""
+    small = moebert.Experts(BertConfig(**TINY), MoEConfig(num_experts=3, expert_dim=11, shared_dim=5))
+    big = moebert.Experts(BertConfig(**TINY), MoEConfig(num_experts=3, expert_dim=40, shared_dim=16))
+    x = torch.randn(4, 32)
+    assert big.grouped_dtype(x) is None  # CPU is not a grouped device by default
+    monkeypatch.setattr(moebert, "GROUPED_DEVICES", ("cpu",))
+    assert big.grouped_dtype(x) is None  # fp32
+    assert big.grouped_dtype(x.bfloat16()) == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert big.grouped_dtype(x) == torch.bfloat16 and small.grouped_dtype(x) is None  # 11 wide
+
+
 # ----------------------------------------------------------------------------------------------
 # train.py end to end with --dtype bf16
 
