@@ -8,6 +8,7 @@ Hugging Face, checkpoints. Random weights (speed does not depend on them). Print
     python bench.py --only importance     # ours, the official algorithm (all 16 examples: minutes), fwd + bwd
     python bench.py --only importance --official-examples 4   # the official loop on 4 of 16, scaled by 4
     python bench.py --only profile --profile-batch 1 8   # where MoEBERT's time above the cap goes
+    python bench.py --device cuda --only inference --cuda-graphs   # the GPU's own time, launching taken out
 
 Inference times, side by side and alternating, so the machine's drift hits all alike: dense
 BERT-base, MoEBERT (every route), a dense BERT-base with half the layers (a 6-layer student, as
@@ -128,13 +129,29 @@ def forward_fn(model, batch, autocast):
     return run
 
 
+def graphed(run):
+    """run captured in a CUDA graph, and its replay: all its kernels launched at once, so what is timed
+    is the GPU's work without the host's launching (warm-up on a side stream, as CUDA graphs need)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph.replay
+
+
 def inference(args, cfg, device, autocast):
     """Examples per second of dense BERT, the quarter-FFN floor, the shallow student and MoEBERT
-    (every route), forward only; the cap and each model's speedups."""
+    (every route), forward only; the cap and each model's speedups. With --cuda-graphs, each forward
+    is replayed from a CUDA graph."""
     student = f"{args.student_layers}-layer"
     moes = (*moebert.ROUTES, "unrouted")  # every route, and hash-random's experts without routing
-    if device.type in moebert.GROUPED_DEVICES:  # and hash-random as it ran before the grouped path
-        moes += ("host-sized",)
+    if device.type in moebert.GROUPED_DEVICES and not args.cuda_graphs:
+        moes += ("host-sized",)  # hash-random as it ran before the grouped path (no graph: it syncs)
     models, moe_cfg = inference_models(cfg, device, ["dense", "quarter-FFN", student, *moes], args.student_layers)
     rows = []
     for B in args.batch_sizes:
@@ -142,7 +159,8 @@ def inference(args, cfg, device, autocast):
         each = {name: [] for name in models}  # examples/s of every repeat
         for _ in range(args.repeats):  # alternate the models: drift in the machine's speed hits all alike
             for name, model in models.items():
-                each[name].append(B / timeit(forward_fn(model, batch, autocast), device, args.min_seconds))
+                run = forward_fn(model, batch, autocast)
+                each[name].append(B / timeit(graphed(run) if args.cuda_graphs else run, device, args.min_seconds))
         eps = {name: max(v) for name, v in each.items()}  # best of the repeats: the least disturbed
         cap = eps["quarter-FFN"] / eps["dense"]  # = dense time / quarter-FFN time
         speedup = {name: eps[name] / eps["dense"] for name in (*moes, student)}
@@ -498,6 +516,8 @@ def main():
     p.add_argument("--train-batch", type=int, default=32, help="batch of the training steps")
     p.add_argument("--min-seconds", type=float, default=3.0, help="time each measurement at least this long")
     p.add_argument("--repeats", type=int, default=2, help="alternating repeats of the inference measurements")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="time inference as CUDA graph replays: the GPU's work without the host's launching")
     p.add_argument("--train-repeats", type=int, default=4, help="alternating repeats of the training steps")
     p.add_argument("--student-layers", type=int, help="layers of the shallow dense student (default: half, 6)")
     p.add_argument("--profile-batch", type=int, nargs="+", default=[1, 8], help="batch sizes of the profile")
@@ -513,6 +533,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="a small 4-layer config, to check the script")
     p.add_argument("--out", default="bench.json", help="where to write the results")
     args = p.parse_args()
+    if args.cuda_graphs and args.device != "cuda":
+        p.error("--cuda-graphs needs --device cuda")
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     if device.type == "cpu":  # as train.py does: large activations stop page-faulting, for every model alike
