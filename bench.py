@@ -553,11 +553,12 @@ def main():
         "statistic": "best of the alternating repeats (highest examples/s, lowest ms); every repeat kept too"}}
     print(f"{results['machine']}\nseq_len {args.seq_len}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
     stages = [("inference", "1. inference, examples/s", inference),
-             ("profile", f"2. where {args.profile_route}'s time above the quarter-FFN floor goes, ms per forward", profile),
-             ("importance", f"3. importance of one batch of {args.importance_batch}, seconds", importance),
-             ("training", "4. training steps, examples/s", training),
-             ("checkpoint", f"5. training checkpoint (batch {args.train_batch}, every {args.save_every} steps)",
-              checkpoints)]
+              ("profile", f"2. where {args.profile_route}'s time above the quarter-FFN floor goes, ms per forward",
+               profile),
+              ("importance", f"3. importance of one batch of {args.importance_batch}, seconds", importance),
+              ("training", "4. training steps, examples/s", training),
+              ("checkpoint", f"5. training checkpoint (batch {args.train_batch}, every {args.save_every} steps)",
+               checkpoints)]
     for name, title, run in stages:
         if name in args.only:
             print(f"\n{title}")

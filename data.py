@@ -338,7 +338,7 @@ def format_mrpc(folder):
 
 
 def truncate_pair(na, nb, room):
-    """Longest first: how many tokens of sentences a and b (na, nb long) keep when room are left.
+    """Longest first: how many tokens sentences a and b (na, nb long) keep when room tokens are left.
 
     Only the longer is cut while the shorter fits in half the room; else each keeps half the room
     and an odd token goes to the longer one, to b on a tie. The tokenizers library's rule since

@@ -125,7 +125,7 @@ pipeline() {
   return $rc
 }
 
-# 5. bench.py on the GPU (bf16 autocast), BERT-base sizes: 175 s on the H200 at these settings.
+# 5. bench.py on the GPU (bf16 autocast), BERT-base sizes: about 175 s on the H200 at these settings.
 bench() {
   local rc
   # shellcheck disable=SC2086  # word lists
@@ -140,7 +140,6 @@ bench() {
 graphs() {
   local rc
   [ "$DEVICE" = cuda ] || { echo "no CUDA graphs on $DEVICE"; return 0; }
-  # shellcheck disable=SC2086  # word lists
   $PY bench.py --device cuda --only inference --cuda-graphs --min-seconds 0.3 --repeats 2 \
     --out "$OUT/bench_cuda_graphs.json" >"$OUT/bench_graphs.txt" 2>&1
   rc=$?
