@@ -264,13 +264,16 @@ class BertModel(PreTrained):
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, output_hidden_states=False):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         x = self.embeddings(input_ids, token_type_ids)  # [B, T, H]
         # Which keys each query may attend to, [B, 1, 1, T]: not the padding. A boolean mask keeps
         # the dtype out of it (fp32 and bf16 autocast alike); no mask at all when nothing is padded,
         # which lets SDPA take its fastest path (length-grouped batches often have no padding).
-        attn_mask = None if bool(attention_mask.all()) else attention_mask[:, None, None, :].bool()
+        # Without an attention_mask that is known with no look at the data, which on a GPU would
+        # wait for it (and which a CUDA graph cannot capture).
+        if attention_mask is None:
+            attention_mask, attn_mask = torch.ones_like(input_ids), None
+        else:
+            attn_mask = None if bool(attention_mask.all()) else attention_mask[:, None, None, :].bool()
         hidden_states = [x]
         for layer in self.encoder.layer:
             x = layer(x, attn_mask, input_ids, attention_mask)

@@ -1985,6 +1985,27 @@ def test_grouped_experts_match_each_token_through_its_expert(sizes, device, monk
             assert (p.grad[sizes.index(0)] == 0).all(), n
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("route", moebert.ROUTES)
+def test_moebert_forward_on_cuda_never_waits_for_the_device(route):
+    """On CUDA in bf16 (the grouped path), a MoEBERT forward without an attention_mask reads nothing
+    back to the host: torch's sync debug mode raises on any wait. So a CUDA graph can capture it."""
+    torch.manual_seed(0)
+    dense = BertForSequenceClassification(BertConfig(**TINY), 3)
+    cfg = MoEConfig(num_experts=3, expert_dim=16, shared_dim=8, route=route)  # sizes a multiple of 8
+    moe = moebert_from_dense(dense, torch.rand(3, 37), cfg, token_counts=torch.arange(99.0)).cuda().eval()
+    ids = random_batch()["input_ids"].cuda()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        moe(ids)  # warm-up: first calls may read device properties
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            logits = moe(ids).logits
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(logits).all()
+
+
 def test_grouped_path_only_where_it_can_run(monkeypatch):
     """Experts.grouped_dtype: bf16 (by autocast or by x's dtype) on a grouped device with sizes a
     multiple of 8; else the other paths, which keep fp32 exact."""
