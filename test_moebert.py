@@ -1946,6 +1946,8 @@ def test_grouped_experts_match_each_token_through_its_expert(sizes, device, monk
     """The grouped path (CUDA's in bf16: one grouped matmul per weight, no host sync) under bf16
     autocast, against each token run alone through its own expert in fp64: the outputs and the
     gradients of x and of all six expert tensors within bf16 rounding. Sizes a multiple of 8."""
+    if moebert.GROUPED_MM is None:
+        pytest.skip(f"torch {torch.__version__} has no grouped matmul (2.8 and later have)")
     grouped_mm, calls = moebert.GROUPED_MM, []
     monkeypatch.setattr(moebert, "GROUPED_DEVICES", ("cpu", "cuda"))  # on CPU it is not the default
     monkeypatch.setattr(moebert, "GROUPED_MM", lambda *a, **k: calls.append(1) or grouped_mm(*a, **k))
@@ -2009,6 +2011,8 @@ def test_moebert_forward_on_cuda_never_waits_for_the_device(route):
 def test_grouped_path_only_where_it_can_run(monkeypatch):
     """Experts.grouped_dtype: bf16 (by autocast or by x's dtype) on a grouped device with sizes a
     multiple of 8; else the other paths, which keep fp32 exact."""
+    if moebert.GROUPED_MM is None:
+        pytest.skip(f"torch {torch.__version__} has no grouped matmul (2.8 and later have)")
     small = moebert.Experts(BertConfig(**TINY), MoEConfig(num_experts=3, expert_dim=11, shared_dim=5))
     big = moebert.Experts(BertConfig(**TINY), MoEConfig(num_experts=3, expert_dim=40, shared_dim=16))
     x = torch.randn(4, 32)
