@@ -1992,6 +1992,8 @@ def test_grouped_experts_match_each_token_through_its_expert(sizes, device, monk
 def test_moebert_forward_on_cuda_never_waits_for_the_device(route):
     """On CUDA in bf16 (the grouped path), a MoEBERT forward without an attention_mask reads nothing
     back to the host: torch's sync debug mode raises on any wait. So a CUDA graph can capture it."""
+    if moebert.GROUPED_MM is None:
+        pytest.skip(f"torch {torch.__version__} has no grouped matmul (2.8 and later have)")
     torch.manual_seed(0)
     dense = BertForSequenceClassification(BertConfig(**TINY), 3)
     cfg = MoEConfig(num_experts=3, expert_dim=16, shared_dim=8, route=route)  # sizes a multiple of 8
