@@ -1940,14 +1940,17 @@ def test_bf16_bound_would_see_a_routing_error():
         assert relative_to_scale(p.grad, ref_params[name].grad) > 4 * BF16_REL, name
 
 
+# The grouped expert path needs torch's grouped matmul (2.8 and later; requirements allow 2.1).
+NEEDS_GROUPED_MM = pytest.mark.skipif(moebert.GROUPED_MM is None, reason=f"torch {torch.__version__} has no grouped matmul")
+
+
+@NEEDS_GROUPED_MM
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sizes", [(19, 0, 10), (7, 11, 11)])  # tokens per expert: one expert idle; uneven
 def test_grouped_experts_match_each_token_through_its_expert(sizes, device, monkeypatch):
     """The grouped path (CUDA's in bf16: one grouped matmul per weight, no host sync) under bf16
     autocast, against each token run alone through its own expert in fp64: the outputs and the
     gradients of x and of all six expert tensors within bf16 rounding. Sizes a multiple of 8."""
-    if moebert.GROUPED_MM is None:
-        pytest.skip(f"torch {torch.__version__} has no grouped matmul (2.8 and later have)")
     grouped_mm, calls = moebert.GROUPED_MM, []
     monkeypatch.setattr(moebert, "GROUPED_DEVICES", ("cpu", "cuda"))  # on CPU it is not the default
     monkeypatch.setattr(moebert, "GROUPED_MM", lambda *a, **k: calls.append(1) or grouped_mm(*a, **k))
@@ -1988,12 +1991,11 @@ def test_grouped_experts_match_each_token_through_its_expert(sizes, device, monk
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@NEEDS_GROUPED_MM
 @pytest.mark.parametrize("route", moebert.ROUTES)
 def test_moebert_forward_on_cuda_never_waits_for_the_device(route):
     """On CUDA in bf16 (the grouped path), a MoEBERT forward without an attention_mask reads nothing
     back to the host: torch's sync debug mode raises on any wait. So a CUDA graph can capture it."""
-    if moebert.GROUPED_MM is None:
-        pytest.skip(f"torch {torch.__version__} has no grouped matmul (2.8 and later have)")
     torch.manual_seed(0)
     dense = BertForSequenceClassification(BertConfig(**TINY), 3)
     cfg = MoEConfig(num_experts=3, expert_dim=16, shared_dim=8, route=route)  # sizes a multiple of 8
@@ -2010,11 +2012,10 @@ def test_moebert_forward_on_cuda_never_waits_for_the_device(route):
     assert torch.isfinite(logits).all()
 
 
+@NEEDS_GROUPED_MM
 def test_grouped_path_only_where_it_can_run(monkeypatch):
     """Experts.grouped_dtype: bf16 (by autocast or by x's dtype) on a grouped device with sizes a
     multiple of 8; else the other paths, which keep fp32 exact."""
-    if moebert.GROUPED_MM is None:
-        pytest.skip(f"torch {torch.__version__} has no grouped matmul (2.8 and later have)")
     small = moebert.Experts(BertConfig(**TINY), MoEConfig(num_experts=3, expert_dim=11, shared_dim=5))
     big = moebert.Experts(BertConfig(**TINY), MoEConfig(num_experts=3, expert_dim=40, shared_dim=16))
     x = torch.randn(4, 32)
