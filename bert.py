@@ -268,8 +268,8 @@ class BertModel(PreTrained):
         # Which keys each query may attend to, [B, 1, 1, T]: not the padding. A boolean mask keeps
         # the dtype out of it (fp32 and bf16 autocast alike); no mask at all when nothing is padded,
         # which lets SDPA take its fastest path (length-grouped batches often have no padding).
-        # Without an attention_mask that is known with no look at the data, which on a GPU would
-        # wait for it (and which a CUDA graph cannot capture).
+        # Given no attention_mask, nothing is padded: known without reading the mask back, which on a
+        # GPU waits for the device (and which a CUDA graph cannot capture).
         if attention_mask is None:
             attention_mask, attn_mask = torch.ones_like(input_ids), None
         else:
