@@ -2012,6 +2012,30 @@ def test_moebert_forward_on_cuda_never_waits_for_the_device(route):
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("path", PATHS)
+def test_host_sized_paths_on_cuda_wait_once_a_call(path, monkeypatch):
+    """Outside the grouped path (here fp32), Experts.forward reads the experts' sizes back to the host
+    once a call, its one wait for the device: no count or sort of its own reads anything back (as
+    bincount on CUDA does, twice). Sync debug mode warns at each wait."""
+    take_path(monkeypatch, path)
+    experts = moebert.Experts(BertConfig(**TINY), MoEConfig(num_experts=3, expert_dim=11, shared_dim=5)).cuda().eval()
+    x, expert = torch.randn(55, 32, device="cuda"), torch.randint(0, 3, (55,), device="cuda")
+    with torch.no_grad():
+        want = experts(x, expert)  # warm-up: first calls may read device properties
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                got = experts(x, expert)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(waits) == 1, waits
+    assert torch.equal(got, want)
+
+
 @NEEDS_GROUPED_MM
 def test_grouped_path_only_where_it_can_run(monkeypatch):
     """Experts.grouped_dtype: bf16 (by autocast or by x's dtype) on a grouped device with sizes a
@@ -3215,7 +3239,7 @@ def test_profile_groups_add_up_to_the_wall_time():
         total = sum(g[f"{who}_ms"] for g in row["groups"])
         assert abs(total - row["profiled_ms"][who]) < 1e-2, (who, total, row["profiled_ms"][who])
     # Counts, not times (the machine's noise): one labelled tolist per MoE layer (both models also
-    # have attention_mask.all()'s item); an argsort and a bincount per MoE layer.
+    # have attention_mask.all()'s item); a running count of each expert's tokens (cumsum) per MoE layer.
     tolist = groups["tolist (sync)"]
     assert tolist["moebert_calls"] - tolist["quarter_ffn_calls"] == cfg.num_hidden_layers
     assert groups["argsort/bincount/cumsum"]["moebert_calls"] > groups["argsort/bincount/cumsum"]["quarter_ffn_calls"]
