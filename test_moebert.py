@@ -1944,6 +1944,56 @@ def test_bf16_bound_would_see_a_routing_error():
 NEEDS_GROUPED_MM = pytest.mark.skipif(moebert.GROUPED_MM is None, reason=f"torch {torch.__version__} has no grouped matmul")
 
 
+def experts_and_tokens(sizes, expert_dim):
+    """Three experts (hidden 32) with weights that make each expert's output its own, and tokens
+    sizes[e] of them for expert e, shuffled: experts, expert [n], x [n, H], g [n, H] (an upstream gradient)."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=3, expert_dim=expert_dim, shared_dim=5, expert_dropout=0.0)
+    experts = moebert.Experts(BertConfig(**TINY), cfg)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.3)
+    expert = torch.cat([torch.full((k,), e) for e, k in enumerate(sizes)])[torch.randperm(sum(sizes))]
+    return experts, expert, torch.randn(len(expert), 32), torch.randn(len(expert), 32)
+
+
+def each_token_through_its_expert(experts, expert, x, g):
+    """The reference: one token at a time through its own expert alone, in fp64, and the gradients
+    of (out * g).sum(). Returns out [n, H] and the fp64 leaves: x and the experts' tensors by name."""
+    ref_experts = {n: p.detach().double().requires_grad_() for n, p in experts.named_parameters()}
+    ref_x = x.double().requires_grad_()
+    ref = []
+    for t, e in enumerate(expert.tolist()):
+        p = {n: v[e] for n, v in ref_experts.items()}
+        h = F.gelu(ref_x[t] @ p["intermediate_weight"] + p["intermediate_bias"])
+        y = h @ p["output_weight"] + p["output_bias"] + ref_x[t]
+        ref.append(F.layer_norm(y, (32,), p["LayerNorm_weight"], p["LayerNorm_bias"], experts.eps))
+    ref = torch.stack(ref)
+    (ref * g.double()).sum().backward()
+    return ref, ref_x, ref_experts
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("sizes", [(19, 0, 10), (7, 11, 12), (0, 0, 6)])  # an idle expert; uneven; one takes all
+def test_host_sized_paths_match_each_token_through_its_expert(sizes, path, monkeypatch):
+    """The padded batched path and the per-expert loop, in fp64, against each token run alone
+    through its own expert: outputs and the gradients of x and of all six expert tensors."""
+    take_path(monkeypatch, path)
+    experts, expert, x, g = experts_and_tokens(sizes, expert_dim=11)
+    ref, ref_x, ref_experts = each_token_through_its_expert(experts, expert, x, g)
+    experts.double()
+    x = x.double().requires_grad_()
+    out = experts(x, expert)
+    (out * g.double()).sum().backward()
+    assert_close(out, ref, 1e-12, f"{path} outputs")
+    assert_close(x.grad, ref_x.grad, 1e-12, f"{path} gradient of x")
+    for n, p in experts.named_parameters():
+        assert_close(p.grad, ref_experts[n].grad, 1e-12, f"{path} gradient of {n}")
+        for e, k in enumerate(sizes):
+            if k == 0:  # an idle expert gets no gradient
+                assert (p.grad[e] == 0).all(), n
+
+
 @NEEDS_GROUPED_MM
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sizes", [(19, 0, 10), (7, 11, 11)])  # tokens per expert: one expert idle; uneven
@@ -1954,25 +2004,8 @@ def test_grouped_experts_match_each_token_through_its_expert(sizes, device, monk
     grouped_mm, calls = moebert.GROUPED_MM, []
     monkeypatch.setattr(moebert, "GROUPED_DEVICES", ("cpu", "cuda"))  # on CPU it is not the default
     monkeypatch.setattr(moebert, "GROUPED_MM", lambda *a, **k: calls.append(1) or grouped_mm(*a, **k))
-    torch.manual_seed(0)
-    cfg = MoEConfig(num_experts=3, expert_dim=40, shared_dim=16, expert_dropout=0.0)
-    experts = moebert.Experts(BertConfig(**TINY), cfg)  # hidden 32
-    with torch.no_grad():
-        for p in experts.parameters():
-            p.normal_(0, 0.3)  # outputs that depend on the expert
-    expert = torch.cat([torch.full((k,), e) for e, k in enumerate(sizes)])[torch.randperm(sum(sizes))]
-    x, g = torch.randn(len(expert), 32), torch.randn(len(expert), 32)  # g: a random upstream gradient
-
-    ref_experts = {n: p.detach().double().requires_grad_() for n, p in experts.named_parameters()}
-    ref_x = x.double().requires_grad_()
-    ref = []
-    for t, e in enumerate(expert.tolist()):  # one token at a time, through its expert alone
-        p = {n: v[e] for n, v in ref_experts.items()}
-        h = F.gelu(ref_x[t] @ p["intermediate_weight"] + p["intermediate_bias"])
-        y = h @ p["output_weight"] + p["output_bias"] + ref_x[t]
-        ref.append(F.layer_norm(y, (32,), p["LayerNorm_weight"], p["LayerNorm_bias"], experts.eps))
-    ref = torch.stack(ref)
-    (ref * g.double()).sum().backward()
+    experts, expert, x, g = experts_and_tokens(sizes, expert_dim=40)
+    ref, ref_x, ref_experts = each_token_through_its_expert(experts, expert, x, g)
 
     experts.to(device)
     x = x.to(device).requires_grad_()
