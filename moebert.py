@@ -247,7 +247,8 @@ class Experts(nn.Module):
 
     def forward(self, x, expert):  # [n, H], [n] -> [n, H]
         """Each token through its own expert, with no loop over tokens: each expert gathers its own
-        tokens (a running count gives each token its row) and runs one matmul per weight over them."""
+        tokens and runs one matmul per weight over them. A running count of each expert's tokens gives
+        the sizes and each token's row in the padded batch; the per-expert loop takes a sort."""
         dtype = self.grouped_dtype(x)
         if dtype is not None:
             return self.grouped(x, expert, dtype)

@@ -2050,10 +2050,10 @@ def test_moebert_forward_on_cuda_never_waits_for_the_device(route):
 def test_host_sized_paths_on_cuda_wait_once_a_call(path, monkeypatch):
     """Outside the grouped path (here fp32), Experts.forward reads the experts' sizes back to the host
     once a call, its one wait for the device: no count or sort of its own reads anything back (as
-    bincount on CUDA does, twice). Sync debug mode warns at each wait."""
+    bincount on CUDA does its input's min and max). Sync debug mode warns at each wait."""
     take_path(monkeypatch, path)
-    experts = moebert.Experts(BertConfig(**TINY), MoEConfig(num_experts=3, expert_dim=11, shared_dim=5)).cuda().eval()
-    x, expert = torch.randn(55, 32, device="cuda"), torch.randint(0, 3, (55,), device="cuda")
+    experts, expert, x, _ = experts_and_tokens((19, 17, 19), expert_dim=11)
+    experts, expert, x = experts.cuda().eval(), expert.cuda(), x.cuda()
     with torch.no_grad():
         want = experts(x, expert)  # warm-up: first calls may read device properties
         torch.cuda.synchronize()
