@@ -39,18 +39,30 @@ def moebert_at(commit):
     return module
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", required=True, help="the commit whose moebert.py is 'before'")
+def comparison_args(doc, repeats, min_seconds, extra=lambda p: None):
+    """The options of an alternating CPU comparison (this tool, onednn_cpu.py), parsed; extra(p) adds
+    a tool's own."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    extra(p)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--repeats", type=int, default=8, help="alternating repeats; medians are reported")
-    p.add_argument("--min-seconds", type=float, default=1.0, help="least time per model and repeat")
+    p.add_argument("--repeats", type=int, default=repeats, help="alternating repeats; medians are reported")
+    p.add_argument("--min-seconds", type=float, default=min_seconds, help="least time per model and repeat")
     p.add_argument("--out", help="also write the numbers here as JSON")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def cpu_bert_base():
+    """The CPU and BERT-base's config (MoEBERT 4 experts x 768, 512 shared), freed memory kept for
+    reuse as train.py does, seed 0."""
     keep_freed_memory()
-    cpu = torch.device("cpu")
     torch.manual_seed(0)
-    cfg = BertConfig()  # BERT-base; MoEBERT 4 experts x 768, 512 shared
+    return torch.device("cpu"), BertConfig()
+
+
+def main():
+    args = comparison_args(__doc__, repeats=8, min_seconds=1.0, extra=lambda p: p.add_argument(
+        "--base", required=True, help="the commit whose moebert.py is 'before'"))
+    cpu, cfg = cpu_bert_base()
     models, _ = bench.inference_models(cfg, cpu, ["dense", "quarter-FFN", "hash-random"], 6)
     dense = models.pop("dense")
     # The same dense weights and importance through the base commit's surgery: the same MoEBERT.

@@ -14,7 +14,6 @@ Prints the GFLOP/s of one matmul with each library; then, per batch size, ms per
 repeats) with each library, each model's MKL / oneDNN time, MoEBERT's share of the cap within each
 library and the largest logit difference between the libraries.
 """
-import argparse
 import contextlib
 import json
 import os
@@ -28,8 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import bench  # noqa: E402
 import moebert  # noqa: E402
-from bert import BertConfig  # noqa: E402
-from train import keep_freed_memory  # noqa: E402
+from ab_moebert import comparison_args, cpu_bert_base  # noqa: E402  (tools/ is this script's folder)
 
 ONEDNN = torch.ops.mkldnn._linear_pointwise  # (X, W [out, in], b, post-op, its scalars, its algorithm)
 
@@ -62,16 +60,8 @@ def onednn():
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--repeats", type=int, default=4, help="alternating repeats; medians are reported")
-    p.add_argument("--min-seconds", type=float, default=0.5, help="least time per model, library and repeat")
-    p.add_argument("--out", help="also write the numbers here as JSON")
-    args = p.parse_args()
-    keep_freed_memory()
-    cpu = torch.device("cpu")
-    torch.manual_seed(0)
-    cfg = BertConfig()  # BERT-base; MoEBERT 4 experts x 768, 512 shared
+    args = comparison_args(__doc__, repeats=4, min_seconds=0.5)
+    cpu, cfg = cpu_bert_base()
     libraries = {"MKL": contextlib.nullcontext, "oneDNN": onednn}
     # One attention projection at batch 8: [1024, 768] x [768, 768].
     x, w = torch.randn(1024, cfg.hidden_size), torch.randn(cfg.hidden_size, cfg.hidden_size)
