@@ -1,8 +1,9 @@
 """Does the CPU's matmul library move MoEBERT's share of the cap? On CPU, torch sends fp32 matmuls to
-MKL, which on AMD processors runs its AVX2 kernels; oneDNN, also inside torch, runs AVX-512 there. This
-times dense BERT-base, the quarter-FFN floor (bench.py's cap), the 6-layer student and MoEBERT
-(hash-random) once with each library, all in one process, alternating, so the machine's drift hits
-all alike. CPU, fp32, random weights, sequence 128, forward only.
+MKL, which on the AMD processor we measured ran at the speed of 256-bit (AVX2) arithmetic; oneDNN,
+also inside torch, uses AVX-512 there. This times dense BERT-base, the quarter-FFN floor (bench.py's
+cap), the 6-layer student and MoEBERT (hash-random) once with each library, all in one process,
+alternating, so the machine's drift hits all alike. CPU, fp32, random weights, sequence 128, forward
+only.
 
     python tools/onednn_cpu.py --batch-sizes 1 8 32 --repeats 4 --out onednn.json
 
