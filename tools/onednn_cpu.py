@@ -30,11 +30,8 @@ import bench  # noqa: E402
 import moebert  # noqa: E402
 from ab_moebert import comparison_args, cpu_bert_base  # noqa: E402  (tools/ is this script's folder)
 
-ONEDNN = torch.ops.mkldnn._linear_pointwise  # (X, W [out, in], b, post-op, its scalars, its algorithm)
-
-
-def onednn_linear(x, weight, bias=None):
-    return ONEDNN(x, weight, bias, "none", [], "")
+def onednn_linear(x, weight, bias=None):  # (X, W [out, in], b, post-op, its scalars, its algorithm)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def onednn_experts(self, x, expert):  # [n, H], [n] -> [n, H]: moebert.Experts.forward, one call per expert
@@ -62,6 +59,8 @@ def onednn():
 
 def main():
     args = comparison_args(__doc__, repeats=4, min_seconds=0.5)
+    if not torch.backends.mkldnn.is_available():
+        raise SystemExit("this torch was built without oneDNN (torch.backends.mkldnn.is_available() is False)")
     cpu, cfg = cpu_bert_base()
     libraries = {"MKL": contextlib.nullcontext, "oneDNN": onednn}
     # One attention projection at batch 8: [1024, 768] x [768, 768].
