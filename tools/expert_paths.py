@@ -23,16 +23,14 @@ import torch  # noqa: E402
 
 import bench  # noqa: E402
 import moebert  # noqa: E402
+from ab_moebert import cpu_bert_base  # noqa: E402  (tools/ is this script's folder)
 from bert import BertConfig, BertIntermediate, BertOutput  # noqa: E402
-from train import keep_freed_memory  # noqa: E402
 
 LAYERS, REPEATS, MIN_SECONDS = 12, 9, 0.5
 
 
 def main():
-    keep_freed_memory()
-    torch.manual_seed(0)
-    cfg = BertConfig()  # BERT-base; experts 4 x 768, 512 shared
+    cpu, cfg = cpu_bert_base()
     moe_cfg = moebert.MoEConfig.scaled(cfg.intermediate_size)
     quarter_cfg = BertConfig(intermediate_size=moe_cfg.expert_dim)
     quarter = [(BertIntermediate(quarter_cfg).eval(), BertOutput(quarter_cfg).eval()) for _ in range(LAYERS)]
@@ -64,7 +62,7 @@ def main():
     runs = {"quarter-FFN": quarter_ffn, "padded": moe(experts, SMALL_BATCH=float("inf"), PADDING=float("inf")),
             "loop": moe(experts, PADDING=-1), "rule": moe(experts), "unrouted": moe(unrouted),
             "unrouted-loop": moe(unrouted, SMALL_BATCH=0)}
-    print(bench.machine(torch.device("cpu")))
+    print(bench.machine(cpu))
     for n in [int(a) for a in sys.argv[1:]] or [128, 1024]:
         x, ids = torch.randn(n, cfg.hidden_size), torch.randint(999, cfg.vocab_size, (n,))
         counts = [torch.bincount(t[ids], minlength=moe_cfg.num_experts) for t in tables]
@@ -73,7 +71,7 @@ def main():
         with torch.inference_mode():
             for _ in range(REPEATS):
                 for k, run in runs.items():
-                    ms[k].append(1e3 * bench.timeit(lambda: run(x, ids), torch.device("cpu"), MIN_SECONDS))
+                    ms[k].append(1e3 * bench.timeit(lambda: run(x, ids), cpu, MIN_SECONDS))
         q = statistics.median(ms["quarter-FFN"])
         print(f"{n} tokens, padding rows in the {LAYERS} layers {padding}; quarter-FFN {q / LAYERS:.3f} ms a layer;"
               f" above it, ms a layer (median of {REPEATS}):")
