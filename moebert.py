@@ -20,7 +20,7 @@ from bert import (ACT2FN, BadFile, BertConfig, BertForQuestionAnswering, BertFor
 ROUTES = ("hash-random", "hash-balance", "gate-token", "gate-sentence")
 SPLITS = ("importance", "random", "inverse")
 # Experts.forward runs all experts in one padded batched matmul up to SMALL_BATCH tokens per expert
-# on average and PADDING times the rows (thresholds measured on CPU at BERT-base sizes: README, Speed).
+# on average and PADDING times the rows (thresholds measured on CPU at BERT-base sizes: SPEED.md).
 SMALL_BATCH, PADDING = 256, 1.3
 # On these devices, in bf16, Experts.forward runs each weight as one grouped matmul over all experts
 # instead: no padding, and no wait for the device (the others read the experts' sizes on the host,
@@ -178,7 +178,7 @@ class Experts(nn.Module):
     BertOutput compute it.
 
     The matrices are stored [in, out], as Google's kernels are (nn.Linear stores [out, in]): on CPU
-    the few-row matmuls of small batches run ~25% faster that way (README, Speed). Names keep BERT's
+    the few-row matmuls of small batches run ~25% faster that way (SPEED.md). Names keep BERT's
     words, so the weight-decay rule (none for "bias" and "LayerNorm") reads them as it reads BERT's.
     """
 

@@ -152,7 +152,7 @@ def autocast(device, dtype):
 def keep_freed_memory():
     """CPU: keep freed memory in the process. glibc hands each block over 32 MB out as a fresh
     mapping and unmaps it when freed, so every large activation page-faults anew; that made BERT-base
-    inference at batch 32 ~25% slower here (README, Speed). Returns whether glibc took the settings."""
+    inference at batch 32 ~25% slower here (SPEED.md). Returns whether glibc took the settings."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         # M_MMAP_THRESHOLD (-3): blocks up to 1 GB come from the heap; M_TRIM_THRESHOLD (-1): never trim it.
