@@ -3534,11 +3534,15 @@ def test_two_processes_stopped_and_resumed_bitwise(tmp_path):
     state), then the same command again: bitwise the weights of a 2-process run never stopped."""
     args = tiny_task(tmp_path) + ["--epochs", "6"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TRAIN, *args]
-    subprocess.run(cmd + ["--out", str(tmp_path / "ref")], cwd=HERE, check=True, capture_output=True, timeout=600)
+
+    def run(out):  # a whole run; a failure shows the end of torchrun's and the processes' stderr
+        p = subprocess.run(cmd + ["--out", str(out)], cwd=HERE, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+
+    run(tmp_path / "ref")
     code, text = stop_midway(cmd + ["--out", str(tmp_path / "out")], tmp_path / "out" / "moebert", signal.SIGTERM)
     assert len([l for l in text.splitlines() if l.startswith("stopped by SIGTERM at distill step")]) == 1, text
-    p = subprocess.run(cmd + ["--out", str(tmp_path / "out")], cwd=HERE, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    run(tmp_path / "out")
     assert '"resumed"' in (tmp_path / "out" / "log.jsonl").read_text()
     for s in ("teacher", "moebert"):
         assert_same_weights(tmp_path / "out" / s / "model.safetensors", tmp_path / "ref" / s / "model.safetensors")

@@ -2,8 +2,9 @@
 # The README's real runs: MiniLM-L6-H384 (a real uncased BERT from PyPI) on GLUE, on CPU.
 #   MINILM=~/.cache/moebert/minilm GLUE=../shared/data/glue bash tools/glue_minilm.sh [STEP...]
 # STEP: seed0|seed1|seed2 (rte mrpc stsb cola), ablation (STS-B, 3 seeds), ablationN, sst2, sst2-short
-# (1 teacher epoch, 1 distillation epoch: what fits in an hour of CPU), TASK-sN, TASK-shallow-sN (after TASK-sN:
-# the 3-layer dense student of the same cost per token, distilled from that run's teacher).
+# (1 teacher epoch, 1 distillation epoch: what fits in an hour of CPU; sst2-short-sN for seed N), TASK-sN,
+# TASK-shallow-sN (after TASK-sN: the 3-layer dense student of the same cost per token, distilled from
+# that run's teacher).
 # MINILM: a folder with config.json, model.safetensors, vocab.txt (pytest puts one in the cache).
 # Teacher: lr 1e-4 for 5 epochs (the standard 2e-5 x 3 leaves this small model near chance on RTE);
 # MoEBERT: the paper's Table 7 for each task. Each run writes out/<task>-s<seed>/results.json.
@@ -32,6 +33,7 @@ for step in $steps; do
     ablation) for seed in 0 1 2; do ablate stsb "$seed"; done ;;  # STS-B: 1500 dev pairs, least noisy
     sst2) run sst2 0 ;;
     sst2-short) run sst2 0 --teacher-epochs 1 --distill-epochs 1 --out out/sst2-short-s0 ;;  # CPU-sized
+    sst2-short-s[0-9]) s=${step##*-s}; run sst2 "$s" --teacher-epochs 1 --distill-epochs 1 --out "out/sst2-short-s$s" ;;
     ablation[0-9]) ablate stsb "${step#ablation}" ;;       # one seed of the ablation
     *-shallow-s[0-9]) t=${step%-shallow-s*} s=${step##*-s}  # the 3-layer dense student of TASK-sN's teacher
       run "$t" "$s" --teacher "out/$t-s$s/teacher" --student shallow --out "out/$t-shallow-s$s" ;;
