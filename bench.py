@@ -219,9 +219,10 @@ OP_GROUP = {op: group for group, ops in OP_GROUPS for op in ops}
 BETWEEN_OPS = "between ops (Python, dispatch)"
 
 
-def profile_forward(run, device, iters):
+def profile_forward(run, device, iters, shapes=False):
     """Per forward: ms of self time of each op (torch.profiler, CPU side; on CUDA also the device's),
-    calls, and the wall time. Tensor.tolist is labelled so its time shows (on CPU it runs no aten op)."""
+    calls, and the wall time. Tensor.tolist is labelled so its time shows (on CPU it runs no aten op).
+    shapes: each op apart for each shape of its inputs, keyed (op, shapes)."""
     from torch.profiler import ProfilerActivity, profile, record_function
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -234,7 +235,7 @@ def profile_forward(run, device, iters):
         run()
     torch.Tensor.tolist = labelled_tolist
     try:
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, record_shapes=shapes) as prof:
             sync()
             t0 = time.perf_counter()
             for _ in range(iters):
@@ -244,10 +245,11 @@ def profile_forward(run, device, iters):
     finally:
         torch.Tensor.tolist = tolist
     ops = {}
-    for e in prof.key_averages():
-        ops[e.key] = {"ms": e.self_cpu_time_total / 1e3 / iters, "calls": e.count / iters}
+    for e in prof.key_averages(group_by_input_shape=shapes):
+        key = (e.key, str(e.input_shapes)) if shapes else e.key
+        ops[key] = {"ms": e.self_cpu_time_total / 1e3 / iters, "calls": e.count / iters}
         if device.type == "cuda":
-            ops[e.key]["device_ms"] = getattr(e, "self_device_time_total", 0) / 1e3 / iters
+            ops[key]["device_ms"] = getattr(e, "self_device_time_total", 0) / 1e3 / iters
     return ops, wall * 1e3 / iters
 
 

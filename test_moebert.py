@@ -2023,6 +2023,18 @@ def test_grouped_experts_match_each_token_through_its_expert(sizes, device, monk
             assert (p.grad[sizes.index(0)] == 0).all(), n
 
 
+@contextlib.contextmanager
+def cuda_sync_debug(mode):
+    """torch's CUDA sync debug mode for the duration, once the device has drained: "warn" warns at
+    each wait for the device, "error" raises."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 @NEEDS_GROUPED_MM
 @pytest.mark.parametrize("route", moebert.ROUTES)
@@ -2036,12 +2048,8 @@ def test_moebert_forward_on_cuda_never_waits_for_the_device(route):
     ids = random_batch()["input_ids"].cuda()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         moe(ids)  # warm-up: first calls may read device properties
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with cuda_sync_debug("error"):
             logits = moe(ids).logits
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(logits).all()
 
 
@@ -2056,14 +2064,9 @@ def test_host_sized_paths_on_cuda_wait_once_a_call(path, monkeypatch):
     experts, expert, x = experts.cuda().eval(), expert.cuda(), x.cuda()
     with torch.no_grad():
         want = experts(x, expert)  # warm-up: first calls may read device properties
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                got = experts(x, expert)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        with cuda_sync_debug("warn"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = experts(x, expert)
     waits = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
     assert len(waits) == 1, waits
     assert torch.equal(got, want)

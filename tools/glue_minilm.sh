@@ -32,8 +32,8 @@ for step in $steps; do
     seed0|seed1|seed2) for task in rte mrpc stsb cola; do run "$task" "${step#seed}"; done ;;
     ablation) for seed in 0 1 2; do ablate stsb "$seed"; done ;;  # STS-B: 1500 dev pairs, least noisy
     sst2) run sst2 0 ;;
-    sst2-short) run sst2 0 --teacher-epochs 1 --distill-epochs 1 --out out/sst2-short-s0 ;;  # CPU-sized
-    sst2-short-s[0-9]) s=${step##*-s}; run sst2 "$s" --teacher-epochs 1 --distill-epochs 1 --out "out/sst2-short-s$s" ;;
+    sst2-short|sst2-short-s[0-9]) s=${step#sst2-short}; s=${s#-s}; s=${s:-0}  # CPU-sized; seed 0 unless named
+      run sst2 "$s" --teacher-epochs 1 --distill-epochs 1 --out "out/sst2-short-s$s" ;;
     ablation[0-9]) ablate stsb "${step#ablation}" ;;       # one seed of the ablation
     *-shallow-s[0-9]) t=${step%-shallow-s*} s=${step##*-s}  # the 3-layer dense student of TASK-sN's teacher
       run "$t" "$s" --teacher "out/$t-s$s/teacher" --student shallow --out "out/$t-shallow-s$s" ;;

@@ -1,10 +1,10 @@
 """MoEBERT's matmuls inside the whole model, by shape: BERT-base's quarter-FFN model (bench.py's cap),
 hash-random's experts without routing ("unrouted", bench.UnroutedExperts) and hash-random, CPU, fp32,
 random weights, sequence 128. For each model: the unprofiled ms a forward (median of alternating
-repeats); each matmul shape's calls and ms a call (torch.profiler self time, the least of 3 profiled
-runs of 5 forwards); the other ops' self time a forward. The quarter-FFN model's [n, 768] x [768, 768]
-products (attention's and its FFN's) against the experts' batched ones of the same multiply-adds say
-what the expert matmuls cost as such; unrouted against hash-random what the padding adds. Then the
+repeats); each matmul shape's calls and ms a call (bench.profile_forward's torch.profiler self time,
+the least of 3 profiled runs of 5 forwards); the other ops' self time a forward. The quarter-FFN
+model's [n, 768] x [768, 768] products (attention's and its FFN's) against the experts' batched ones
+of the same multiply-adds say what the expert matmuls cost as such; unrouted against hash-random what the padding adds. Then the
 same two products timed alone, with the weights in cache (one layer's, again and again) and from
 memory (twelve layers' W1 and W2 of four experts, 226 MB), as ms a 128 x 768 x 768 product.
 
@@ -13,13 +13,11 @@ memory (twelve layers' W1 and W2 of four experts, 226 MB), as ms a 128 x 768 x 7
 import os
 import statistics
 import sys
-import time
 from contextlib import nullcontext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import bench  # noqa: E402
 from ab_moebert import cpu_bert_base  # noqa: E402  (tools/ is this script's folder)
@@ -42,21 +40,16 @@ def main():
         print(f"batch {B}: ms a forward, median of {REPEATS}: "
               + ", ".join(f"{name} {statistics.median(v):.1f}" for name, v in plain.items()))
         for name, run in runs.items():
-            per_call, others, walls = {}, {}, []  # (op, shapes) -> (calls, least ms a call); op -> [ms]
-            for _ in range(PROFILED):
-                with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-                    t0 = time.perf_counter()
-                    for _ in range(FORWARDS):
-                        run()
-                    walls.append(1e3 * (time.perf_counter() - t0) / FORWARDS)
-                for e in prof.key_averages(group_by_input_shape=True):
-                    ms = e.self_cpu_time_total / 1e3
-                    if e.key in MATMULS:
-                        calls, best = per_call.get((e.key, str(e.input_shapes)), (0, float("inf")))
-                        per_call[(e.key, str(e.input_shapes))] = (e.count / FORWARDS, min(best, ms / e.count))
-                    else:  # every other op, all shapes together, ms a forward
-                        others.setdefault(e.key, [0.0] * PROFILED)[len(walls) - 1] += ms / FORWARDS
-            print(f"  {name}: profiled {min(walls):.1f} ms a forward")
+            profiled = [bench.profile_forward(run, cpu, FORWARDS, shapes=True) for _ in range(PROFILED)]
+            per_call, others = {}, {}  # (op, shapes) -> (calls a forward, least ms a call); op -> [ms a forward]
+            for i, (ops, _) in enumerate(profiled):
+                for (op, shapes), v in ops.items():
+                    if op in MATMULS:
+                        best = per_call.get((op, shapes), (0, float("inf")))[1]
+                        per_call[(op, shapes)] = (v["calls"], min(best, v["ms"] / v["calls"]))
+                    else:  # every other op, all shapes together
+                        others.setdefault(op, [0.0] * PROFILED)[i] += v["ms"]
+            print(f"  {name}: profiled {min(wall for _, wall in profiled):.1f} ms a forward")
             for (op, shapes), (calls, ms) in sorted(per_call.items(), key=lambda kv: -kv[1][0] * kv[1][1]):
                 print(f"    {op:14s} {shapes:60s} {calls:5.1f} calls  {ms:7.3f} ms a call  {calls * ms:8.2f} ms")
             top = sorted(others.items(), key=lambda kv: -min(kv[1]))[:8]
