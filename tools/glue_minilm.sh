@@ -4,7 +4,7 @@
 # STEP: seed0|seed1|seed2 (rte mrpc stsb cola), ablation (STS-B, 3 seeds), ablationN, sst2, sst2-short
 # (1 teacher epoch, 1 distillation epoch: what fits in an hour of CPU; sst2-short-sN for seed N), TASK-sN,
 # TASK-shallow-sN (after TASK-sN: the 3-layer dense student of the same cost per token, distilled from
-# that run's teacher).
+# that run's teacher), sst2-short-shallow-sN (the same, on the short schedule).
 # MINILM: a folder with config.json, model.safetensors, vocab.txt (pytest puts one in the cache).
 # Teacher: lr 1e-4 for 5 epochs (the standard 2e-5 x 3 leaves this small model near chance on RTE);
 # MoEBERT: the paper's Table 7 for each task. Each run writes out/<task>-s<seed>/results.json.
@@ -35,6 +35,9 @@ for step in $steps; do
     sst2-short|sst2-short-s[0-9]) s=${step#sst2-short}; s=${s#-s}; s=${s:-0}  # CPU-sized; seed 0 unless named
       run sst2 "$s" --teacher-epochs 1 --distill-epochs 1 --out "out/sst2-short-s$s" ;;
     ablation[0-9]) ablate stsb "${step#ablation}" ;;       # one seed of the ablation
+    sst2-short-shallow-s[0-9]) s=${step##*-s}  # the 3-layer student of sst2-short-sN's teacher, 1 epoch
+      run sst2 "$s" --teacher "out/sst2-short-s$s/teacher" --student shallow --teacher-epochs 1 --distill-epochs 1 \
+        --out "out/sst2-short-shallow-s$s" ;;
     *-shallow-s[0-9]) t=${step%-shallow-s*} s=${step##*-s}  # the 3-layer dense student of TASK-sN's teacher
       run "$t" "$s" --teacher "out/$t-s$s/teacher" --student shallow --out "out/$t-shallow-s$s" ;;
     *-s[0-9]) run "${step%-s*}" "${step##*-s}" ;;          # one run, e.g. mrpc-s1
