@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 MINILM=${MINILM:-$HOME/.cache/moebert/minilm}
 GLUE=${GLUE:-../shared/data/glue}
 declare -A DIR=([rte]=RTE [mrpc]=MRPC [stsb]=STS-B [cola]=CoLA [sst2]=SST-2)
+SHORT=(--teacher-epochs 1 --distill-epochs 1)  # SST-2 on a CPU-sized schedule (sst2-short...)
 
 run() {  # run TASK SEED [extra flags...]
   local task=$1 seed=$2; shift 2
@@ -33,10 +34,10 @@ for step in $steps; do
     ablation) for seed in 0 1 2; do ablate stsb "$seed"; done ;;  # STS-B: 1500 dev pairs, least noisy
     sst2) run sst2 0 ;;
     sst2-short|sst2-short-s[0-9]) s=${step#sst2-short}; s=${s#-s}; s=${s:-0}  # CPU-sized; seed 0 unless named
-      run sst2 "$s" --teacher-epochs 1 --distill-epochs 1 --out "out/sst2-short-s$s" ;;
+      run sst2 "$s" "${SHORT[@]}" --out "out/sst2-short-s$s" ;;
     ablation[0-9]) ablate stsb "${step#ablation}" ;;       # one seed of the ablation
     sst2-short-shallow-s[0-9]) s=${step##*-s}  # the 3-layer student of sst2-short-sN's teacher, 1 epoch
-      run sst2 "$s" --teacher "out/sst2-short-s$s/teacher" --student shallow --teacher-epochs 1 --distill-epochs 1 \
+      run sst2 "$s" "${SHORT[@]}" --teacher "out/sst2-short-s$s/teacher" --student shallow \
         --out "out/sst2-short-shallow-s$s" ;;
     *-shallow-s[0-9]) t=${step%-shallow-s*} s=${step##*-s}  # the 3-layer dense student of TASK-sN's teacher
       run "$t" "$s" --teacher "out/$t-s$s/teacher" --student shallow --out "out/$t-shallow-s$s" ;;
