@@ -35,10 +35,10 @@ for step in $steps; do
     sst2) run sst2 0 ;;
     sst2-short|sst2-short-s[0-9]) s=${step#sst2-short}; s=${s#-s}; s=${s:-0}  # CPU-sized; seed 0 unless named
       run sst2 "$s" "${SHORT[@]}" --out "out/sst2-short-s$s" ;;
-    ablation[0-9]) ablate stsb "${step#ablation}" ;;       # one seed of the ablation
     sst2-short-shallow-s[0-9]) s=${step##*-s}  # the 3-layer student of sst2-short-sN's teacher, 1 epoch
       run sst2 "$s" "${SHORT[@]}" --teacher "out/sst2-short-s$s/teacher" --student shallow \
         --out "out/sst2-short-shallow-s$s" ;;
+    ablation[0-9]) ablate stsb "${step#ablation}" ;;       # one seed of the ablation
     *-shallow-s[0-9]) t=${step%-shallow-s*} s=${step##*-s}  # the 3-layer dense student of TASK-sN's teacher
       run "$t" "$s" --teacher "out/$t-s$s/teacher" --student shallow --out "out/$t-shallow-s$s" ;;
     *-s[0-9]) run "${step%-s*}" "${step##*-s}" ;;          # one run, e.g. mrpc-s1

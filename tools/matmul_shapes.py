@@ -4,9 +4,10 @@ random weights, sequence 128. For each model: the unprofiled ms a forward (media
 repeats); each matmul shape's calls and ms a call (bench.profile_forward's torch.profiler self time,
 the least of 3 profiled runs of 5 forwards); the other ops' self time a forward. The quarter-FFN
 model's [n, 768] x [768, 768] products (attention's and its FFN's) against the experts' batched ones
-of the same multiply-adds say what the expert matmuls cost as such; unrouted against hash-random what the padding adds. Then the
-same two products timed alone, with the weights in cache (one layer's, again and again) and from
-memory (twelve layers' W1 and W2 of four experts, 226 MB), as ms a 128 x 768 x 768 product.
+of the same multiply-adds say what the expert matmuls cost as such; unrouted against hash-random
+what the padding adds. Then the same two products timed alone, with the weights in cache (one
+layer's, again and again) and from memory (twelve layers' W1 and W2 of four experts, 226 MB), as ms
+a 128 x 768 x 768 product.
 
     python tools/matmul_shapes.py 1 8      # batch sizes
 """
@@ -41,14 +42,7 @@ def main():
               + ", ".join(f"{name} {statistics.median(v):.1f}" for name, v in plain.items()))
         for name, run in runs.items():
             profiled = [bench.profile_forward(run, cpu, FORWARDS, shapes=True) for _ in range(PROFILED)]
-            per_call, others = {}, {}  # (op, shapes) -> (calls a forward, least ms a call); op -> [ms a forward]
-            for i, (ops, _) in enumerate(profiled):
-                for (op, shapes), v in ops.items():
-                    if op in MATMULS:
-                        best = per_call.get((op, shapes), (0, float("inf")))[1]
-                        per_call[(op, shapes)] = (v["calls"], min(best, v["ms"] / v["calls"]))
-                    else:  # every other op, all shapes together
-                        others.setdefault(op, [0.0] * PROFILED)[i] += v["ms"]
+            per_call, others = by_shape([ops for ops, _ in profiled])
             print(f"  {name}: profiled {min(wall for _, wall in profiled):.1f} ms a forward")
             for (op, shapes), (calls, ms) in sorted(per_call.items(), key=lambda kv: -kv[1][0] * kv[1][1]):
                 print(f"    {op:14s} {shapes:60s} {calls:5.1f} calls  {ms:7.3f} ms a call  {calls * ms:8.2f} ms")
@@ -57,6 +51,20 @@ def main():
                   + ", ".join(f"{op} {min(v):.2f}" for op, v in top))
 
     alone(cpu)
+
+
+def by_shape(runs):
+    """Profiled runs ({(op, shapes): {"ms", "calls"}} a forward) -> each matmul shape's (calls a forward,
+    least ms a call over the runs), and every other op's ms a forward in each run, its shapes summed."""
+    per_call, others = {}, {}
+    for i, ops in enumerate(runs):
+        for (op, shapes), v in ops.items():
+            if op in MATMULS:
+                best = per_call.get((op, shapes), (0, float("inf")))[1]
+                per_call[(op, shapes)] = (v["calls"], min(best, v["ms"] / v["calls"]))
+            else:
+                others.setdefault(op, [0.0] * len(runs))[i] += v["ms"]
+    return per_call, others
 
 
 def alone(cpu):
