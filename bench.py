@@ -500,13 +500,21 @@ def checkpoints(args, cfg, device, autocast):
 
 
 def machine(device):
-    cpu = platform.processor()
+    fields = {}  # the first CPU's /proc/cpuinfo lines, where there is one
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    # What the numbers depend on, stored with them.
-    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    # What the numbers depend on, stored with them. Virtual machines often name only the vendor ("AMD
+    # EPYC"): family and model tell its generation, and torch's capability which vector kernels ran.
+    info = {"cpu": fields.get("model name", platform.processor()), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if "cpu family" in fields:
+        info["cpu_family_model"] = f"{fields['cpu family']}/{fields.get('model', '?')}"
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
