@@ -500,14 +500,11 @@ def checkpoints(args, cfg, device, autocast):
 
 
 def machine(device):
-    fields = {}  # the first CPU's /proc/cpuinfo lines, where there is one
+    fields = {}  # "key: value" lines of the first CPU's block of /proc/cpuinfo, where there is one
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():
-                    break
-                key, _, value = line.partition(":")
-                fields[key.strip()] = value.strip()
+            first = f.read().split("\n\n", 1)[0]
+        fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first.splitlines())}
     # What the numbers depend on, stored with them. Virtual machines often name only the vendor ("AMD
     # EPYC"): family and model tell its generation, and torch's capability which vector kernels ran.
     info = {"cpu": fields.get("model name", platform.processor()), "cores": os.cpu_count(),
