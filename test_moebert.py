@@ -1466,11 +1466,22 @@ def test_importance_and_evaluation_report_progress(never_stopped, capsys, monkey
     assert '"stage": "distill"' in log and '"eta_s"' in log
 
 
-# torchrun's processes print Python's stack of every thread if they abort (a C++ terminate, a crash):
-# a SIGABRT of one process, "terminate called without an active exception" (once in ~600 runs on a
-# loaded 2-core CPU, 2026-12-03), showed no more than that.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TRAIN]
+
+
 def torchrun_env():
+    """The environment for TORCHRUN: its processes print Python's stack of every thread if they abort (a C++
+    terminate, a crash). A SIGABRT of one process, "terminate called without an active exception" (once in
+    ~600 runs on a loaded 2-core CPU, 2026-12-03), showed no more than that."""
     return {**os.environ, "PYTHONFAULTHANDLER": "1"}
+
+
+def run_torchrun(args, out):
+    """A whole 2-process run of train.py into `out`; a failure shows the end of its output, and of
+    torchrun's and the processes' stderr."""
+    p = subprocess.run(TORCHRUN + [*args, "--out", str(out)], cwd=HERE, capture_output=True, text=True,
+                       timeout=600, env=torchrun_env())
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
 
 
 def test_two_processes_equal_one(never_stopped, tmp_path):
@@ -1481,10 +1492,7 @@ def test_two_processes_equal_one(never_stopped, tmp_path):
     args = tiny_task(tmp_path, dropout=0.0) + ["--expert-dropout", "0", "--max-train-examples", "89", "--epochs", "3"]
     one = train.main(args + ["--out", str(tmp_path / "one")])
     t0 = time.time()
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        TRAIN, *args, "--out", str(tmp_path / "two")], cwd=HERE, capture_output=True, text=True,
-                       timeout=600, env=torchrun_env())
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    run_torchrun(args, tmp_path / "two")
     print(f"two processes: {time.time() - t0:.1f}s")
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["config"]["processes"] == 2
@@ -3543,18 +3551,11 @@ def test_two_processes_stopped_and_resumed_bitwise(tmp_path):
     the signal on; both processes stop at the same step and the master writes every process's RNG
     state), then the same command again: bitwise the weights of a 2-process run never stopped."""
     args = tiny_task(tmp_path) + ["--epochs", "6"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TRAIN, *args]
-
-    def run(out):  # a whole run; a failure shows the end of its output, and torchrun's and the processes' stderr
-        p = subprocess.run(cmd + ["--out", str(out)], cwd=HERE, capture_output=True, text=True, timeout=600,
-                           env=torchrun_env())
-        assert p.returncode == 0, p.stdout[-1500:] + p.stderr[-3000:]
-
-    run(tmp_path / "ref")
-    code, text = stop_midway(cmd + ["--out", str(tmp_path / "out")], tmp_path / "out" / "moebert", signal.SIGTERM,
-                             env=torchrun_env())
+    run_torchrun(args, tmp_path / "ref")
+    code, text = stop_midway(TORCHRUN + [*args, "--out", str(tmp_path / "out")], tmp_path / "out" / "moebert",
+                             signal.SIGTERM, env=torchrun_env())
     assert len([l for l in text.splitlines() if l.startswith("stopped by SIGTERM at distill step")]) == 1, text
-    run(tmp_path / "out")
+    run_torchrun(args, tmp_path / "out")
     assert '"resumed"' in (tmp_path / "out" / "log.jsonl").read_text()
     for s in ("teacher", "moebert"):
         assert_same_weights(tmp_path / "out" / s / "model.safetensors", tmp_path / "ref" / s / "model.safetensors")
