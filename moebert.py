@@ -177,8 +177,9 @@ class Experts(nn.Module):
     and the FFN LayerNorm: LayerNorm_e(x + W2_e act(W1_e x + b1_e) + b2_e), as BertIntermediate +
     BertOutput compute it.
 
-    The matrices are stored [in, out], as Google's kernels are (nn.Linear stores [out, in]): on CPU
-    the few-row matmuls of small batches run ~25% faster that way (SPEED.md). Names keep BERT's
+    The matrices are stored [in, out], as Google's kernels are (nn.Linear stores [out, in]): on the
+    Intel Xeon of SPEED.md the few-row matmuls of small batches ran ~25% faster that way (on the AMD
+    EPYC, a few percent slower: too little to change the saved layout). Names keep BERT's
     words, so the weight-decay rule (none for "bias" and "LayerNorm") reads them as it reads BERT's.
     """
 
