@@ -1471,8 +1471,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 def torchrun_env():
     """The environment for TORCHRUN: its processes print Python's stack of every thread if they abort (a C++
-    terminate, a crash). A SIGABRT of one process, "terminate called without an active exception" (once in
-    ~600 runs on a loaded 2-core CPU, 2026-12-03), showed no more than that."""
+    terminate, a crash). That, and a core dump, found a process group that outlived the run (below:
+    test_process_group_ends_with_destroy_after_ddp)."""
     return {**os.environ, "PYTHONFAULTHANDLER": "1"}
 
 
@@ -3559,3 +3559,35 @@ def test_two_processes_stopped_and_resumed_bitwise(tmp_path):
     assert '"resumed"' in (tmp_path / "out" / "log.jsonl").read_text()
     for s in ("teacher", "moebert"):
         assert_same_weights(tmp_path / "out" / s / "model.safetensors", tmp_path / "ref" / s / "model.safetensors")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the process's threads from Linux's /proc")
+def test_process_group_ends_with_destroy_after_ddp():
+    """After DDP, destroy_process_group stops gloo's threads. A process group that outlived it kept them
+    running into Python's shutdown, where one freeing a finished collective aborted the process (SIGABRT,
+    "terminate called without an active exception": 2 torchrun runs in ~50 on the loaded 2-core CPU,
+    2026-12-03). What held it: DDP imports torch.distributed.nn.functional, whose default arguments took
+    the group when imported after init; setup_distributed now imports it first. A fresh process, so the
+    import is not already done."""
+    code = """if True:
+        import argparse, json, os, torch, torch.distributed as dist, train
+        threads = lambda: sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+        torch.set_num_threads(1)  # no OpenMP team: every thread that comes and goes is the group's
+        before = threads()
+        train.setup_distributed(argparse.Namespace(device="cpu"))
+        ddp = train.DDP(torch.nn.Linear(3, 5))
+        ddp(torch.randn(2, 3)).sum().backward()  # its gradients all-reduced by gloo's threads
+        del ddp
+        during = threads()
+        dist.destroy_process_group()
+        print(json.dumps([before, during, threads()]))"""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    p = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    before, during, after = json.loads(p.stdout.splitlines()[-1])
+    assert len(during) > len(before), (before, during)  # the group's threads ran
+    assert after == before, f"threads left running after destroy_process_group: {after} (before init: {before})"

@@ -22,6 +22,7 @@ it needs no importance. Its results go to OUT/shallow and under "shallow" in OUT
 """
 import argparse
 import ctypes
+import importlib
 import itertools
 import json
 import math
@@ -241,6 +242,11 @@ def setup_distributed(args):
     if "RANK" not in os.environ:
         return torch.device(args.device)
     cuda = args.device.startswith("cuda")
+    # DDP imports torch.distributed.nn.functional on first use; imported after init, its default
+    # arguments (group=group.WORLD) keep the process group for good, so destroy_process_group leaves
+    # gloo's threads running, and one that frees a finished collective while Python shuts down aborts
+    # the process (SIGABRT, "terminate called without an active exception"). Imported first, they hold None.
+    importlib.import_module("torch.distributed.nn.functional")
     dist.init_process_group(backend="nccl" if cuda else "gloo")
     RANK, WORLD = dist.get_rank(), dist.get_world_size()
     MASTER = RANK == 0
@@ -820,3 +826,6 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # Ctrl-C outside training (inside, fit saves a checkpoint and says so)
         print("interrupted; finished stages are kept: run the same command again to go on", file=sys.stderr)
         sys.exit(130)
+    finally:  # after an error too: gloo's threads stop before Python shuts down (setup_distributed)
+        if dist.is_initialized():
+            dist.destroy_process_group()
