@@ -357,11 +357,16 @@ def serve(folder):
         httpd.server_close()
 
 
-def closed_port_url():
-    """A URL on 127.0.0.1 where nothing listens: what being offline looks like."""
+def free_port():
+    """A port on 127.0.0.1 that nothing listens on."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}/nothing.zip"
+        return s.getsockname()[1]
+
+
+def closed_port_url():
+    """A URL on 127.0.0.1 where nothing listens: what being offline looks like."""
+    return f"http://127.0.0.1:{free_port()}/nothing.zip"
 
 
 def test_release_name_downloads_unpacks_and_loads(tmp_path, monkeypatch, capsys):
@@ -3581,11 +3586,8 @@ def test_process_group_ends_with_destroy_after_ddp():
         during = threads()
         dist.destroy_process_group()
         print(json.dumps([before, during, threads()]))"""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port)}
+           "MASTER_PORT": str(free_port())}
     p = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     before, during, after = json.loads(p.stdout.splitlines()[-1])

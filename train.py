@@ -763,7 +763,6 @@ def main(argv=None):
         publish(student_dir + ".partial", student_dir)
         times[stage] = time.time() - t0
     if not MASTER:  # training is done; evaluation and the files are the master's
-        dist.destroy_process_group()
         return None
 
     # Stage 5: both models from disk, evaluated on dev: what is reported is what was saved.
@@ -812,8 +811,6 @@ def main(argv=None):
             path = os.path.join(args.out, "predictions", who, name)
             data.write_predictions(args.task, predict(model, features, args, device, f"{who} on {name}"), path)
             print(f"{who}: {len(features)} test predictions in {path}")
-    if WORLD > 1:
-        dist.destroy_process_group()
     return results
 
 
@@ -826,6 +823,6 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # Ctrl-C outside training (inside, fit saves a checkpoint and says so)
         print("interrupted; finished stages are kept: run the same command again to go on", file=sys.stderr)
         sys.exit(130)
-    finally:  # after an error too: gloo's threads stop before Python shuts down (setup_distributed)
+    finally:  # every process, errors too: gloo's threads stop before Python shuts down (setup_distributed)
         if dist.is_initialized():
             dist.destroy_process_group()
