@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# The README's real runs: MiniLM-L6-H384 (a real uncased BERT from PyPI) on GLUE, on CPU.
-#   MINILM=~/.cache/moebert/minilm GLUE=../shared/data/glue bash tools/glue_minilm.sh [STEP...]
+# The real runs of RESULTS.md: MiniLM-L6-H384 (a real uncased BERT from PyPI) on GLUE, on CPU.
+#   GLUE=/path/to/glue bash tools/glue_minilm.sh [STEP...]
+# GLUE (required): the folder holding the task folders RTE/, MRPC/, STS-B/, CoLA/, SST-2/ (train.tsv, dev.tsv).
 # STEP: seed0|seed1|seed2 (rte mrpc stsb cola), ablation (STS-B, 3 seeds), ablationN, sst2, sst2-short
 # (1 teacher epoch, 1 distillation epoch: what fits in an hour of CPU; sst2-short-sN for seed N), TASK-sN,
 # TASK-shallow-sN (after TASK-sN: the 3-layer dense student of the same cost per token, distilled from
 # that run's teacher), sst2-short-shallow-sN (the same, on the short schedule).
-# MINILM: a folder with config.json, model.safetensors, vocab.txt (pytest puts one in the cache).
+# MINILM: any MiniLM folder (config.json, model.safetensors, vocab.txt); default
+# ~/.cache/moebert/all-minilm-l6-v2, which any run of `train.py --bert all-minilm-l6-v2` fills.
 # Teacher: lr 1e-4 for 5 epochs (the standard 2e-5 x 3 leaves this small model near chance on RTE);
 # MoEBERT: the paper's Table 7 for each task. Each run writes out/<task>-s<seed>/results.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MINILM=${MINILM:-$HOME/.cache/moebert/minilm}
-GLUE=${GLUE:-../shared/data/glue}
+MINILM=${MINILM:-$HOME/.cache/moebert/all-minilm-l6-v2}
+: "${GLUE:?set GLUE to the folder holding the GLUE task folders (RTE, MRPC, STS-B, CoLA, SST-2)}"
 declare -A DIR=([rte]=RTE [mrpc]=MRPC [stsb]=STS-B [cola]=CoLA [sst2]=SST-2)
 SHORT=(--teacher-epochs 1 --distill-epochs 1)  # SST-2 on a CPU-sized schedule (sst2-short...)
 
