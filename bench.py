@@ -35,7 +35,7 @@ import torch
 import moebert
 from bert import BertConfig, BertForSequenceClassification
 from moebert import MoEConfig, moebert_from_dense
-from train import keep_freed_memory
+from runtime import keep_freed_memory
 
 
 def timeit(fn, device, min_seconds, warmup=1):
@@ -465,12 +465,12 @@ def training(args, cfg, device, autocast):
 
 
 def checkpoints(args, cfg, device, autocast):
-    """A training checkpoint (train.save_checkpoint: weights, AdamW's moments, RNGs) of BERT-base
+    """A training checkpoint (runtime.save_checkpoint: weights, AdamW's moments, RNGs) of BERT-base
     and of MoEBERT-base: size, write and read seconds, and its share of a stage that writes one
     every --save-every steps. The step is a plain fine-tuning step, the fastest a stage takes
     (distillation adds a teacher forward), so the share is an upper bound."""
     import tempfile
-    import train
+    import runtime
     batch = random_batch(cfg, args.train_batch, args.seq_len, device)
     dense = BertForSequenceClassification(cfg, 2).to(device)
     moe = moebert_from_dense(dense, torch.rand(cfg.num_hidden_layers, cfg.intermediate_size),
@@ -487,9 +487,9 @@ def checkpoints(args, cfg, device, autocast):
             step_s = timeit(step, device, args.min_seconds)  # also fills AdamW's moments
             path = os.path.join(tmp, "checkpoint.safetensors")
             state = dict(step=1, epoch=0, batch=1, best=None)
-            write = [timeit(lambda: train.save_checkpoint(path, model, opt, sched, state, device), device, 0,
+            write = [timeit(lambda: runtime.save_checkpoint(path, model, opt, sched, state, device), device, 0,
                             warmup=0) for _ in range(3)]
-            read = timeit(lambda: train.load_checkpoint(path, model, opt, sched, device), device, 0, warmup=0)
+            read = timeit(lambda: runtime.load_checkpoint(path, model, opt, sched, device), device, 0, warmup=0)
             rows[name] = {"size_mb": round(os.path.getsize(path) / 1e6, 1), "write_s": round(min(write), 2),
                           "write_s_each": [round(w, 2) for w in write], "read_s": round(read, 2),
                           "train_step_s": round(step_s, 4), "save_every": args.save_every,

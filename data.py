@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from bert import BadFile, MissingFile, Offline, cache_dir, download
+from common import BadFile, MissingFile, Offline, cache_dir, download
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 from tokenizers import Tokenizer
 
-from bert import BadFile, MissingFile, Offline, cache_dir, download
+from common import BadFile, MissingFile, Offline, cache_dir, download
 
 # ----------------------------------------------------------------------------------------------
 # The official files

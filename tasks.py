@@ -1,0 +1,113 @@
+"""Each task as train.py runs it: its training features, its dev evaluation (GLUE's metrics, or
+SQuAD's official ones on the postprocessed answers), GLUE's test-set predictions, and the check
+that a --teacher folder fits the task."""
+import json
+import os
+
+import torch
+
+import data
+import runtime
+import squad
+from common import UserError
+from runtime import autocast, progress, to_device
+from weights import find_vocab
+
+SQUAD = {"squad": "1.1", "squad2": "2.0"}  # --task -> SQuAD version
+
+
+def load(args, tokenizer, device):
+    """(training features, dev(model) -> (metrics, {file name: JSON to keep beside the model}), the
+    metric that picks the best epoch, the number of dev examples, {leaderboard file: test features})."""
+    return (squad_data if args.task in SQUAD else glue_data)(args, tokenizer, device)
+
+
+def glue_data(args, tokenizer, device):
+    folder = data.glue_dir(args.task, args.data_dir)
+    encode = lambda examples, n=None: data.encode(examples[:n], tokenizer, args.max_seq_length)
+    if runtime.MASTER:
+        print(f"data: reading and tokenizing {data.TASKS[args.task].folder} from {folder}", flush=True)
+    train_features = encode(data.read_glue(args.task, folder, "train"), args.max_train_examples)
+    dev_sets = {"": encode(data.read_glue(args.task, folder, "dev"), args.max_eval_examples)}
+    if args.task == "mnli":
+        dev_sets["_mm"] = encode(data.read_glue(args.task, folder, "dev_mismatched"), args.max_eval_examples)
+    # Read now, so a missing test file stops the run before training, not after it.
+    test_sets = {name: encode(examples) for name, examples in data.test_sets(args.task, folder).items()} \
+        if args.predict else {}
+    dev = lambda model: (evaluate(model, dev_sets, args, device), {})
+    return train_features, dev, data.TASKS[args.task].metric, len(dev_sets[""]), test_sets
+
+
+def squad_data(args, tokenizer, device):
+    """Features are context windows (squad.make_features); F1 picks the best epoch; no test sets."""
+    version = SQUAD[args.task]
+    if runtime.MASTER:
+        print(f"data: reading and tokenizing SQuAD {version}", flush=True)
+    featurize = lambda examples: squad.make_features(examples, tokenizer, args.max_seq_length, args.doc_stride,
+                                                     args.max_query_length)
+    train_examples, _ = squad.load_squad(version, "train", args.data_dir, args.max_train_examples)
+    examples, dataset = squad.load_squad(version, "dev", args.data_dir, args.max_eval_examples)
+    features = featurize(examples)
+    dev = lambda model: squad_dev(model, examples, features, dataset, args, device)
+    return featurize(train_examples), dev, "f1", len(examples), {}
+
+
+@torch.inference_mode()
+def logits_of(model, features, args, device, what):
+    """The model's logits for each feature, in order, as float32 numpy arrays: [num_labels], or for
+    SQuAD [length, 2] (start, end) over the feature's own tokens, without the batch's padding."""
+    model.eval()
+    out = [None] * len(features)
+    for batch in progress(data.batches(features, args.eval_batch_size, sort_by_length=True), len(features), what):
+        b = to_device(batch, device)
+        with autocast(device, args.dtype):
+            logits = model(b["input_ids"], b["token_type_ids"], b["attention_mask"]).logits.float().cpu()
+        for i, row in zip(batch["index"].tolist(), logits.numpy()):
+            out[i] = row[:len(features[i]["input_ids"])] if row.ndim == 2 else row
+    return out
+
+
+def predict(model, features, args, device, what="evaluation"):
+    """Predictions in the order of `features`: label indices, or scores for regression."""
+    return [float(l[0]) if len(l) == 1 else int(l.argmax()) for l in logits_of(model, features, args, device, what)]
+
+
+def evaluate(model, dev_sets, args, device):
+    """GLUE metrics on every dev set; MNLI's mismatched ones get the suffix _mm."""
+    metrics = {}
+    for suffix, features in dev_sets.items():
+        preds = predict(model, features, args, device, f"evaluation on dev{suffix}")
+        m = data.compute_metrics(args.task, preds, [f["label"] for f in features])
+        metrics.update({k + suffix: v for k, v in m.items()})
+    return metrics
+
+
+def squad_dev(model, examples, features, dataset, args, device):
+    """SQuAD dev metrics (the official scripts'), and the files to keep beside the model: the
+    predictions {question id: answer, "" for none}, and for v2.0 each question's null score minus its
+    best span's (null_odds.json, the official v2.0 script's --na-prob-file)."""
+    logits = logits_of(model, features, args, device, "evaluation on dev")
+    version = SQUAD[args.task]
+    preds, diffs = squad.postprocess(examples, features, [l[:, 0] for l in logits], [l[:, 1] for l in logits],
+                                     version)
+    metrics = squad.score(version, dataset, preds, diffs)
+    return metrics, {"predictions.json": preds, **({"null_odds.json": diffs} if diffs is not None else {})}
+
+
+def check_teacher(path, task, num_labels):
+    """A --teacher must be a fine-tuned model for this task (its labels, or SQuAD's span head when
+    num_labels is None) with its vocabulary."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise UserError(f"--teacher {path}: no config.json; pass a fine-tuned teacher folder, e.g. out/{task}/teacher")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if num_labels is None and cfg.get("head") != "qa":
+        raise UserError(f"--teacher {path} is not a question-answering model (config.json's head: "
+                        f"{cfg.get('head', 'classification')!r}); {task} needs one, e.g. out/{task}/teacher")
+    if num_labels is not None and cfg.get("num_labels") != num_labels:
+        raise UserError(f"--teacher {path} has {cfg.get('num_labels')} labels; {task} needs {num_labels}")
+    with open(find_vocab(path), encoding="utf-8") as f:
+        n = sum(1 for _ in f)
+    if n != cfg.get("vocab_size"):
+        raise UserError(f"--teacher {path}: vocab.txt has {n} tokens but the model has {cfg.get('vocab_size')}")
