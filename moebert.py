@@ -13,20 +13,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bert import ACT2FN, BertConfig, BertForQuestionAnswering, BertForSequenceClassification
+from bert import BertConfig, BertForQuestionAnswering, BertForSequenceClassification
 from common import BadFile
+from experts import Experts
 from weights import find_config, read_checkpoint
 
 ROUTES = ("hash-random", "hash-balance", "gate-token", "gate-sentence")
 SPLITS = ("importance", "random", "inverse")
-# Experts.forward runs all experts in one padded batched matmul up to SMALL_BATCH tokens per expert
-# on average and PADDING times the rows (thresholds measured on CPU at BERT-base sizes: SPEED.md).
-SMALL_BATCH, PADDING = 256, 1.3
-# On these devices, in bf16, Experts.forward runs each weight as one grouped matmul over all experts
-# instead: no padding, and no wait for the device (the others read the experts' sizes on the host,
-# which on a GPU stalls the queue once a layer). torch's grouped matmul takes bf16; on CPU it loops.
-GROUPED_DEVICES = ("cuda",)
-GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)  # torch >= 2.8
 
 
 @dataclass
@@ -42,22 +35,21 @@ class MoEConfig:
 
     def check(self, intermediate_size):
         """Clear errors for sizes that cannot form experts."""
-        if self.route not in ROUTES:
-            raise ValueError(f"route {self.route!r} is not one of {', '.join(ROUTES)}")
-        if self.split not in SPLITS:
-            raise ValueError(f"split {self.split!r} is not one of {', '.join(SPLITS)}")
-        if self.num_experts < 1:
-            raise ValueError(f"num_experts must be at least 1, got {self.num_experts}")
-        if not 0 <= self.shared_dim <= self.expert_dim:
-            raise ValueError(f"shared_dim {self.shared_dim} must be between 0 and expert_dim {self.expert_dim}")
-        if self.expert_dim > intermediate_size:
-            raise ValueError(f"expert_dim {self.expert_dim} exceeds the FFN's {intermediate_size} neurons")
-        need = self.shared_dim + self.num_experts * (self.expert_dim - self.shared_dim)
-        if need > intermediate_size:
-            raise ValueError(
-                f"too few neurons: {self.num_experts} experts of {self.expert_dim} with {self.shared_dim} shared "
-                f"need {need} distinct neurons, the FFN has {intermediate_size}; lower expert_dim or "
-                f"num_experts, or raise shared_dim")
+        need = self.shared_dim + self.num_experts * (self.expert_dim - self.shared_dim)  # distinct neurons
+        for wrong, why in (
+                (self.route not in ROUTES, f"route {self.route!r} is not one of {', '.join(ROUTES)}"),
+                (self.split not in SPLITS, f"split {self.split!r} is not one of {', '.join(SPLITS)}"),
+                (self.num_experts < 1, f"num_experts must be at least 1, got {self.num_experts}"),
+                (not 0 <= self.shared_dim <= self.expert_dim,
+                 f"shared_dim {self.shared_dim} must be between 0 and expert_dim {self.expert_dim}"),
+                (self.expert_dim > intermediate_size,
+                 f"expert_dim {self.expert_dim} exceeds the FFN's {intermediate_size} neurons"),
+                (need > intermediate_size,
+                 f"too few neurons: {self.num_experts} experts of {self.expert_dim} with {self.shared_dim} shared "
+                 f"need {need} distinct neurons, the FFN has {intermediate_size}; lower expert_dim or "
+                 f"num_experts, or raise shared_dim")):
+            if wrong:
+                raise ValueError(why)
         return self
 
     @classmethod
@@ -171,117 +163,13 @@ def expert_neurons(importance, cfg, generator=None):
     return torch.stack([torch.cat([shared, rest[e::N][:own]]) for e in range(N)])
 
 
-class Experts(nn.Module):
-    """The N experts of one layer (paper section 3.2), stacked on a leading axis. Expert e is a
-    slice of the dense FFN (its neurons' W1 rows, b1 entries and W2 columns) with copies of W2's bias
-    and the FFN LayerNorm: LayerNorm_e(x + W2_e act(W1_e x + b1_e) + b2_e), as BertIntermediate +
-    BertOutput compute it.
-
-    The matrices are stored [in, out], as Google's kernels are (nn.Linear stores [out, in]): on the
-    Intel Xeon of SPEED.md the few-row matmuls of small batches ran ~25% faster that way (on the AMD
-    EPYC, a few percent slower: too little to change the saved layout). Names keep BERT's
-    words, so the weight-decay rule (none for "bias" and "LayerNorm") reads them as it reads BERT's.
-    """
-
-    def __init__(self, config, cfg):
-        super().__init__()
-        N, H, E = cfg.num_experts, config.hidden_size, cfg.expert_dim
-        std = config.initializer_range  # surgery overwrites all of these; this is BERT's init
-        self.intermediate_weight = nn.Parameter(torch.randn(N, H, E) * std)  # W1 of each expert, [in, out]
-        self.intermediate_bias = nn.Parameter(torch.zeros(N, E))
-        self.output_weight = nn.Parameter(torch.randn(N, E, H) * std)  # W2, [in, out]
-        self.output_bias = nn.Parameter(torch.zeros(N, H))
-        self.LayerNorm_weight = nn.Parameter(torch.ones(N, H))  # one copy of the FFN LayerNorm each
-        self.LayerNorm_bias = nn.Parameter(torch.zeros(N, H))
-        self.act = ACT2FN[config.hidden_act]
-        self.dropout = nn.Dropout(cfg.expert_dropout)
-        self.eps = config.layer_norm_eps
-
-    def weights(self, batched=False):
-        """W1, b1, W2, b2 and the LayerNorm's weight and bias: stacked over the experts for the batched
-        matmul (vectors [N, 1, D], to broadcast over the tokens), else one tuple per expert."""
-        w = (self.intermediate_weight, self.intermediate_bias, self.output_weight, self.output_bias,
-             self.LayerNorm_weight, self.LayerNorm_bias)
-        if batched:
-            return [p if p.dim() == 3 else p.unsqueeze(1) for p in w]
-        return list(zip(*(p.unbind(0) for p in w)))
-
-    def ffn(self, x, w1, b1, w2, b2, ln_w, ln_b):
-        """One expert on its tokens x [n_e, H] (vectors [D]); or every expert at once on x [N, C, H],
-        C tokens each (weights [N, ...], vectors [N, 1, D] to broadcast over the tokens)."""
-        mm = torch.addmm if x.dim() == 2 else torch.baddbmm  # bias + x @ w, batched or not
-        h = self.act(mm(b1, x, w1))  # [.., E]
-        y = self.dropout(mm(b2, h, w2)) + x  # [.., H]
-        if x.dim() == 2:  # one kernel, and on CPU twice as fast as a LayerNorm without weights
-            return F.layer_norm(y, y.shape[-1:], ln_w, ln_b, self.eps)
-        # layer_norm takes one weight for all rows: each expert's is applied after, broadcast (a
-        # weight of ones, as on CPU layer_norm runs twice as fast with a weight as without)
-        ones = y.new_ones(y.size(-1))
-        return torch.addcmul(ln_b, F.layer_norm(y, y.shape[-1:], ones, eps=self.eps), ln_w)
-
-    def grouped_dtype(self, x):
-        """bf16 where the grouped path can run x (autocast's dtype, else x's), else None: grouped
-        matmuls take bf16, with rows of a multiple of 16 bytes."""
-        device = x.device.type
-        if GROUPED_MM is None or device not in GROUPED_DEVICES:
-            return None
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        H, E = self.intermediate_weight.shape[1:]
-        return dtype if dtype == torch.bfloat16 and H % 8 == 0 and E % 8 == 0 else None
-
-    def grouped(self, x, expert, dtype):  # [n, H], [n] -> [n, H]
-        """Every expert at once, one grouped matmul per weight over the tokens sorted by expert:
-        expert e multiplies rows offs[e-1]:offs[e]. All on the device, with no host sync."""
-        N = len(self.intermediate_weight)
-        order = torch.argsort(expert)  # [n] token indices grouped by expert
-        e_sorted = expert.index_select(0, order)  # [n] expert of each sorted row
-        offs = torch.searchsorted(e_sorted, torch.arange(1, N + 1, device=x.device), out_int32=True)  # [N] ends
-        xs = x.index_select(0, order)  # [n, H]
-        rows = lambda v: v.index_select(0, e_sorted)  # [N, D] -> [n, D]: each row its expert's vector
-        h = self.act(GROUPED_MM(xs.to(dtype), self.intermediate_weight.to(dtype), offs=offs)
-                     + rows(self.intermediate_bias))  # [n, E]
-        y = self.dropout(GROUPED_MM(h.to(dtype), self.output_weight.to(dtype), offs=offs)
-                         + rows(self.output_bias)) + xs  # [n, H]
-        y = torch.addcmul(rows(self.LayerNorm_bias), F.layer_norm(y, y.shape[-1:], eps=self.eps),
-                          rows(self.LayerNorm_weight))
-        return torch.empty_like(x).index_copy_(0, order, y.to(x.dtype))
-
-    def forward(self, x, expert):  # [n, H], [n] -> [n, H]
-        """Each token through its own expert, with no loop over tokens: each expert gathers its own
-        tokens and runs one matmul per weight over them. A running count of each expert's tokens gives
-        the sizes and each token's row in the padded batch; the per-expert loop takes a sort."""
-        dtype = self.grouped_dtype(x)
-        if dtype is not None:
-            return self.grouped(x, expert, dtype)
-        n, N = len(x), len(self.intermediate_weight)
-        seen = (expert[:, None] == torch.arange(N, device=x.device)).cumsum(0)  # [n, N] each expert's tokens so far
-        sizes = seen[-1].tolist()  # tokens per expert: the layer's one wait for the device
-        C = max(sizes)
-        if n <= SMALL_BATCH * N and N * C <= PADDING * n:
-            # All experts in one batched matmul, each padded to C rows (with token 0; the padding's
-            # outputs are never read). On CPU N separate matmuls of 32-256 rows run 15-30% slower
-            # per row than one batched; past ~256 rows the loop below is as fast, unpadded.
-            rank = seen.gather(1, expert[:, None]).view(-1) - 1  # [n] place of each token in its expert
-            where = torch.add(rank, expert, alpha=C)  # [n] each token's row of the padded [N*C]
-            tokens = torch.arange(n, device=x.device)
-            idx = where.new_zeros(N * C).index_copy_(0, where, tokens)  # [N*C] token of each row
-            y = self.ffn(x.index_select(0, idx).view(N, C, -1), *self.weights(batched=True))  # [N, C, H]
-            return y.view(N * C, -1).index_select(0, where).to(x.dtype)
-        order = torch.argsort(expert)  # [n] token indices grouped by expert
-        out = torch.empty_like(x)
-        for idx, w in zip(order.split(sizes), self.weights()):
-            if len(idx):
-                out.index_copy_(0, idx, self.ffn(x.index_select(0, idx), *w).to(out.dtype))
-        return out
-
-
 class MoEFFN(nn.Module):
     """The MoE replacement of one layer's FFN: a router and N experts, top-1 (paper section 3.4)."""
 
     def __init__(self, config, cfg):
         super().__init__()
         self.cfg = cfg
-        self.experts = Experts(config, cfg)
+        self.experts = Experts(config, cfg)  # experts.py: each expert's W1, b1, W2, b2, LayerNorm, stacked
         if cfg.route.startswith("hash"):
             # token id -> expert; a buffer, so the table is saved and restored with the model.
             self.register_buffer("hash_table", torch.zeros(config.vocab_size, dtype=torch.long))

@@ -293,6 +293,29 @@ def read_json(path):
         raise UserError(f"{path} is damaged ({e}); restore it, or use another --out (--force redoes the stages)") from None
 
 
+def read_run(args, given, keep):
+    """OUT/run.json records a run's task, student and settings. One --out holds one run, of one task
+    and one student: refuse to mix another into it. --eval-only takes the recorded settings, but for
+    the flags given again and those in `keep`."""
+    path = os.path.join(args.out, "run.json")
+    run = read_json(path) if os.path.exists(path) else None
+    if run and args.eval_only:
+        for k, v in run.get("args", {}).items():
+            if k not in given and k not in keep:
+                setattr(args, k, v)
+    if run and run["task"] != args.task:
+        raise UserError(f"{args.out} holds a run of task {run['task']}; use another --out for {args.task}")
+    if run and run.get("student", "moebert") != args.student:  # run.json of older runs: MoEBERT's
+        raise UserError(f"{args.out} holds a run with --student {run.get('student', 'moebert')}; use another "
+                        f"--out for --student {args.student} (--teacher {args.out}/teacher reuses its teacher)")
+
+
+def write_run(args):
+    if MASTER:
+        atomic_write_json(os.path.join(args.out, "run.json"), {"task": args.task, "student": args.student,
+                                                               "args": vars(args)})
+
+
 def discard_if_empty(out):
     """After a failed start: remove `out` (which this run made) unless it holds a finished stage or a checkpoint."""
     kept = {"model.safetensors", "importance.safetensors", CHECKPOINT}

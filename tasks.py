@@ -3,12 +3,14 @@ SQuAD's official ones on the postprocessed answers), GLUE's test-set predictions
 that a --teacher folder fits the task."""
 import json
 import os
+import time
 
 import torch
 
 import data
 import runtime
 import squad
+from bert import BertForQuestionAnswering, BertForSequenceClassification
 from common import UserError
 from runtime import autocast, progress, to_device
 from weights import find_vocab
@@ -16,10 +18,27 @@ from weights import find_vocab
 SQUAD = {"squad": "1.1", "squad2": "2.0"}  # --task -> SQuAD version
 
 
+def teacher_class(task):
+    """The teacher's class and its arguments: a classifier (num_labels outputs; 1 is STS-B's
+    regression) or SQuAD's span head."""
+    if task in SQUAD:
+        return BertForQuestionAnswering, {}
+    labels = data.TASKS[task].labels
+    return BertForSequenceClassification, {"num_labels": 1 if labels is None else len(labels)}
+
+
 def load(args, tokenizer, device):
     """(training features, dev(model) -> (metrics, {file name: JSON to keep beside the model}), the
     metric that picks the best epoch, the number of dev examples, {leaderboard file: test features})."""
-    return (squad_data if args.task in SQUAD else glue_data)(args, tokenizer, device)
+    if args.task in SQUAD and args.predict:
+        raise UserError("--predict writes GLUE's test-set files; SQuAD's test sets are not public (the dev "
+                        "predictions are in OUT/teacher/predictions.json and OUT/moebert/predictions.json)")
+    t0 = time.time()
+    loaded = (squad_data if args.task in SQUAD else glue_data)(args, tokenizer, device)
+    if runtime.MASTER:
+        print(f"data: {len(loaded[0])} training features (SQuAD: windows) and {loaded[3]} dev examples, "
+              f"tokenized in {time.time() - t0:.1f}s")
+    return loaded
 
 
 def glue_data(args, tokenizer, device):
@@ -111,3 +130,17 @@ def check_teacher(path, task, num_labels):
         n = sum(1 for _ in f)
     if n != cfg.get("vocab_size"):
         raise UserError(f"--teacher {path}: vocab.txt has {n} tokens but the model has {cfg.get('vocab_size')}")
+
+
+def print_results(results, student, scale):
+    """The dev metrics of both models as a table (GLUE's fractions x 100; SQuAD's are percentages
+    already, as the official scripts print them; counts left out), parameters and multiply-adds."""
+    names = [n for n in sorted(results["teacher"]) if not n.endswith("total")]
+    print(f"\n{results['task']} dev       " + "  ".join(f"{n:>10}" for n in names))
+    for who in ("teacher", student):
+        print(f"{who:<15}" + "  ".join(f"{scale * results[who][n]:10.2f}" for n in names))
+    params, macs = results["params"], results["macs_per_token"]
+    print(f"parameters: teacher {params['teacher'] / 1e6:.1f}M, {student} {params[student + '_total'] / 1e6:.1f}M "
+          f"total, {params[student + '_active_per_token'] / 1e6:.1f}M active per token; multiply-adds per token, "
+          f"weights + attention at {macs['seq_len']} tokens: " + ", ".join(
+              f"{who} {macs[who]['weights'] / 1e6:.1f}M + {macs[who]['attention'] / 1e6:.1f}M" for who in ("teacher", student)))

@@ -33,7 +33,7 @@ import moebert
 import runtime
 import shallow
 import tasks
-from bert import BertConfig, BertForQuestionAnswering, BertForSequenceClassification
+from bert import BertConfig
 from common import UserError, atomic_write_json, makedirs
 from moebert import MoEConfig
 from runtime import autocast, progress, to_device
@@ -308,18 +308,7 @@ def student_loss(model, b, share, teacher, lam, regression, layers, balance_weig
 def setup(args, given, device):
     """Everything the stages need, checked before anything is written: the recorded settings (for
     --eval-only), the teacher's class and source, the tokenizer, the data, each stage's settings."""
-    run_file = os.path.join(args.out, "run.json")
-    run = runtime.read_json(run_file) if os.path.exists(run_file) else None
-    if run and args.eval_only:  # the settings the run recorded, unless given again
-        for k, v in run.get("args", {}).items():
-            if k not in given and k not in NOT_RECORDED:
-                setattr(args, k, v)
-    # One --out holds one run, of one task and one student: refuse to mix another into it.
-    if run and run["task"] != args.task:
-        raise UserError(f"{args.out} holds a run of task {run['task']}; use another --out for {args.task}")
-    if run and run.get("student", "moebert") != args.student:  # run.json of older runs: MoEBERT's
-        raise UserError(f"{args.out} holds a run with --student {run.get('student', 'moebert')}; use another "
-                        f"--out for --student {args.student} (--teacher {args.out}/teacher reuses its teacher)")
+    runtime.read_run(args, given, keep=NOT_RECORDED)  # --eval-only: the recorded settings; one run per --out
     c = SimpleNamespace(args=args, device=device, qa=args.task in SQUAD, times={})
     c.teacher_dir = args.teacher or os.path.join(args.out, "teacher")
     c.student_dir = os.path.join(args.out, args.student)  # OUT/moebert or OUT/shallow
@@ -327,13 +316,7 @@ def setup(args, given, device):
         for d in (c.teacher_dir, c.student_dir):
             if not os.path.exists(os.path.join(d, "model.safetensors")):
                 raise UserError(f"{d} holds no finished model; run without --eval-only first")
-    if c.qa and args.predict:
-        raise UserError("--predict writes GLUE's test-set files; SQuAD's test sets are not public (the dev "
-                        "predictions are in OUT/teacher/predictions.json and OUT/moebert/predictions.json)")
-    # The teacher's class: a classifier (num_labels outputs; 1 is STS-B's regression) or SQuAD's span head.
-    labels = None if c.qa else data.TASKS[args.task].labels
-    c.Teacher = BertForQuestionAnswering if c.qa else BertForSequenceClassification
-    c.head = {} if c.qa else {"num_labels": 1 if labels is None else len(labels)}
+    c.Teacher, c.head = tasks.teacher_class(args.task)  # and its arguments: the number of labels
     if args.teacher:
         tasks.check_teacher(args.teacher, args.task, c.head.get("num_labels"))
     # Config and vocabulary from a finished teacher if there is one (no download), else the pretrained BERT.
@@ -346,11 +329,7 @@ def setup(args, given, device):
                         f"teacher's last; {c.source} has {config.num_hidden_layers} layers: use a BERT with an even number")
     c.vocab = find_vocab(c.source)
     tokenizer = data.load_tokenizer(c.vocab, lowercase=data.is_uncased(c.vocab))
-    t0 = time.time()
     c.train, c.dev, c.metric, c.n_dev, c.test_sets = tasks.load(args, tokenizer, device)
-    if runtime.MASTER:
-        print(f"data: {len(c.train)} training features (SQuAD: windows) and {c.n_dev} dev examples, tokenized "
-              f"in {time.time() - t0:.1f}s")
     # What every stage's output depends on; a stage reused with other settings would mix results.
     data_settings = dict(task=args.task, max_seq_length=args.max_seq_length, seed=args.seed,
                          train_examples=len(c.train), dev_examples=c.n_dev, dtype=args.dtype)
@@ -404,9 +383,7 @@ def main(argv=None):
         c = setup(args, given, device)
         os.makedirs(args.out, exist_ok=True)
         c.log = runtime.Log(os.path.join(args.out, "log.jsonl"))
-        if runtime.MASTER:
-            atomic_write_json(os.path.join(args.out, "run.json"),
-                              {"task": args.task, "student": args.student, "args": vars(args)})
+        runtime.write_run(args)
         teacher = train_teacher(c)  # stage 1
         importance = compute_importance(c, teacher)  # stage 2
         student = distill(c, teacher, importance)  # stages 3 and 4
@@ -521,16 +498,7 @@ def report(c, teacher, student):
     results["seconds"] = {**old.get("seconds", {}), **c.times}  # a rerun keeps the skipped stages' times
     atomic_write_json(results_file, results)
 
-    # GLUE metrics are fractions, SQuAD's percentages (as the official scripts print them); counts are left out.
-    names = [n for n in sorted(results["teacher"]) if not n.endswith("total")]
-    scale = 1 if c.qa else 100
-    print(f"\n{args.task} dev       " + "  ".join(f"{n:>10}" for n in names))
-    for who in ("teacher", args.student):
-        print(f"{who:<15}" + "  ".join(f"{scale * results[who][n]:10.2f}" for n in names))
-    print(f"parameters: teacher {results['params']['teacher'] / 1e6:.1f}M, {args.student} {total / 1e6:.1f}M total, "
-          f"{active / 1e6:.1f}M active per token; multiply-adds per token, weights + attention at "
-          f"{args.max_seq_length} tokens: " + ", ".join(f"{who} {m['weights'] / 1e6:.1f}M + "
-                                                       f"{m['attention'] / 1e6:.1f}M" for who, m in macs.items()))
+    tasks.print_results(results, args.student, scale=1 if c.qa else 100)
     print(f"results in {results_file}")
     for who, model in (("teacher", teacher), (args.student, student)):  # --predict: the leaderboard's files
         for name, features in c.test_sets.items():
