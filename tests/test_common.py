@@ -1,0 +1,130 @@
+"""common.py's user errors (common.UserError: train.py prints one line and exits 2) as every module
+raises them: missing folders and files, offline, malformed rows, checkpoints that do not fit or are
+damaged, broken zips; and the programming errors that stay plain builtin ones."""
+import os
+import shutil
+
+import bert
+import data
+import weights
+from bert import BertForSequenceClassification, BertModel
+from common import BadFile, MissingFile, Offline, UserError
+
+from helpers import GOOGLE_TINY, assert_user_error, closed_port_url, raised, serve, tiny_model, write
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors a user can fix (common.UserError: train.py prints one line and exits 2)
+
+
+def test_user_error_classes_keep_the_builtin_types():
+    assert issubclass(MissingFile, UserError) and issubclass(MissingFile, FileNotFoundError)
+    assert issubclass(BadFile, UserError) and issubclass(BadFile, ValueError)
+    assert issubclass(Offline, UserError) and issubclass(Offline, ConnectionError)
+    # Plain builtin errors are bugs, not user errors: train.py must keep their traceback.
+    assert not issubclass(FileNotFoundError, UserError) and not issubclass(ValueError, UserError)
+
+
+def test_missing_folders_and_files(tmp_path, glue):
+    e = raised(BertModel.from_pretrained, "/nonexistent/bert-folder")  # neither a folder nor a release
+    assert_user_error(e, MissingFile, FileNotFoundError, "'/nonexistent/bert-folder'", "Pass a folder")
+    e = raised(weights.find_vocab, str(tmp_path))
+    assert_user_error(e, MissingFile, FileNotFoundError, str(tmp_path), "vocab.txt", "copy the vocab.txt")
+    e = raised(weights.find_config, str(tmp_path))
+    assert_user_error(e, MissingFile, FileNotFoundError, str(tmp_path), "config.json", "pass a complete BERT folder")
+    e = raised(weights.read_checkpoint, str(tmp_path))
+    assert_user_error(e, MissingFile, FileNotFoundError, str(tmp_path), "no weights found", "pass a folder")
+    e = raised(data.load_tokenizer, str(tmp_path / "vocab.txt"))
+    assert_user_error(e, MissingFile, FileNotFoundError, str(tmp_path / "vocab.txt"), "pass the vocab.txt")
+    os.remove(glue / "RTE/dev.tsv")
+    e = raised(data.read_glue, "rte", glue, "dev")
+    assert_user_error(e, MissingFile, FileNotFoundError, os.path.join("RTE", "dev.tsv"), "Pass --data-dir FOLDER")
+    e = raised(data.glue_dir, "rte", str(glue))
+    assert_user_error(e, MissingFile, FileNotFoundError, os.path.join("RTE", "dev.tsv"), "Pass --data-dir FOLDER")
+    shutil.copytree(GOOGLE_TINY, tmp_path / "google")
+    os.remove(tmp_path / "google/bert_model.ckpt.data-00000-of-00001")
+    e = raised(BertModel.from_pretrained, str(tmp_path / "google"))
+    assert_user_error(e, MissingFile, FileNotFoundError, "bert_model.ckpt.data-00000-of-00001", "pass the prefix")
+
+
+def test_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEBERT_CACHE", str(tmp_path))
+    monkeypatch.setitem(weights.RELEASES, "bert-tiny-test", (closed_port_url(), True))
+    e = raised(BertModel.from_pretrained, "bert-tiny-test")
+    assert_user_error(e, Offline, ConnectionError, "could not download bert-tiny-test", "Offline?",
+                      "pass the folder instead of the name")
+    monkeypatch.setitem(data.GLUE_URLS, "rte", closed_port_url())
+    e = raised(data.glue_dir, "rte")
+    assert_user_error(e, Offline, ConnectionError, "could not download GLUE RTE", "Offline? Pass --data-dir FOLDER")
+
+
+def test_malformed_glue_rows(glue):
+    write(glue / "RTE/dev.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\tonly three\tfields\n")
+    e = raised(data.read_glue, "rte", glue, "dev")
+    assert_user_error(e, BadFile, ValueError, os.path.join("RTE", "dev.tsv") + ", line 3", "download_glue_data.py")
+    write(glue / "RTE/dev.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n")
+    e = raised(data.read_glue, "rte", glue, "dev")
+    assert_user_error(e, BadFile, ValueError, "line 2: unknown label 'maybe'", "fix the row")
+    write(glue / "STS-B/dev.tsv", (glue / "STS-B/dev.tsv").read_text().replace("\t3.2", "\tn/a"))
+    e = raised(data.read_glue, "stsb", glue, "dev")
+    assert_user_error(e, BadFile, ValueError, "score 'n/a' is not a number", "fix the row")
+
+
+def test_checkpoint_that_does_not_fit(tmp_path):
+    tiny_model(num_labels=3).save_pretrained(tmp_path)
+    e = raised(BertForSequenceClassification.from_pretrained, str(tmp_path), num_labels=2)  # a 3-label head
+    assert_user_error(e, BadFile, ValueError, f"{tmp_path} does not fit the model",
+                      "wrong shape (2): classifier.bias", "Pass a BERT folder whose config matches its weights")
+
+
+def test_corrupt_checkpoints_and_config(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "hf")
+    st = tmp_path / "hf/model.safetensors"
+    os.truncate(st, os.path.getsize(st) // 2)  # an interrupted download
+    e = raised(BertModel.from_pretrained, str(tmp_path / "hf"))
+    assert_user_error(e, BadFile, ValueError, str(st), "corrupt or incomplete", "re-download or re-save")
+    (tmp_path / "hf/config.json").write_text('{"hidden_size": 32,')
+    e = raised(bert.BertConfig.from_json, str(tmp_path / "hf/config.json"))
+    assert_user_error(e, BadFile, ValueError, "config.json is not valid JSON", "re-download")
+    (tmp_path / "hf/config.json").write_text('{"hidden_act": "silu"}')
+    e = raised(bert.BertConfig.from_json, str(tmp_path / "hf/config.json"))
+    assert_user_error(e, BadFile, ValueError, "hidden_act 'silu'", "use a BERT model folder")
+    # Google's TF checkpoint: a flipped byte in the data file, then a cut-off index.
+    shutil.copytree(GOOGLE_TINY, tmp_path / "google")
+    data_file = tmp_path / "google/bert_model.ckpt.data-00000-of-00001"
+    raw = bytearray(data_file.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data_file.write_bytes(bytes(raw))
+    e = raised(BertModel.from_pretrained, str(tmp_path / "google"))
+    assert_user_error(e, BadFile, ValueError, "checksum mismatch", str(data_file), "re-download the checkpoint")
+    index = tmp_path / "google/bert_model.ckpt.index"
+    index.write_bytes(index.read_bytes()[:-10])
+    e = raised(BertModel.from_pretrained, str(tmp_path / "google"))
+    assert_user_error(e, BadFile, ValueError, str(index), "re-download the checkpoint")
+
+
+def test_broken_zips_and_non_bert_vocab(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEBERT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(weights.RELEASES, "bert-tiny-test", (closed_port_url(), True))
+    write(tmp_path / "cache/bert-tiny-test.zip", "PK\x03\x04 not really a zip")
+    e = raised(BertModel.from_pretrained, "bert-tiny-test")
+    assert_user_error(e, BadFile, ValueError, "bert-tiny-test.zip is not a valid zip", "run again to re-download")
+    # GLUE's server answers with something that is not a zip (a proxy's error page, say).
+    write(tmp_path / "site/RTE.zip", "<html>blocked</html>")
+    with serve(tmp_path / "site") as url:
+        monkeypatch.setitem(data.GLUE_URLS, "rte", url + "/RTE.zip")
+        e = raised(data.glue_dir, "rte")
+    assert_user_error(e, BadFile, ValueError, "RTE.zip gave no valid zip", "run again to re-download",
+                      "Pass --data-dir FOLDER")
+    assert not os.path.exists(tmp_path / "cache/glue/RTE.zip")  # deleted, so the next run fetches it again
+    write(tmp_path / "vocab.txt", "a\nb\n")
+    e = raised(data.load_tokenizer, str(tmp_path / "vocab.txt"))
+    assert_user_error(e, BadFile, ValueError, "not a BERT vocabulary", "use the vocab.txt that came with")
+
+
+def test_programming_errors_stay_plain():
+    # Wrong arguments from code, not from the user: a traceback is what helps there.
+    e = raised(data.split_file, "rte", "dev_matched")
+    assert type(e) is ValueError
+    e = raised(lambda: next(data.batches([], 1, shuffle=True, sort_by_length=True)))
+    assert type(e) is ValueError

@@ -1,0 +1,698 @@
+"""train.py end to end, on tiny models and generated tasks on CPU: the five stages, reruns and resumes
+(killed, stopped by a signal, several processes under torchrun), user errors that exit 2, --predict,
+the README's snippet, bf16, SQuAD and the shallow student's pipelines; and the pieces of train.py and
+runtime.py that the pipeline leans on (weight decay, allocator settings, the process group)."""
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+import data
+import moebert
+import runtime
+import shallow
+import squad
+import tasks
+from bert import BertConfig, BertForSequenceClassification, BertModel
+from moebert import MoEConfig, moebert_from_dense
+
+from helpers import (DEVICES, GOOGLE_TINY, ROOT, TINY, TINY4, assert_close, fixture_json, free_port, tiny_model,
+                     write_json)
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py's weight decay and runtime.py's allocator settings
+
+
+def test_weight_decay_spares_biases_and_layernorms_in_experts_too():
+    """train.decays reads names; the reference counts matrix axes, less the experts' stack axis."""
+    import train
+    cfg = MoEConfig(num_experts=3, expert_dim=11, shared_dim=5, route="gate-token")
+    moe = moebert_from_dense(tiny_model(), torch.rand(3, 37), cfg)
+    for name, p in moe.named_parameters():
+        assert train.decays(name) == (p.ndim - (".experts." in name) > 1), name
+
+
+def test_keep_freed_memory_takes_on_glibc():
+    """The allocator settings train.py and bench.py apply on CPU; a no-op without glibc."""
+    import platform
+    import train
+    assert runtime.keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py: the whole pipeline, tiny, on CPU
+
+WORDS = "the of and to in is was it that for on with as he she they we you his her good great day man run play read learn".split()
+
+
+def write_rte_like(folder, n_train=96, n_dev=32, seed=0):
+    """An RTE-format task that a tiny model can learn: entailment iff sentence 2 says "dog", not "cat"."""
+    rng = random.Random(seed)
+    os.makedirs(folder, exist_ok=True)
+    for split, n in (("train", n_train), ("dev", n_dev), ("test", 8)):
+        rows = ["index\tsentence1\tsentence2" + ("" if split == "test" else "\tlabel")]
+        for i in range(n):
+            s1 = [rng.choice(WORDS) for _ in range(rng.randint(4, 12))]
+            entail = i % 2 == 0
+            s2 = s1[:2] + ["dog" if entail else "cat"] + [rng.choice(WORDS[:12])]
+            label = "" if split == "test" else "\t" + ("entailment" if entail else "not_entailment")
+            rows.append(f"{i}\t{' '.join(s1)} .\t{' '.join(s2)} .{label}")
+        with open(os.path.join(folder, f"{split}.tsv"), "w") as f:
+            f.write("\n".join(rows) + "\n")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny random BERT in HF format and a generated RTE-format task, run through all five stages."""
+    import train
+    root = tmp_path_factory.mktemp("pipeline")
+    model = tiny_model(num_labels=2)
+    model.bert.save_pretrained(root / "bert")
+    shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), root / "bert")
+    write_rte_like(root / "RTE")
+    args = ["--task", "rte", "--bert", str(root / "bert"), "--data-dir", str(root / "RTE"), "--out", str(root / "out"),
+            "--device", "cpu", "--epochs", "10", "--lr", "2e-3", "--batch-size", "8", "--distill-lr", "2e-4",
+            "--distill-batch-size", "16", "--expert-dim", "11", "--shared-dim", "5", "--num-experts", "3",
+            "--log-every", "1"]
+    import time
+    t0 = time.time()
+    results = train.main(args)
+    return dict(root=root, out=root / "out", args=args, results=results, seconds=time.time() - t0, train=train)
+
+
+def read_log(out):
+    with open(out / "log.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_pipeline_runs_all_five_stages(tiny_run):
+    out, results = tiny_run["out"], tiny_run["results"]
+    assert tiny_run["seconds"] < 60, f"the tiny pipeline took {tiny_run['seconds']:.0f}s"
+    for f in ("config.json", "model.safetensors", "vocab.txt", "metrics.json", "settings.json"):
+        assert (out / "teacher" / f).exists() and (out / "moebert" / f).exists(), f
+    assert (out / "importance" / "importance.safetensors").exists()
+    assert set(results["seconds"]) == {"teacher", "importance", "distill", "eval"}
+    assert 0.0 <= results["teacher"]["accuracy"] <= 1.0 and 0.0 <= results["moebert"]["accuracy"] <= 1.0
+    assert results["params"]["moebert_active_per_token"] < results["params"]["moebert_total"]
+    stored = json.loads((out / "results.json").read_text())
+    assert stored["moebert"] == results["moebert"] and stored["moe"]["num_experts"] == 3
+    # The importance file holds what importance_scores gives for the saved teacher on the train split.
+    assert load_file(out / "importance" / "importance.safetensors")["importance"].shape == (3, 37)
+
+
+def test_teacher_loss_goes_down_and_metrics_are_written(tiny_run):
+    log = read_log(tiny_run["out"])
+    losses = [r["loss"] for r in log if r.get("stage") == "teacher" and "loss" in r]
+    k = len(losses) // 4
+    assert np.mean(losses[-k:]) < np.mean(losses[:k]) - 0.05, losses
+    distill = [r["distill"] for r in log if r.get("stage") == "distill" and "distill" in r]
+    assert np.mean(distill[-k:]) < np.mean(distill[:k]), distill
+    metrics = json.loads((tiny_run["out"] / "teacher" / "metrics.json").read_text())
+    evals = [r["dev"]["accuracy"] for r in log if r.get("stage") == "teacher" and "dev" in r]
+    assert metrics["accuracy"] == max(evals)  # the best dev epoch was kept
+
+
+def test_rerun_skips_finished_stages_and_eval_only_reproduces(tiny_run, capsys):
+    train, args = tiny_run["train"], tiny_run["args"]
+    capsys.readouterr()
+    again = train.main(args)
+    out = capsys.readouterr().out
+    assert out.count("done already, reused") == 3 and "stage teacher" not in out and "stage distill" not in out
+    assert again["moebert"] == tiny_run["results"]["moebert"]
+    assert set(again["seconds"]) == {"teacher", "importance", "distill", "eval"}  # earlier times kept
+    only = train.main(args + ["--eval-only"])
+    assert only["moebert"] == tiny_run["results"]["moebert"] and only["teacher"] == tiny_run["results"]["teacher"]
+
+
+def test_pipeline_refuses_mixed_results(tiny_run):
+    train, args = tiny_run["train"], tiny_run["args"]
+    with pytest.raises(common.UserError, match="lr: 0.002 there, 0.003 now"):
+        train.main(args + ["--lr", "3e-3"])
+    with pytest.raises(common.UserError, match="holds a run of task rte"):
+        train.main([a if a != "rte" else "mrpc" for a in args])
+    with pytest.raises(common.UserError, match="no finished model"):
+        train.main(args[:args.index("--out")] + ["--out", str(tiny_run["root"] / "empty"), "--eval-only"]
+                   + args[args.index("--out") + 2:])
+
+
+def test_teacher_that_does_not_fit_is_refused(tiny_run, tmp_path):
+    train, args = tiny_run["train"], tiny_run["args"]
+    bad = tmp_path / "teacher3"
+    tiny_model(num_labels=3).save_pretrained(bad)
+    shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), bad)
+    run = lambda teacher: train.main(args + ["--teacher", str(teacher), "--out", str(tmp_path / "o")])
+    with pytest.raises(common.UserError, match="3 labels; rte needs 2"):
+        run(bad)
+    short = tmp_path / "teacher_vocab"
+    tiny_model(num_labels=2).save_pretrained(short)
+    (short / "vocab.txt").write_text("".join(f"{w}\n" for w in open(os.path.join(GOOGLE_TINY, "vocab.txt")).read().split()[:50]))
+    with pytest.raises(common.UserError, match="vocab.txt has 50 tokens but the model has 99"):
+        run(short)
+
+
+def test_interrupted_stage_is_redone_cleanly(tiny_run, tmp_path, capsys):
+    """A stage killed midway leaves only NAME.partial: the next run redoes it from the start."""
+    train, args = tiny_run["train"], tiny_run["args"]
+    out = tmp_path / "out"
+    shutil.copytree(tiny_run["out"], out)
+    shutil.rmtree(out / "moebert")
+    (out / "moebert.partial").mkdir()
+    (out / "moebert.partial" / "model.safetensors").write_bytes(b"half a file")
+    moved = [a if a != str(tiny_run["out"]) else str(out) for a in args]
+    results = train.main(moved)
+    assert "stopped during this stage; it is redone" in capsys.readouterr().out
+    assert not (out / "moebert.partial").exists() and (out / "moebert" / "settings.json").exists()
+    assert results["moebert"] == tiny_run["results"]["moebert"]  # same seed, same result
+
+
+@pytest.mark.parametrize("route", ["gate-token", "hash-balance"])
+def test_pipeline_regression_task_and_other_routes(tmp_path, route):
+    """STS-B (regression: MSE losses, Pearson/Spearman) with a gate or hash-balance route."""
+    import train
+    model = tiny_model(num_labels=1)
+    model.bert.save_pretrained(tmp_path / "bert")
+    shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), tmp_path / "bert")
+    rng = random.Random(1)
+    os.makedirs(tmp_path / "STS-B")
+    head = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2"
+    for split, n in (("train", 48), ("dev", 16)):
+        rows = [head + "\tscore"]
+        for i in range(n):
+            a, b = " ".join(rng.choices(WORDS, k=6)), " ".join(rng.choices(WORDS, k=5))
+            rows.append(f"{i}\tg\tf\t2012\t{i}\tnone\tnone\t{a}\t{b}\t{rng.uniform(0, 5):.3f}")
+        (tmp_path / "STS-B" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    results = train.main(["--task", "stsb", "--bert", str(tmp_path / "bert"), "--data-dir", str(tmp_path / "STS-B"),
+                          "--out", str(tmp_path / "out"), "--device", "cpu", "--epochs", "1", "--route", route,
+                          "--balance-weight", "0.01", "--expert-dim", "11", "--shared-dim", "5", "--num-experts", "3"])
+    assert set(results["moebert"]) == {"pearson", "spearman"}
+    assert results["moe"]["route"] == route
+    if route == "gate-token":
+        assert any("balance" in r for r in read_log(tmp_path / "out") if r.get("stage") == "distill")
+
+
+# ----------------------------------------------------------------------------------------------
+# Long runs: resume inside a stage, signals, a non-finite loss, several processes, errors
+
+TRAIN = os.path.join(ROOT, "train.py")
+
+
+def tiny_task(root, dropout=0.1):
+    """A tiny random BERT (Hugging Face layout) and an RTE-format task under root; train.py's args."""
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(
+        BertConfig(**TINY, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout), 2)
+    model.bert.save_pretrained(root / "bert")
+    shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), root / "bert")
+    write_rte_like(root / "RTE")
+    return ["--task", "rte", "--bert", str(root / "bert"), "--data-dir", str(root / "RTE"), "--device", "cpu",
+            "--epochs", "10", "--lr", "2e-3", "--batch-size", "8", "--distill-lr", "2e-4", "--distill-batch-size", "16",
+            "--expert-dim", "11", "--shared-dim", "5", "--num-experts", "3", "--log-every", "1", "--save-every", "4"]
+
+
+@pytest.fixture(scope="module")
+def never_stopped(tmp_path_factory):
+    """The reference: a tiny run that nothing interrupts."""
+    import train
+    root = tmp_path_factory.mktemp("resume")
+    args = tiny_task(root)
+    results = train.main(args + ["--out", str(root / "ref")])
+    return dict(root=root, args=args, results=results, ref=root / "ref")
+
+
+def stop_midway(cmd, stage_dir, sig, timeout=120, env=None):
+    """Start `cmd`, wait for the stage's first checkpoint, send `sig`; (return code, output)."""
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    ckpt = stage_dir.parent / (stage_dir.name + ".partial") / "checkpoint.safetensors"
+    t0 = time.time()
+    while not ckpt.exists():
+        assert p.poll() is None, f"ended before its first checkpoint:\n{p.communicate()[0]}"
+        assert time.time() - t0 < timeout, "no checkpoint appeared"
+        time.sleep(0.001)
+    p.send_signal(sig)
+    out = p.communicate(timeout=timeout)[0]
+    assert not stage_dir.exists(), f"the stage finished before the signal arrived:\n{out}"
+    return p.returncode, out
+
+
+def assert_same_weights(a, b, atol=0.0):
+    """Two model.safetensors: the same tensors, bitwise (atol 0) or within atol."""
+    ta, tb = load_file(a), load_file(b)
+    assert set(ta) == set(tb)
+    for k in ta:
+        if atol == 0:
+            assert torch.equal(ta[k], tb[k]), f"{k}: max abs diff {(ta[k].double() - tb[k].double()).abs().max():.3g}"
+        else:
+            assert_close(ta[k], tb[k], atol, k)
+
+
+@pytest.mark.parametrize("stage,sig", [("teacher", signal.SIGKILL), ("moebert", signal.SIGKILL),
+                                       ("moebert", signal.SIGTERM), ("moebert", signal.SIGINT)])
+def test_stopped_run_resumes_bitwise(never_stopped, tmp_path, stage, sig):
+    """Killed (or asked to stop) inside a training stage, then run again with the same command: the
+    result is bitwise the one of a run that was never stopped (the RNGs, the optimizer, the LR
+    schedule and the position in the epoch all continue)."""
+    import train
+    out = tmp_path / "out"
+    args = never_stopped["args"] + ["--out", str(out)]
+    if stage == "moebert":  # the teacher is finished: the same one as the reference's
+        shutil.copytree(never_stopped["ref"] / "teacher", out / "teacher")
+        shutil.copytree(never_stopped["ref"] / "importance", out / "importance")
+    code, text = stop_midway([sys.executable, TRAIN, *args], out / stage, sig)
+    if sig == signal.SIGKILL:
+        assert code == -signal.SIGKILL
+    else:  # Ctrl-C and SIGTERM: a checkpoint at the current step, one line on how to resume
+        assert code == 128 + sig, text
+        line = [l for l in text.splitlines() if l.startswith("stopped by")]
+        assert line and f"stopped by {signal.Signals(sig).name} at distill step" in line[0], text
+        assert "Run the same command again to resume" in line[0] and "Traceback" not in text
+    results = train.main(args)
+    assert "resumed" in (out / "log.jsonl").read_text()
+    for s in ("teacher", "moebert"):
+        assert_same_weights(out / s / "model.safetensors", never_stopped["ref"] / s / "model.safetensors")
+        assert json.loads((out / s / "metrics.json").read_text()) == json.loads(
+            (never_stopped["ref"] / s / "metrics.json").read_text())
+    assert results["teacher"] == never_stopped["results"]["teacher"]
+    assert results["moebert"] == never_stopped["results"]["moebert"]
+    assert not (out / stage / "checkpoint.safetensors").exists()  # a finished stage keeps its best model only
+
+
+def test_checkpoint_holds_everything_and_a_damaged_one_is_refused(never_stopped, tmp_path):
+    import train
+    from safetensors import safe_open
+    out = tmp_path / "out"
+    args = never_stopped["args"] + ["--out", str(out)]
+    code, _ = stop_midway([sys.executable, TRAIN, *args], out / "teacher", signal.SIGKILL)
+    ckpt = out / "teacher.partial" / "checkpoint.safetensors"
+    with safe_open(ckpt, "pt") as f:
+        keys, meta = set(f.keys()), {k: json.loads(v) for k, v in f.metadata().items()}
+    assert {"model.classifier.weight", "rng.cpu.0", "optimizer.0.exp_avg", "optimizer.0.exp_avg_sq"} <= keys
+    assert meta["state"]["step"] % 4 == 0 and meta["state"]["processes"] == 1
+    assert meta["scheduler"]["last_epoch"] == meta["state"]["step"]
+    # Other settings are refused, not mixed into the stopped stage.
+    with pytest.raises(common.UserError, match="lr: 0.002 there, 0.003 now"):
+        train.main(args + ["--lr", "3e-3"])
+    ckpt.write_bytes(b"\x10" + ckpt.read_bytes()[1:100])  # damaged
+    with pytest.raises(common.UserError, match="checkpoint.safetensors is damaged"):
+        train.main(args)
+    assert ckpt.exists()  # never deleted behind the user's back
+
+
+def test_non_finite_loss_stops_with_a_clear_error(never_stopped, tmp_path):
+    """A learning rate that diverges: exit 2 at the first non-finite loss, one error line, the last
+    checkpoint and the finished teacher untouched."""
+    out = tmp_path / "out"
+    teacher = never_stopped["ref"] / "teacher"
+    before = {f: (teacher / f).read_bytes() for f in os.listdir(teacher)}
+    cmd = [sys.executable, TRAIN, *never_stopped["args"], "--out", str(out), "--teacher", str(teacher),
+           "--distill-lr", "1e30", "--save-every", "1"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.startswith("error: distill: the loss is not finite at step 2 (ce ") and "Traceback" not in p.stderr
+    assert "lower learning rate" in p.stderr
+    from safetensors import safe_open
+    with safe_open(out / "moebert.partial" / "checkpoint.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["state"])["step"] == 1  # the last good step's, kept
+        assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys() if k.startswith("model."))
+    assert not (out / "moebert").exists()
+    assert {f: (teacher / f).read_bytes() for f in os.listdir(teacher)} == before
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path):
+    """What a user can fix: `error: ...` and exit 2, no traceback."""
+    p = subprocess.run([sys.executable, TRAIN, "--task", "rte", "--bert", str(tmp_path), "--data-dir",
+                        str(tmp_path / "nowhere")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr, p.stderr
+
+
+def test_importance_and_evaluation_report_progress(never_stopped, capsys, monkeypatch):
+    import train
+    monkeypatch.setattr(runtime, "PROGRESS_EVERY", 0.0)  # a line for every batch: the tiny run is quick
+    train.main(never_stopped["args"] + ["--out", str(never_stopped["ref"]), "--eval-only"])
+    out = capsys.readouterr().out
+    assert "evaluation on dev: 32/32 examples" in out and "0s left" in out
+    log = (never_stopped["ref"] / "log.jsonl").read_text()
+    assert '"stage": "distill"' in log and '"eta_s"' in log
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TRAIN]
+
+
+def torchrun_env():
+    """The environment for TORCHRUN: its processes print Python's stack of every thread if they abort (a C++
+    terminate, a crash). That, and a core dump, found a process group that outlived the run (below:
+    test_process_group_ends_with_destroy_after_ddp)."""
+    return {**os.environ, "PYTHONFAULTHANDLER": "1"}
+
+
+def run_torchrun(args, out):
+    """A whole 2-process run of train.py into `out`; a failure shows the end of its output, and of
+    torchrun's and the processes' stderr."""
+    p = subprocess.run(TORCHRUN + [*args, "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, env=torchrun_env())
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+def test_two_processes_equal_one(never_stopped, tmp_path):
+    """torchrun with 2 gloo processes on the CPU: every stage completes, and with dropout off the
+    weights equal a one-process run of the same global batches (uneven shards included: 89
+    examples leave a last teacher batch of 1, so one process gets a weight-0 row)."""
+    import train
+    args = tiny_task(tmp_path, dropout=0.0) + ["--expert-dropout", "0", "--max-train-examples", "89", "--epochs", "3"]
+    one = train.main(args + ["--out", str(tmp_path / "one")])
+    t0 = time.time()
+    run_torchrun(args, tmp_path / "two")
+    print(f"two processes: {time.time() - t0:.1f}s")
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["config"]["processes"] == 2
+    for s in ("teacher", "moebert"):
+        assert_same_weights(tmp_path / "two" / s / "model.safetensors", tmp_path / "one" / s / "model.safetensors",
+                            atol=1e-5)
+    imp = [load_file(tmp_path / r / "importance" / "importance.safetensors")["importance"] for r in ("one", "two")]
+    assert_close(imp[1], imp[0], 1e-6 * imp[0].abs().max().item(), "importance summed over processes")
+    # Written once: one log line per step, not two.
+    steps = [r["step"] for r in read_log(tmp_path / "two") if r.get("stage") == "teacher" and "loss" in r]
+    assert steps == sorted(set(steps))
+    for m in ("teacher", "moebert"):
+        assert abs(two[m]["accuracy"] - one[m]["accuracy"]) <= 1 / 32
+
+
+def test_predict_writes_the_leaderboard_files(never_stopped):
+    """--predict: both models' test-set predictions, as label strings, in the order of test.tsv."""
+    import train
+    ref = never_stopped["ref"]
+    train.main(never_stopped["args"] + ["--out", str(ref), "--eval-only", "--predict"])
+    tests = data.read_glue("rte", never_stopped["root"] / "RTE", "test")
+    tok = data.load_tokenizer(os.path.join(ref, "moebert", "vocab.txt"))
+    batch = next(data.batches(data.encode(tests, tok, 512), len(tests)))
+    for who, model in (("teacher", BertForSequenceClassification.from_pretrained(ref / "teacher", num_labels=2)),
+                       ("moebert", moebert.MoEBertForSequenceClassification.from_pretrained(ref / "moebert"))):
+        rows = (ref / "predictions" / who / "RTE.tsv").read_text().splitlines()
+        with torch.no_grad():
+            expected = model.eval()(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).logits.argmax(-1)
+        assert rows == ["index\tprediction"] + [f"{i}\t{data.TASKS['rte'].labels[p]}" for i, p in enumerate(expected)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The README snippet: load a finished MoEBERT and classify a sentence pair
+
+SNIPPET = os.path.join(ROOT, "README.md")
+
+
+def snippet_code(folder):
+    """The README's ```python block that uses a finished MoEBERT, pointed at `folder` instead of out/rte/moebert."""
+    with open(SNIPPET, encoding="utf-8") as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+    blocks = [b for b in blocks if '"out/rte/moebert"' in b]
+    assert len(blocks) == 1, "the README should hold one python block that loads out/rte/moebert"
+    return blocks[0].replace('"out/rte/moebert"', repr(str(folder)))
+
+
+def test_readme_snippet_classifies_with_a_saved_moebert(tmp_path, capsys):
+    torch.manual_seed(0)
+    teacher = tiny_model(num_labels=2)
+    moe = moebert.moebert_from_dense(teacher, torch.rand(3, 37), moebert.MoEConfig(num_experts=3, expert_dim=11,
+                                                                                     shared_dim=5)).eval()
+    folder = tmp_path / "rte" / "moebert"
+    moe.save_pretrained(folder)
+    shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), folder / "vocab.txt")  # as train.py does
+    code = snippet_code(folder)
+
+    # What the model says, computed here without the snippet: the pair through the tokenizer directly.
+    a, b = "A man is playing with his dog.", "A man plays with a dog."
+    assert f'data.Example("{a}", "{b}", None)' in code
+    tok = data.load_tokenizer(os.path.join(GOOGLE_TINY, "vocab.txt"))  # the tiny vocabulary is uncased
+    enc = tok.encode(a, b)
+    assert enc.ids.count(6) <= 2, "most words should be in the tiny vocabulary, not [UNK]"
+
+    def expected():
+        with torch.no_grad():
+            logits = moe(torch.tensor([enc.ids]), torch.tensor([enc.type_ids])).logits
+        return data.TASKS["rte"].labels[logits.argmax(-1).item()]
+
+    first = expected()
+    exec(compile(code, SNIPPET, "exec"), {})
+    assert capsys.readouterr().out == first + "\n"
+    # The same head negated picks the other label: the printed label does come from the saved model.
+    with torch.no_grad():
+        moe.classifier.weight.neg_()
+        moe.classifier.bias.neg_()
+    moe.save_pretrained(folder)
+    exec(compile(code, SNIPPET, "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed == expected() + "\n" and expected() != first
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py end to end with --dtype bf16
+
+
+def is_finite(v):
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pipeline_in_bf16(tmp_path, device):
+    """The tiny pipeline of tiny_run (above) in bf16 autocast: all five stages, finite losses
+    and metrics, and what is saved is fp32. Short (2 epochs of 48 examples): on CPU, bf16 matmuls
+    compile a kernel for every new shape, ~7 ms each, and length-grouped batches keep bringing new ones."""
+    import train
+    model = tiny_model(num_labels=2)
+    model.bert.save_pretrained(tmp_path / "bert")
+    shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), tmp_path / "bert")
+    write_rte_like(tmp_path / "RTE")
+    out = tmp_path / "out"
+    results = train.main(["--task", "rte", "--bert", str(tmp_path / "bert"), "--data-dir", str(tmp_path / "RTE"),
+                          "--out", str(out), "--device", device, "--dtype", "bf16", "--epochs", "2",
+                          "--max-train-examples", "48", "--lr", "2e-3", "--batch-size", "8", "--distill-lr", "2e-4",
+                          "--distill-batch-size", "16", "--expert-dim", "11", "--shared-dim", "5", "--num-experts", "3",
+                          "--log-every", "1"])
+    assert results["config"]["dtype"] == "bf16" and results["config"]["device"] == device
+    assert set(results["seconds"]) == {"teacher", "importance", "distill", "eval"}
+    for who in ("teacher", "moebert"):
+        assert 0.0 <= results[who]["accuracy"] <= 1.0, results[who]
+
+    log = read_log(out)
+    steps = {stage: [r for r in log if r.get("stage") == stage and "dev" not in r] for stage in ("teacher", "distill")}
+    assert len(steps["teacher"]) == 12 and len(steps["distill"]) == 6  # 48 examples: 6 and 3 steps x 2 epochs
+    for r in steps["teacher"] + steps["distill"]:
+        losses = [r[k] for k in ("loss", "ce", "distill") if k in r]
+        assert losses and all(is_finite(v) for v in losses), r
+    evals = [r["dev"] for r in log if "dev" in r]
+    assert len(evals) == 4 and all(is_finite(v) for m in evals for v in m.values())
+
+    # Weights stay fp32 under autocast, so the saved models are fp32 (the hash tables int64).
+    for folder in ("teacher", "moebert"):
+        for name, t in load_file(out / folder / "model.safetensors").items():
+            assert t.dtype in (torch.float32, torch.int64), f"{folder}/{name}: {t.dtype}"
+            assert torch.isfinite(t.float()).all(), f"{folder}/{name}"
+    importance = load_file(out / "importance" / "importance.safetensors")["importance"]
+    assert importance.dtype == torch.float32 and torch.isfinite(importance).all() and importance.sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py --task squad|squad2 (the SQuAD fixture of helpers.fixture_json)
+
+
+@pytest.mark.parametrize("task,version", [("squad", "1.1"), ("squad2", "2.0")])
+def test_squad_pipeline_end_to_end(tmp_path, task, version):
+    """train.py --task squad|squad2 through all five stages on a tiny BERT: QA teacher, importance
+    with the QA loss, the same surgery, distillation, the official metrics, predictions.json."""
+    import train
+    root = tmp_path
+    torch.manual_seed(0)
+    BertModel(BertConfig(**{**TINY, "max_position_embeddings": 128})).save_pretrained(root / "bert")
+    shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), root / "bert")
+    train_name, dev_name = squad.squad_files(version)
+    (root / "SQuAD").mkdir()
+    write_json(root / "SQuAD" / train_name, fixture_json(version))
+    write_json(root / "SQuAD" / dev_name, fixture_json(version))
+    out = root / "out"
+    results = train.main(["--task", task, "--bert", str(root / "bert"), "--data-dir", str(root / "SQuAD"), "--out",
+                          str(out), "--device", "cpu", "--epochs", "2", "--max-seq-length", "96", "--doc-stride", "32",
+                          "--batch-size", "8", "--distill-batch-size", "8", "--expert-dim", "11", "--shared-dim", "5",
+                          "--num-experts", "3", "--log-every", "1"])
+    assert set(results["seconds"]) == {"teacher", "importance", "distill", "eval"}
+    examples, dataset = squad.read_squad(root / "SQuAD" / dev_name)
+    for who in ("teacher", "moebert"):
+        preds = json.loads((out / who / "predictions.json").read_text())
+        assert set(preds) == {e.id for e in examples}  # every question answered ("" for none)
+        diffs = json.loads((out / who / "null_odds.json").read_text()) if version == "2.0" else None
+        assert (version == "2.0") == (out / who / "null_odds.json").exists()
+        # results.json holds what the official metrics give for the written predictions
+        assert results[who] == squad.score(version, dataset, preds, diffs)
+        assert 0 <= results[who]["f1"] <= 100
+    assert json.loads((out / "moebert" / "config.json").read_text())["head"] == "qa"
+    log = read_log(out)
+    assert any("distill" in r for r in log if r.get("stage") == "distill")
+    assert load_file(out / "importance" / "importance.safetensors")["importance"].shape == (3, 37)
+    # A classifier is not a SQuAD teacher, and SQuAD has no public test set for --predict.
+    classifier = root / "classifier"
+    tiny_model(num_labels=2).save_pretrained(classifier)
+    shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), classifier)
+    with pytest.raises(common.UserError, match="not a question-answering model"):
+        tasks.check_teacher(str(classifier), task, None)
+    with pytest.raises(common.UserError, match="--predict writes GLUE"):
+        train.main(["--task", task, "--predict", "--out", str(root / "p")])
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py --student shallow
+
+
+def glue_args(root):
+    """A 4-layer tiny BERT and an RTE-format task under root; train.py's args (no --out, no --student)."""
+    torch.manual_seed(0)
+    BertModel(BertConfig(**TINY4)).save_pretrained(root / "bert")
+    shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), root / "bert")
+    write_rte_like(root / "RTE")
+    return ["--task", "rte", "--bert", str(root / "bert"), "--data-dir", str(root / "RTE"), "--device", "cpu",
+            "--max-seq-length", "48", "--epochs", "4", "--lr", "2e-3", "--batch-size", "8", "--distill-lr", "2e-4",
+            "--distill-batch-size", "16", "--expert-dim", "11", "--shared-dim", "5", "--num-experts", "3",
+            "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def shallow_run(tmp_path_factory):
+    import train
+    root = tmp_path_factory.mktemp("shallow")
+    args = glue_args(root) + ["--out", str(root / "out")]
+    results = train.main(args + ["--student", "shallow"])
+    return dict(root=root, out=root / "out", args=args, results=results, train=train)
+
+
+def test_pipeline_with_the_shallow_student(shallow_run):
+    out, results = shallow_run["out"], shallow_run["results"]
+    for f in ("config.json", "model.safetensors", "vocab.txt", "metrics.json", "settings.json"):
+        assert (out / "shallow" / f).exists(), f
+    assert not (out / "moebert").exists() and not (out / "importance").exists()  # no importance needed
+    settings = json.loads((out / "shallow" / "settings.json").read_text())
+    assert settings["student"] == "shallow" and settings["every"] == 2
+    assert json.loads((out / "shallow" / "config.json").read_text())["num_hidden_layers"] == 2
+    assert set(results) == {"task", "teacher", "shallow", "params", "macs_per_token", "config", "seconds"}
+    assert set(results["seconds"]) == {"teacher", "distill-shallow", "eval"}
+    assert 0.0 <= results["shallow"]["accuracy"] <= 1.0 and results["config"]["student"] == "shallow"
+    assert json.loads((out / "results.json").read_text()) == results
+    # Parameters: the saved student's, all used by every token.
+    n = sum(v.numel() for v in load_file(out / "shallow" / "model.safetensors").values())
+    assert results["params"]["shallow_total"] == results["params"]["shallow_active_per_token"] == n
+    assert results["params"]["teacher"] > n
+    # Multiply-adds per token from the configs, attention at --max-seq-length; half the teacher's.
+    macs = results["macs_per_token"]
+    assert macs["seq_len"] == 48
+    assert macs["teacher"] == shallow.macs_per_token(BertConfig(**TINY4), 48)
+    assert macs["shallow"] == shallow.macs_per_token(BertConfig(**dict(TINY4, num_hidden_layers=2)), 48)
+    assert 2 * macs["shallow"]["total"] == macs["teacher"]["total"]
+    # Stage 4 ran with the distillation term, under its own name.
+    assert any("distill" in r for r in read_log(out) if r.get("stage") == "distill-shallow")
+
+
+def test_one_out_holds_one_student_and_a_teacher_is_shared_by_path(shallow_run, tmp_path):
+    """--student moebert into a shallow run's --out is refused (results of one student per --out);
+    with --teacher OUT/teacher in another --out, MoEBERT reuses that teacher and leaves it as it was."""
+    train, out = shallow_run["train"], shallow_run["out"]
+    args = [a for a in shallow_run["args"]]
+    with pytest.raises(common.UserError, match="holds a run with --student shallow"):
+        train.main(args)  # --student moebert, the default
+    teacher_files = {f: (out / "teacher" / f).read_bytes() for f in os.listdir(out / "teacher")}
+    moe_out = tmp_path / "moe"
+    moved = args[:args.index("--out")] + ["--out", str(moe_out)] + args[args.index("--out") + 2:]
+    results = train.main(moved + ["--teacher", str(out / "teacher")])
+    assert results["teacher"] == shallow_run["results"]["teacher"]  # the same teacher, evaluated alike
+    assert {f: (out / "teacher" / f).read_bytes() for f in os.listdir(out / "teacher")} == teacher_files
+    assert set(results["macs_per_token"]) == {"seq_len", "teacher", "moebert"}
+    assert results["macs_per_token"]["moebert"]["weights"] < results["macs_per_token"]["teacher"]["weights"]
+
+
+def test_shallow_student_needs_an_even_depth(tmp_path):
+    import train
+    args = tiny_task(tmp_path)  # a 3-layer BERT
+    with pytest.raises(common.UserError, match="has 3 layers: use a BERT with an even number"):
+        train.main(args + ["--out", str(tmp_path / "out"), "--student", "shallow"])
+    assert not (tmp_path / "out" / "teacher").exists()  # refused before training anything
+
+
+def test_squad_pipeline_with_the_shallow_student(tmp_path):
+    """--task squad --student shallow: the span head (no pooler) at half depth, predictions.json."""
+    import train
+    torch.manual_seed(0)
+    BertModel(BertConfig(**{**TINY4, "max_position_embeddings": 128})).save_pretrained(tmp_path / "bert")
+    shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), tmp_path / "bert")
+    train_name, dev_name = squad.squad_files("1.1")
+    (tmp_path / "SQuAD").mkdir()
+    write_json(tmp_path / "SQuAD" / train_name, fixture_json("1.1"))
+    write_json(tmp_path / "SQuAD" / dev_name, fixture_json("1.1"))
+    out = tmp_path / "out"
+    results = train.main(["--task", "squad", "--bert", str(tmp_path / "bert"), "--data-dir", str(tmp_path / "SQuAD"),
+                          "--out", str(out), "--device", "cpu", "--epochs", "1", "--max-seq-length", "96",
+                          "--doc-stride", "32", "--batch-size", "8", "--distill-batch-size", "8", "--student",
+                          "shallow"])
+    examples, dataset = squad.read_squad(tmp_path / "SQuAD" / dev_name)
+    preds = json.loads((out / "shallow" / "predictions.json").read_text())
+    assert set(preds) == {e.id for e in examples}
+    assert results["shallow"] == squad.score("1.1", dataset, preds, None)
+    config = json.loads((out / "shallow" / "config.json").read_text())
+    assert config["head"] == "qa" and config["num_hidden_layers"] == 2
+    assert not any(k.startswith("bert.pooler") for k in load_file(out / "shallow" / "model.safetensors"))
+    assert set(results["macs_per_token"]) == {"seq_len", "teacher", "shallow"} and not (out / "importance").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# torchrun: two processes stopped and resumed; the process group's end (runtime.py)
+
+
+def test_two_processes_stopped_and_resumed_bitwise(tmp_path):
+    """torchrun with 2 gloo processes, dropout on: SIGTERM to torchrun inside distillation (it passes
+    the signal on; both processes stop at the same step and the master writes every process's RNG
+    state), then the same command again: bitwise the weights of a 2-process run never stopped."""
+    args = tiny_task(tmp_path) + ["--epochs", "6"]
+    run_torchrun(args, tmp_path / "ref")
+    code, text = stop_midway(TORCHRUN + [*args, "--out", str(tmp_path / "out")], tmp_path / "out" / "moebert",
+                             signal.SIGTERM, env=torchrun_env())
+    assert len([l for l in text.splitlines() if l.startswith("stopped by SIGTERM at distill step")]) == 1, text
+    run_torchrun(args, tmp_path / "out")
+    assert '"resumed"' in (tmp_path / "out" / "log.jsonl").read_text()
+    for s in ("teacher", "moebert"):
+        assert_same_weights(tmp_path / "out" / s / "model.safetensors", tmp_path / "ref" / s / "model.safetensors")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the process's threads from Linux's /proc")
+def test_process_group_ends_with_destroy_after_ddp():
+    """After DDP, destroy_process_group stops gloo's threads. A process group that outlived it kept them
+    running into Python's shutdown, where one freeing a finished collective aborted the process (SIGABRT,
+    "terminate called without an active exception": 2 torchrun runs in ~50 on the loaded 2-core CPU,
+    2026-12-03). What held it: DDP imports torch.distributed.nn.functional, whose default arguments took
+    the group when imported after init; setup_distributed now imports it first. A fresh process, so the
+    import is not already done."""
+    code = """if True:
+        import json, os, torch, torch.distributed as dist, runtime
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        threads = lambda: sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+        torch.set_num_threads(1)  # no OpenMP team: every thread that comes and goes is the group's
+        before = threads()
+        runtime.setup_distributed("cpu")
+        ddp = DDP(torch.nn.Linear(3, 5))
+        ddp(torch.randn(2, 3)).sum().backward()  # its gradients all-reduced by gloo's threads
+        del ddp
+        during = threads()
+        dist.destroy_process_group()
+        print(json.dumps([before, during, threads()]))"""
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    before, during, after = json.loads(p.stdout.splitlines()[-1])
+    assert len(during) > len(before), (before, during)  # the group's threads ran
+    assert after == before, f"threads left running after destroy_process_group: {after} (before init: {before})"
