@@ -32,6 +32,7 @@ from contextlib import nullcontext
 
 import torch
 
+import experts
 import moebert
 from bert import BertConfig, BertForSequenceClassification
 from moebert import MoEConfig, moebert_from_dense
@@ -69,7 +70,7 @@ def flop_ceiling(cfg, moe_cfg, T):
     return dense / moe
 
 
-class UnroutedExperts(moebert.Experts):
+class UnroutedExperts(experts.Experts):
     """MoEBERT's experts with the routing taken out, to split its time above the cap: the n tokens,
     cut into N equal runs, go to the experts in order, so each expert runs MoEBERT's matmuls on n/N
     rows (batched or one each, as Experts.forward would), with nothing sorted, gathered, padded or
@@ -77,12 +78,12 @@ class UnroutedExperts(moebert.Experts):
 
     def forward(self, x, expert):  # [n, H]; expert is ignored
         N = len(self.intermediate_weight)
-        if len(x) <= moebert.SMALL_BATCH * N and len(x) % N == 0:
+        if len(x) <= experts.SMALL_BATCH * N and len(x) % N == 0:
             return self.ffn(x.view(N, -1, x.size(-1)), *self.weights(batched=True)).view_as(x)
         return torch.cat([self.ffn(run, *w) for run, w in zip(x.chunk(N), self.weights())])
 
 
-class HostSizedExperts(moebert.Experts):
+class HostSizedExperts(experts.Experts):
     """MoEBERT's experts without the grouped path (CUDA's in bf16): the padded batched or the
     per-expert matmuls, whose sizes the host reads, a wait for the GPU in every layer. Timed beside
     hash-random on CUDA, as "host-sized", it is the before of the grouped path's before/after."""
@@ -152,7 +153,7 @@ def inference(args, cfg, device, autocast):
     is replayed from a CUDA graph."""
     student = f"{args.student_layers}-layer"
     moes = (*moebert.ROUTES, "unrouted")  # every route, and hash-random's experts without routing
-    if device.type in moebert.GROUPED_DEVICES and not args.cuda_graphs:
+    if device.type in experts.GROUPED_DEVICES and not args.cuda_graphs:
         moes += ("host-sized",)  # hash-random as it ran before the grouped path (no graph: it syncs)
     models, moe_cfg = inference_models(cfg, device, ["dense", "quarter-FFN", student, *moes], args.student_layers)
     rows = []

@@ -30,14 +30,11 @@ def teacher_class(task):
 def load(args, tokenizer, device):
     """(training features, dev(model) -> (metrics, {file name: JSON to keep beside the model}), the
     metric that picks the best epoch, the number of dev examples, {leaderboard file: test features})."""
-    if args.task in SQUAD and args.predict:
-        raise UserError("--predict writes GLUE's test-set files; SQuAD's test sets are not public (the dev "
-                        "predictions are in OUT/teacher/predictions.json and OUT/moebert/predictions.json)")
     t0 = time.time()
     loaded = (squad_data if args.task in SQUAD else glue_data)(args, tokenizer, device)
     if runtime.MASTER:
-        print(f"data: {len(loaded[0])} training features (SQuAD: windows) and {loaded[3]} dev examples, "
-              f"tokenized in {time.time() - t0:.1f}s")
+        print(f"data: {len(loaded[0])} training {'windows' if args.task in SQUAD else 'examples'} and "
+              f"{loaded[3]} dev examples, tokenized in {time.time() - t0:.1f}s")
     return loaded
 
 

@@ -309,6 +309,9 @@ def setup(args, given, device):
     """Everything the stages need, checked before anything is written: the recorded settings (for
     --eval-only), the teacher's class and source, the tokenizer, the data, each stage's settings."""
     runtime.read_run(args, given, keep=NOT_RECORDED)  # --eval-only: the recorded settings; one run per --out
+    if args.task in SQUAD and args.predict:
+        raise UserError("--predict writes GLUE's test-set files; SQuAD's test sets are not public (the dev "
+                        "predictions are in OUT/teacher/predictions.json and OUT/moebert/predictions.json)")
     c = SimpleNamespace(args=args, device=device, qa=args.task in SQUAD, times={})
     c.teacher_dir = args.teacher or os.path.join(args.out, "teacher")
     c.student_dir = os.path.join(args.out, args.student)  # OUT/moebert or OUT/shallow
@@ -349,20 +352,23 @@ def setup(args, given, device):
     else:  # the student's kind and depth are settings too
         c.student_settings = dict(c.imp_settings, student=args.student, every=SHALLOW_EVERY, **distill)
     c.stage = "distill" if args.student == "moebert" else f"distill-{args.student}"  # its name in logs
+    c.cost = 1.0 if args.student == "moebert" else 0.75  # a distillation example, in teacher steps (later_work)
     c.later = later_work(c)
     return c
 
 
 def later_work(c):
-    """The work of each stage still to run, in examples through a teacher training step (a forward is
-    about 1/3 of one): {stage: units}. The training stages turn it into the whole run's ETA."""
+    """The work of each stage still to run, in examples through a teacher training step: {stage: units}.
+    The training stages turn it into the whole run's ETA. Measured on CPU (RESULTS.md's stage times): a
+    distillation example costs about one teacher step (its teacher pass is a forward; MoEBERT's FFN is
+    half), the shallow student's 3/4, importance 0.3, a dev example (a forward) about 1/3."""
     a, n, d = c.args, len(c.train), c.n_dev
     todo = lambda folder, settings: not a.eval_only and (a.force or runtime.differs(folder, settings) is not None)
-    return {"teacher": (a.teacher_epochs * n + math.ceil(a.teacher_epochs) * d / 3)
-            if not a.teacher and todo(c.teacher_dir, c.teacher_settings) else 0,
-            "importance": n if a.student == "moebert" and todo(os.path.join(a.out, "importance"), c.imp_settings) else 0,
-            c.stage: (a.distill_epochs * (n * 4 / 3 + math.ceil(a.distill_epochs) * d / 3))
-            if todo(c.student_dir, c.student_settings) else 0,
+    epochs = lambda e, cost: e * n * cost + math.ceil(e) * d / 3
+    return {"teacher": epochs(a.teacher_epochs, 1.0) if not a.teacher and todo(c.teacher_dir, c.teacher_settings) else 0,
+            "importance": 0.3 * n if a.student == "moebert" and todo(os.path.join(a.out, "importance"), c.imp_settings)
+            else 0,
+            c.stage: epochs(a.distill_epochs, c.cost) if todo(c.student_dir, c.student_settings) else 0,
             "eval": 2 * d / 3}
 
 
@@ -460,7 +466,7 @@ def distill(c, teacher, importance):
                        layers=layers, balance_weight=c.moe_cfg.balance_weight)
         hp = dict(stage=c.stage, metric=c.metric, epochs=args.distill_epochs, lr=args.distill_lr,
                   batch_size=args.distill_batch_size, weight_decay=args.distill_weight_decay,
-                  cost=4 / 3, later=after(c, c.stage))
+                  cost=c.cost, later=after(c, c.stage))
         best = fit(student.to(c.device), loss, c.train, c.dev, c.student_dir + ".partial", hp, args, c.device, c.log)
         if runtime.MASTER:
             shutil.copy(c.vocab, c.student_dir + ".partial")

@@ -4,7 +4,7 @@ Times, alternating, in ms a layer above the quarter-FFN block (the cap's FFN, on
 
     padded          Experts.forward forced onto its padded batched matmul (every expert padded to the fullest)
     loop            Experts.forward forced onto one matmul per expert
-    rule            Experts.forward as it chooses (moebert.SMALL_BATCH, moebert.PADDING)
+    rule            Experts.forward as it chooses (experts.SMALL_BATCH, experts.PADDING)
     unrouted        bench.UnroutedExperts: equal runs of tokens, one batched matmul, no sort, gather or padding
     unrouted-loop   the same with one matmul per expert
 
@@ -22,6 +22,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import bench  # noqa: E402
+import experts  # noqa: E402
 import moebert  # noqa: E402
 from ab_moebert import cpu_bert_base  # noqa: E402  (tools/ is this script's folder)
 from bert import BertConfig, BertIntermediate, BertOutput  # noqa: E402
@@ -34,7 +35,7 @@ def main():
     moe_cfg = moebert.MoEConfig.scaled(cfg.intermediate_size)
     quarter_cfg = BertConfig(intermediate_size=moe_cfg.expert_dim)
     quarter = [(BertIntermediate(quarter_cfg).eval(), BertOutput(quarter_cfg).eval()) for _ in range(LAYERS)]
-    experts = [moebert.Experts(cfg, moe_cfg).eval() for _ in range(LAYERS)]
+    experts = [experts.Experts(cfg, moe_cfg).eval() for _ in range(LAYERS)]
     unrouted = [bench.UnroutedExperts(cfg, moe_cfg).eval() for _ in range(LAYERS)]
     for u, e in zip(unrouted, experts):
         u.load_state_dict(e.state_dict())

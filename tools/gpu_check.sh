@@ -3,7 +3,7 @@
 #   bash tools/gpu_check.sh                 # from the repo root, on the GPU machine
 #   DRY_RUN=1 bash tools/gpu_check.sh       # on a CPU: every part, cut to seconds, to check the script
 # It needs two git-ignored folders carried along (46 MB together):
-#   gpu_carry/minilm  MiniLM in fp16 (python tools/minilm_fp16.py ~/.cache/moebert/minilm gpu_carry/minilm)
+#   gpu_carry/minilm  MiniLM in fp16 (python tools/minilm_fp16.py ~/.cache/moebert/all-minilm-l6-v2 gpu_carry/minilm)
 #   gpu_carry/RTE     GLUE RTE's train.tsv and dev.tsv (0.9 MB)
 #   gpu_carry/squad_eval  the official SQuAD evaluation scripts the tests fetch (cp -r ~/.cache/moebert/squad_eval)
 # Everything lands in $OUT (default ./gpu_out): env.txt, pytest.txt, pytest.xml, pipeline.txt,
@@ -95,7 +95,7 @@ environment() { env_info >"$OUT/env.txt" 2>&1; cat "$OUT/env.txt"; }
 prep() {
   test -f gpu_carry/minilm/model.safetensors || { echo "gpu_carry/minilm is missing: carry it"; return 1; }
   test -f gpu_carry/RTE/train.tsv -a -f gpu_carry/RTE/dev.tsv || { echo "gpu_carry/RTE is missing: carry it"; return 1; }
-  $PY tools/minilm_fp16.py gpu_carry/minilm "$MOEBERT_CACHE/minilm" --dtype fp32
+  $PY tools/minilm_fp16.py gpu_carry/minilm "$MOEBERT_CACHE/all-minilm-l6-v2" --dtype fp32
   # The official SQuAD scripts the tests compare with come from PyPI wheels, out of reach there: carried.
   if [ -d gpu_carry/squad_eval ]; then cp -r gpu_carry/squad_eval "$MOEBERT_CACHE/"; else echo "no gpu_carry/squad_eval"; fi
 }
@@ -103,7 +103,7 @@ prep() {
 # 3. tests: the CUDA ones (tests), and at the end the others (rest), each selected with pytest -k.
 run_tests() {
   local name=$1 select=$2 rc
-  $PY -m pytest -q -rfs -p no:cacheprovider --durations=15 --junitxml="$OUT/$name.xml" test_moebert.py \
+  $PY -m pytest -q -rfs -p no:cacheprovider --durations=15 --junitxml="$OUT/$name.xml" tests \
     -k "$select" >"$OUT/$name.txt" 2>&1
   rc=$?
   tail -n 40 "$OUT/$name.txt"

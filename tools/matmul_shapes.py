@@ -72,7 +72,7 @@ def alone(cpu):
     with the weights in cache and from memory: what reading four experts' weights costs as such."""
     b, x, xb = torch.zeros(768), torch.randn(128, 768), torch.randn(4, 32, 768)
     for stacks in (1, 24):
-        experts = [torch.randn(4, 768, 768) for _ in range(stacks)]  # [N, in, out], as moebert.Experts
+        experts = [torch.randn(4, 768, 768) for _ in range(stacks)]  # [N, in, out], as experts.Experts
         dense = [w.t() for e in experts for w in e]  # [out, in].t(), as nn.Linear; 4 per stack
         ms = {"128 rows": [], "4 x 32 rows, batched": []}
         for _ in range(REPEATS):

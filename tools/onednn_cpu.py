@@ -28,6 +28,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import bench  # noqa: E402
+import experts  # noqa: E402
 import moebert  # noqa: E402
 from ab_moebert import comparison_args, cpu_bert_base  # noqa: E402  (tools/ is this script's folder)
 
@@ -44,12 +45,12 @@ def onednn_addmm(bias, x, weight):  # Experts.ffn's bias + x @ W for one expert,
 def onednn():
     """Every F.linear on oneDNN for the duration, and MoEBERT's experts on Experts.forward's own
     per-expert loop (SMALL_BATCH 0), whose one-expert matmuls (Experts.ffn's torch.addmm) go to oneDNN."""
-    saved = F.linear, torch.addmm, moebert.SMALL_BATCH
-    F.linear, torch.addmm, moebert.SMALL_BATCH = onednn_linear, onednn_addmm, 0
+    saved = F.linear, torch.addmm, experts.SMALL_BATCH
+    F.linear, torch.addmm, experts.SMALL_BATCH = onednn_linear, onednn_addmm, 0
     try:
         yield
     finally:
-        F.linear, torch.addmm, moebert.SMALL_BATCH = saved
+        F.linear, torch.addmm, experts.SMALL_BATCH = saved
 
 
 def main():
