@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import weights
-from common import BadFile, atomic_write_json
+from common import BadFile, atomic_write_json, save_safetensors
 
 
 @dataclass
@@ -212,15 +212,12 @@ class PreTrained(nn.Module):
 
     def save_pretrained(self, folder, extra_config=None):
         """Write config.json and model.safetensors (Hugging Face's layout, loadable by from_pretrained)."""
-        from safetensors.torch import save_file
         os.makedirs(folder, exist_ok=True)
         # What the head is and its arguments, so a saved model can be rebuilt (the encoder has none).
         head = {} if self.head is None else {"head": self.head, **{k: getattr(self, k) for k in self.head_args}}
         config = {**self.config.to_dict(), **head, **(extra_config or {})}
         atomic_write_json(os.path.join(folder, "config.json"), config)
-        tmp = os.path.join(folder, "model.safetensors.partial")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, tmp)
-        os.replace(tmp, os.path.join(folder, "model.safetensors"))  # never leave a half-written file
+        save_safetensors(self.state_dict(), os.path.join(folder, "model.safetensors"))
 
 
 class BertModel(PreTrained):

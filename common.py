@@ -1,5 +1,6 @@
 """What every file that touches the disk or the network shares: the errors a user can fix, the cache
 folder, downloads, and writes that never leave a half-written file."""
+import errno
 import json
 import os
 import sys
@@ -70,4 +71,24 @@ def atomic_write_json(path, obj):
     tmp = path + ".partial"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def save_safetensors(tensors, path, metadata=None):
+    """Write {name: tensor} to `path` whole or not at all: written beside, checked complete (safetensors
+    reports no full disk: its file just comes out short), flushed to disk, then renamed over `path`."""
+    from safetensors.torch import save_file
+    tmp = path + ".partial"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    size = os.path.getsize(tmp)
+    with open(tmp, "rb+") as f:
+        n = int.from_bytes(f.read(8), "little")  # the file: header length, JSON header, the tensors' bytes
+        try:
+            header = json.loads(f.read(n)) if 0 < n <= size else {}
+        except ValueError:
+            header = {}
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        if not header or size != 8 + n + max(ends, default=0):
+            raise OSError(errno.ENOSPC, f"{path} came out short ({size} bytes written)", path)
+        os.fsync(f.fileno())  # on disk before the rename, so a crash of the machine cannot half-write it
     os.replace(tmp, path)

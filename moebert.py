@@ -6,7 +6,6 @@ token goes to one expert, so a token costs about half the dense FFN while the mo
 knowledge the important neurons hold. Distillation from the dense teacher recovers the rest.
 """
 import json
-import os
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -56,7 +55,7 @@ class MoEConfig:
     def scaled(cls, intermediate_size, num_experts=4, expert_dim=None, shared_dim=None, **rest):
         """The paper's sizes scaled to any FFN: expert_dim = I / N and shared_dim = 2/3 of it
         (768 and 512 for BERT-base); sizes given explicitly are kept."""
-        expert_dim = expert_dim or intermediate_size // num_experts
+        expert_dim = intermediate_size // num_experts if expert_dim is None else expert_dim
         shared_dim = round(2 * expert_dim / 3) if shared_dim is None else shared_dim
         return cls(num_experts=num_experts, expert_dim=expert_dim, shared_dim=shared_dim, **rest)
 
@@ -289,6 +288,7 @@ class MoEBert:
         """Reload a saved MoEBERT (config.json with a "moe" entry, model.safetensors), strictly.
         MoEBert.from_pretrained (or load) builds the head that config.json names; a concrete class
         refuses a folder with another head."""
+        config = BertConfig.from_json(find_config(folder))  # a damaged file is a BadFile that names it
         with open(find_config(folder)) as f:
             d = json.load(f)
         if "moe" not in d:
@@ -302,8 +302,7 @@ class MoEBert:
         elif head != cls.head:
             raise BadFile(f"{folder} holds a MoEBERT with a {head} head, not {cls.head}; load it with "
                           f"{MOE_BY_HEAD[head].__name__}.from_pretrained or moebert.load")
-        model = cls(BertConfig.from_json(os.path.join(folder, "config.json")),
-                    MoEConfig.from_dict(d["moe"]), *(d[k] for k in cls.head_args))
+        model = cls(config, MoEConfig.from_dict(d["moe"]), *(d[k] for k in cls.head_args))
         try:
             model.load_state_dict(read_checkpoint(folder), strict=True)
         except RuntimeError as e:  # torch names the missing, unexpected and misshapen keys

@@ -3,6 +3,8 @@ resume bit for bit, signals that stop at a step boundary, and stages that are pu
 and reused only when made with the same settings.
 """
 import ctypes
+import errno
+import fcntl
 import importlib
 import json
 import os
@@ -13,13 +15,14 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
-from common import UserError, atomic_write_json, makedirs
+from common import UserError, atomic_write_json, makedirs, save_safetensors
 
 RANK, WORLD, MASTER = 0, 1, True  # this process, how many there are, whether it writes files and logs
 PROGRESS_EVERY = 10.0  # seconds between progress lines
+LOCK = None  # the open OUT/run.lock while a run holds it (claim)
 
 
 def keep_freed_memory():
@@ -127,12 +130,7 @@ def save_checkpoint(path, model, opt, sched, state, device):
     tensors.update({f"optimizer.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()})
     tensors.update({f"rng.{k}.{r}": t for k, ts in rng.items() for r, t in enumerate(ts)})
     meta = {"state": dict(state, processes=WORLD), "param_groups": sd["param_groups"], "scheduler": sched.state_dict()}
-    tmp = path + ".partial"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-              metadata={k: json.dumps(v) for k, v in meta.items()})
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())  # on disk before the rename, so a crash of the machine cannot half-write it
-    os.replace(tmp, path)
+    save_safetensors(tensors, path, metadata={k: json.dumps(v) for k, v in meta.items()})
 
 
 def gather(t, device):
@@ -247,6 +245,9 @@ def differs(folder, settings):
     """None if `folder` was made with `settings`; else what differs, as a sentence ('' if no folder)."""
     path = os.path.join(folder, "settings.json")
     if not os.path.exists(path):
+        if holds_work(folder):  # never redone over what was built from it, nor a checkpoint deleted
+            raise UserError(f"{folder} holds a stage's work but no settings.json, so what it was made with is "
+                            f"unknown: restore the file, or run with --force to redo this stage and the ones after it")
         return ""
     old = read_json(path)
     diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
@@ -256,14 +257,33 @@ def differs(folder, settings):
 
 
 def publish(partial, folder):
-    """Mark a stage finished: the checkpoint goes (the best model is beside it), then one atomic rename."""
+    """Mark a stage finished: one atomic rename, then the checkpoint goes (the best model is beside it).
+    In that order, a kill at any point leaves either the finished stage or the checkpoint to resume."""
     if MASTER:
-        for name in (CHECKPOINT, CHECKPOINT + ".partial"):  # the latter if a kill came during a write
-            if os.path.exists(os.path.join(partial, name)):
-                os.remove(os.path.join(partial, name))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(partial, folder)
+        for name in (CHECKPOINT, CHECKPOINT + ".partial"):  # the latter if a kill came during a write
+            if os.path.exists(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
     barrier()  # the others read the finished stage from here on
+
+
+def holds_work(folder):
+    """Whether `folder` holds a stage's output or checkpoint."""
+    return any(os.path.exists(os.path.join(folder, f))
+               for f in ("model.safetensors", "importance.safetensors", CHECKPOINT))
+
+
+def check_chain(folders):
+    """Each stage is built from the one before it: a finished stage whose source is gone would be
+    reused beside a source made anew. `folders`: the stages this run builds, in order."""
+    gone = None
+    for folder in folders:
+        if not os.path.isdir(folder):
+            gone = gone or folder
+        elif gone:
+            raise UserError(f"{folder} was built from {gone}, which is not there: restore it, or run with --force "
+                            f"to redo every stage")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,7 +310,16 @@ def read_json(path):
         with open(path) as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is damaged ({e}); restore it, or use another --out (--force redoes the stages)") from None
+        raise UserError(f"{path} is damaged ({e}): restore it or delete it (a finished stage without its settings.json "
+                        f"is then redone with --force), or use another --out") from None
+
+
+def read_tensor(path, name):
+    """One tensor of a safetensors file a stage wrote; a missing or damaged file is an error that names it."""
+    try:
+        return load_file(path)[name]
+    except (OSError, SafetensorError, KeyError) as e:
+        raise UserError(f"{path} is missing or damaged ({e}); restore it, or run with --force to redo the stages") from None
 
 
 def read_run(args, given, keep):
@@ -299,6 +328,8 @@ def read_run(args, given, keep):
     the flags given again and those in `keep`."""
     path = os.path.join(args.out, "run.json")
     run = read_json(path) if os.path.exists(path) else None
+    if os.path.exists(os.path.join(args.out, "results.json")):  # damaged: said now, not after the run
+        read_json(os.path.join(args.out, "results.json"))
     if run and args.eval_only:
         for k, v in run.get("args", {}).items():
             if k not in given and k not in keep:
@@ -316,8 +347,47 @@ def write_run(args):
                                                                "args": vars(args)})
 
 
+DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "no permission", errno.EPERM: "no permission"}
+
+
+def claim(out):
+    """Make --out (a folder you can write to) and lock it for this run: a second run into the same
+    folder stops at once. The lock goes with the process, so a killed run leaves none behind.
+    Returns the first folder this made (None if --out was there): a failed start removes it."""
+    path, made = os.path.abspath(out), None
+    while not os.path.exists(path):  # the nearest part of the path that is there
+        path, made = os.path.dirname(path), path
+    if not os.path.isdir(path):
+        raise UserError(f"--out {out}: {path} is a file, not a folder; pass a folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: cannot write in {path}; pass a folder you can write to")
+    os.makedirs(out, exist_ok=True)
+    if MASTER:
+        global LOCK
+        LOCK = open(os.path.join(out, "run.lock"), "a")
+        try:
+            fcntl.flock(LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another run is writing into {out}; wait for it to end, or use another --out") from None
+    return made
+
+
+def release():
+    global LOCK
+    if LOCK is not None:
+        LOCK.close()  # closing the file drops the lock
+        LOCK = None
+
+
+def disk_error(e):
+    """A write that failed for want of space or permission: what was kept, and what to do."""
+    kept = "the finished stages and the last checkpoint are kept (files are written beside, then renamed)"
+    fix = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable, or use another --out"
+    return f"cannot write {e.filename or 'a file'}: {DISK_ERRORS[e.errno]}; {kept}. {fix}, then run the same command again to go on"
+
+
 def discard_if_empty(out):
-    """After a failed start: remove `out` (which this run made) unless it holds a finished stage or a checkpoint."""
-    kept = {"model.safetensors", "importance.safetensors", CHECKPOINT}
-    if not any(kept & set(files) for _, _, files in os.walk(out)):
+    """After a failed start: remove `out` (which this run made) unless it holds a stage's output or checkpoint."""
+    if not any(holds_work(folder) for folder, _, _ in os.walk(out)):
         shutil.rmtree(out, ignore_errors=True)

@@ -25,7 +25,6 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
@@ -34,7 +33,7 @@ import runtime
 import shallow
 import tasks
 from bert import BertConfig
-from common import UserError, atomic_write_json, makedirs
+from common import UserError, atomic_write_json, makedirs, save_safetensors
 from moebert import MoEConfig
 from runtime import autocast, progress, to_device
 from tasks import SQUAD
@@ -70,6 +69,30 @@ SHALLOW_EVERY = 2  # the shallow student keeps one teacher layer in 2
 NOT_RECORDED = {"task", "out", "force", "eval_only", "predict", "device", "log_every", "save_every"}
 
 
+def checked(kind, ok, what):
+    """An argparse type: a finite `kind` for which ok(value) holds, else argparse's error (exit 2)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    return parse
+
+
+# What each flag takes, checked before any work (a row longer than the position table, zero epochs or a
+# zero stride would fail, or hang, deep inside the run).
+COUNT = checked(int, lambda v: v >= 1, "a whole number of at least 1")
+COUNT_OR_0 = checked(int, lambda v: v >= 0, "a whole number of at least 0")
+SEED = checked(int, lambda v: 0 <= v < 2**32, "a seed in 0 .. 2^32 - 1")
+POSITIVE = checked(float, lambda v: v > 0, "a number above 0")
+AT_LEAST_0 = checked(float, lambda v: v >= 0, "a number of at least 0")
+FRACTION = checked(float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
+DROPOUT = checked(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
+
+
 def get_args(argv=None):
     """The flags, and the set of those given on the command line (--eval-only takes the rest from run.json)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,47 +112,47 @@ def get_args(argv=None):
                    "--out, with the settings the run recorded")
     p.add_argument("--predict", action="store_true", help="also write both models' GLUE test-set predictions, the "
                    "leaderboard's files: OUT/predictions/teacher/<Task>.tsv and OUT/predictions/<student>/<Task>.tsv")
-    p.add_argument("--seed", type=int, default=0, help="seeds data order, dropout, hash tables")
+    p.add_argument("--seed", type=SEED, default=0, help="seeds data order, dropout, hash tables")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="compute dtype: bf16 autocast (weights stay fp32) "
                    "or plain fp32 (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--max-seq-length", type=int, help="truncate pairs to this many tokens (default: the paper's, "
+    p.add_argument("--max-seq-length", type=COUNT, help="truncate pairs to this many tokens (default: the paper's, "
                    "512, or 128 for MNLI and QQP, 384 for SQuAD)")
-    p.add_argument("--doc-stride", type=int, default=128, help="SQuAD: tokens between the starts of a context's windows")
-    p.add_argument("--max-query-length", type=int, default=64, help="SQuAD: question tokens kept")
-    p.add_argument("--max-train-examples", type=int, help="use only the first N training examples (SQuAD: questions; quick runs)")
-    p.add_argument("--max-eval-examples", type=int, help="evaluate on only the first N dev examples")
-    p.add_argument("--eval-batch-size", type=int, default=128, help="batch size for evaluation and importance")
-    p.add_argument("--log-every", type=int, default=50, help="log the losses every N steps (a progress line also "
+    p.add_argument("--doc-stride", type=COUNT, default=128, help="SQuAD: tokens between the starts of a context's windows")
+    p.add_argument("--max-query-length", type=COUNT, default=64, help="SQuAD: question tokens kept")
+    p.add_argument("--max-train-examples", type=COUNT, help="use only the first N training examples (SQuAD: questions; quick runs)")
+    p.add_argument("--max-eval-examples", type=COUNT, help="evaluate on only the first N dev examples")
+    p.add_argument("--eval-batch-size", type=COUNT, default=128, help="batch size for evaluation and importance")
+    p.add_argument("--log-every", type=COUNT, default=50, help="log the losses every N steps (a progress line also "
                    "comes every few seconds)")
-    p.add_argument("--save-every", type=int, default=2000, help="checkpoint every N optimizer steps (and at each "
+    p.add_argument("--save-every", type=COUNT, default=2000, help="checkpoint every N optimizer steps (and at each "
                    "epoch's end); rerunning the same command continues from the last one")
     t = p.add_argument_group("teacher fine-tuning (stage 1)")
     t.add_argument("--recipe", default="auto", choices=("auto", *TEACHER), help="the teacher's lr and epochs: bert "
                    "(2e-5 for 3 epochs; SQuAD 3e-5 for 2), small (1e-4 for 5 epochs), or auto: small for a BERT "
                    f"narrower than BERT-base (hidden size < {SMALL_BELOW}), else bert")
-    t.add_argument("--epochs", type=float, help="epochs of both training stages unless a stage's own flag is "
+    t.add_argument("--epochs", type=POSITIVE, help="epochs of both training stages unless a stage's own flag is "
                    "given (default: the recipe's for the teacher, the paper's for distillation)")
-    t.add_argument("--teacher-epochs", type=float, help="teacher epochs (default: --epochs, else the recipe's)")
-    t.add_argument("--lr", type=float, help="teacher learning rate (default: the recipe's)")
-    t.add_argument("--batch-size", type=int, help="teacher batch size (default 32; SQuAD 12)")
-    t.add_argument("--weight-decay", type=float, default=0.01, help="teacher AdamW weight decay")
-    t.add_argument("--warmup", type=float, default=0.1, help="teacher warm-up, a fraction of the steps")
+    t.add_argument("--teacher-epochs", type=POSITIVE, help="teacher epochs (default: --epochs, else the recipe's)")
+    t.add_argument("--lr", type=POSITIVE, help="teacher learning rate (default: the recipe's)")
+    t.add_argument("--batch-size", type=COUNT, help="teacher batch size (default 32; SQuAD 12)")
+    t.add_argument("--weight-decay", type=AT_LEAST_0, default=0.01, help="teacher AdamW weight decay")
+    t.add_argument("--warmup", type=FRACTION, default=0.1, help="teacher warm-up, a fraction of the steps")
     m = p.add_argument_group("MoEBERT (stages 2-4; the --distill flags also train --student shallow); defaults: "
                              "the paper's Table 7 for the task")
-    m.add_argument("--num-experts", type=int, default=4, help="experts per layer")
-    m.add_argument("--expert-dim", type=int, help="neurons per expert (default: intermediate size / 4)")
-    m.add_argument("--shared-dim", type=int, help="most important neurons shared by all experts (default: 2/3 "
+    m.add_argument("--num-experts", type=COUNT, default=4, help="experts per layer")
+    m.add_argument("--expert-dim", type=COUNT, help="neurons per expert (default: intermediate size / 4)")
+    m.add_argument("--shared-dim", type=COUNT_OR_0, help="most important neurons shared by all experts (default: 2/3 "
                    "of expert-dim; 768 and 512 for BERT-base)")
     m.add_argument("--route", default="hash-random", choices=moebert.ROUTES, help="routing")
     m.add_argument("--split", default="importance", choices=moebert.SPLITS, help="how neurons are ranked (ablation)")
-    m.add_argument("--expert-dropout", type=float, default=0.1, help="dropout inside the experts")
-    m.add_argument("--balance-weight", type=float, default=0.0, help="gate load-balance loss weight")
-    m.add_argument("--distill-lambda", type=float, help="weight lambda of the distillation loss (0: CE alone)")
-    m.add_argument("--distill-epochs", type=float, help="distillation epochs")
-    m.add_argument("--distill-lr", type=float, help="distillation learning rate")
-    m.add_argument("--distill-batch-size", type=int, help="distillation batch size")
-    m.add_argument("--distill-weight-decay", type=float, help="distillation weight decay")
+    m.add_argument("--expert-dropout", type=DROPOUT, default=0.1, help="dropout inside the experts")
+    m.add_argument("--balance-weight", type=AT_LEAST_0, default=0.0, help="gate load-balance loss weight")
+    m.add_argument("--distill-lambda", type=AT_LEAST_0, help="weight lambda of the distillation loss (0: CE alone)")
+    m.add_argument("--distill-epochs", type=POSITIVE, help="distillation epochs")
+    m.add_argument("--distill-lr", type=POSITIVE, help="distillation learning rate")
+    m.add_argument("--distill-batch-size", type=COUNT, help="distillation batch size")
+    m.add_argument("--distill-weight-decay", type=AT_LEAST_0, help="distillation weight decay")
     args = p.parse_args(argv)
     args.out = args.out or os.path.join("out", args.task)
     for action in p._actions:  # parsed again without defaults: what remains was given
@@ -137,8 +160,9 @@ def get_args(argv=None):
     return args, set(vars(p.parse_args(argv)))
 
 
-def settle(args, hidden_size):
-    """The defaults that depend on the task, the device and (the recipe) the pretrained model's width."""
+def settle(args, hidden_size, positions=512):
+    """The defaults that depend on the task, the device and the pretrained model: the recipe on its
+    width, the length on its position table."""
     lr, bs, epochs, wd, lam, max_len = PAPER[args.task]
     pick = lambda value, default: default if value is None else value
     kind = "squad" if args.task in SQUAD else "glue"
@@ -146,7 +170,7 @@ def settle(args, hidden_size):
         args.recipe = "small" if hidden_size < SMALL_BELOW else "bert"
     teacher_lr, teacher_epochs = TEACHER[args.recipe][kind]
     args.dtype = pick(args.dtype, "bf16" if args.device.startswith("cuda") else "fp32")
-    args.max_seq_length = pick(args.max_seq_length, max_len)
+    args.max_seq_length = pick(args.max_seq_length, min(max_len, positions))
     args.teacher_epochs = pick(args.teacher_epochs, pick(args.epochs, teacher_epochs))
     args.lr = pick(args.lr, teacher_lr)
     args.batch_size = pick(args.batch_size, TEACHER_BATCH[kind])
@@ -326,10 +350,11 @@ def setup(args, given, device):
     trained = os.path.exists(os.path.join(c.teacher_dir, "model.safetensors")) and not args.force
     c.source = c.teacher_dir if trained else resolve_pretrained(args.bert)
     config = BertConfig.from_json(find_config(c.source))
-    settle(args, config.hidden_size)
+    settle(args, config.hidden_size, config.max_position_embeddings)
     if args.student == "shallow" and config.num_hidden_layers % SHALLOW_EVERY:  # now, not after stage 1
         raise UserError(f"--student shallow keeps one teacher layer in {SHALLOW_EVERY}, so the last is the "
                         f"teacher's last; {c.source} has {config.num_hidden_layers} layers: use a BERT with an even number")
+    check_lengths(args, config.max_position_embeddings)
     c.vocab = find_vocab(c.source)
     tokenizer = data.load_tokenizer(c.vocab, lowercase=data.is_uncased(c.vocab))
     c.train, c.dev, c.metric, c.n_dev, c.test_sets = tasks.load(args, tokenizer, device)
@@ -345,6 +370,10 @@ def setup(args, given, device):
     c.moe_cfg = MoEConfig.scaled(config.intermediate_size, args.num_experts, args.expert_dim, args.shared_dim,
                                  route=args.route, split=args.split, expert_dropout=args.expert_dropout,
                                  balance_weight=args.balance_weight, seed=args.seed)
+    try:  # now, not after stage 1
+        args.student != "moebert" or c.moe_cfg.check(config.intermediate_size)
+    except ValueError as e:
+        raise UserError(f"--num-experts, --expert-dim, --shared-dim: {e}") from None
     distill = dict(epochs=args.distill_epochs, lr=args.distill_lr, batch_size=args.distill_batch_size,
                    weight_decay=args.distill_weight_decay, distill_lambda=args.distill_lambda)
     if args.student == "moebert":  # as before --student existed, so finished runs are still reused
@@ -352,9 +381,22 @@ def setup(args, given, device):
     else:  # the student's kind and depth are settings too
         c.student_settings = dict(c.imp_settings, student=args.student, every=SHALLOW_EVERY, **distill)
     c.stage = "distill" if args.student == "moebert" else f"distill-{args.student}"  # its name in logs
+    if not (args.force or args.eval_only):
+        runtime.check_chain([d for d, built in ((c.teacher_dir, not args.teacher), (os.path.join(args.out, "importance"),
+                             args.student == "moebert"), (c.student_dir, True)) if built])
     c.cost = 1.0 if args.student == "moebert" else 0.75  # a distillation example, in teacher steps (later_work)
     c.later = later_work(c)
     return c
+
+
+def check_lengths(args, positions):
+    """--max-seq-length between the shortest a task can use and the model's position table; SQuAD's
+    windows need room for the question ([CLS] question [SEP] context [SEP])."""
+    shortest = args.max_query_length + 4 if args.task in SQUAD else 5  # [CLS] a [SEP] b [SEP]: a token each
+    if not shortest <= args.max_seq_length <= positions:
+        raise UserError(f"--max-seq-length {args.max_seq_length} must be between {shortest}" + (
+            f" (--max-query-length {args.max_query_length} + 3 special tokens + 1 of context)" if args.task in SQUAD
+            else "") + f" and {positions}, the longest sequence the model's position table covers")
 
 
 def later_work(c):
@@ -384,20 +426,23 @@ def main(argv=None):
     device = runtime.setup_distributed(args.device)
     if device.type == "cpu":
         runtime.keep_freed_memory()
-    fresh = not os.path.exists(args.out)
+    made = runtime.claim(args.out)  # a folder we can write to, and ours alone while this run lasts
     try:
         c = setup(args, given, device)
-        os.makedirs(args.out, exist_ok=True)
         c.log = runtime.Log(os.path.join(args.out, "log.jsonl"))
         runtime.write_run(args)
         teacher = train_teacher(c)  # stage 1
         importance = compute_importance(c, teacher)  # stage 2
         student = distill(c, teacher, importance)  # stages 3 and 4
         return report(c, teacher, student)  # stage 5
-    except BaseException:  # a failed start leaves nothing behind; finished stages and checkpoints stay
-        if fresh and runtime.MASTER:
-            runtime.discard_if_empty(args.out)
+    except BaseException as e:  # a failed start leaves nothing behind; finished stages and checkpoints stay
+        if made and runtime.MASTER:
+            runtime.discard_if_empty(made)
+        if isinstance(e, OSError) and e.errno in runtime.DISK_ERRORS:
+            raise UserError(runtime.disk_error(e)) from e
         raise
+    finally:
+        runtime.release()
 
 
 def train_teacher(c):
@@ -440,12 +485,12 @@ def compute_importance(c, teacher):
             scores = scores.to(c.device)
             dist.all_reduce(scores)
         if runtime.MASTER:
-            save_file({"importance": scores.float().cpu()}, os.path.join(folder + ".partial", "importance.safetensors"))
+            save_safetensors({"importance": scores.float()}, os.path.join(folder + ".partial", "importance.safetensors"))
         runtime.publish(folder + ".partial", folder)
         c.times["importance"] = time.time() - t0
         if runtime.MASTER:
             print(f"importance: {len(c.train)} training examples in {c.times['importance']:.1f}s")
-    return None if args.eval_only else load_file(os.path.join(folder, "importance.safetensors"))["importance"]
+    return None if args.eval_only else runtime.read_tensor(os.path.join(folder, "importance.safetensors"), "importance")
 
 
 def distill(c, teacher, importance):

@@ -797,3 +797,183 @@ def test_process_group_ends_with_destroy_after_ddp():
     before, during, after = json.loads(p.stdout.splitlines()[-1])
     assert len(during) > len(before), (before, during)  # the group's threads ran
     assert after == before, f"threads left running after destroy_process_group: {after} (before init: {before})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input to train.py: flags, the output folder, damaged stage files, two runs at once. Each is an
+# `error:` (argparse's, or a UserError that __main__ prints as one line, exit 2) before any damage.
+
+BAD_FLAGS = [("--batch-size", "0"), ("--distill-batch-size", "-4"), ("--eval-batch-size", "0"), ("--save-every", "0"),
+             ("--log-every", "0"), ("--epochs", "0"), ("--teacher-epochs", "-1"), ("--distill-epochs", "inf"),
+             ("--lr", "0"), ("--lr", "nan"), ("--distill-lr", "-0.00001"), ("--lr", "fast"), ("--warmup", "-0.1"),
+             ("--warmup", "1.5"), ("--distill-lambda", "-1"), ("--seed", "-1"), ("--seed", str(2**32)),
+             ("--seed", "1.5"), ("--max-seq-length", "0"), ("--doc-stride", "0"), ("--max-query-length", "0"),
+             ("--num-experts", "0"), ("--expert-dim", "0"), ("--shared-dim", "-1"), ("--expert-dropout", "1"),
+             ("--expert-dropout", "-0.5"), ("--max-train-examples", "0"), ("--max-eval-examples", "0"),
+             ("--weight-decay", "-0.01"), ("--distill-weight-decay", "nan"), ("--balance-weight", "-1")]
+
+
+@pytest.mark.parametrize("flag,value", BAD_FLAGS)
+def test_bad_flags_stop_before_any_work(flag, value, capsys, tmp_path):
+    import train
+    with pytest.raises(SystemExit) as e:
+        train.main(["--task", "rte", "--out", str(tmp_path / "out"), flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"error: argument {flag}: {value!r} is not " in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_flag_in_a_real_process_is_one_error_line(tmp_path):
+    p = subprocess.run([sys.executable, TRAIN, "--task", "squad", "--doc-stride", "0"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "train.py: error: argument --doc-stride: '0' is not a whole number of at least 1" \
+        in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("extra,phrase", [
+    (["--max-seq-length", "65"], "--max-seq-length 65 must be between 5 and 64, the longest sequence the model's "
+                                 "position table covers"),
+    (["--max-seq-length", "4"], "--max-seq-length 4 must be between 5 and 64"),
+    (["--expert-dim", "38"], "expert_dim 38 exceeds the FFN's 37 neurons"),
+    (["--expert-dim", "11", "--shared-dim", "12"], "shared_dim 12 must be between 0 and expert_dim 11"),
+    (["--num-experts", "9", "--expert-dim", "11", "--shared-dim", "5"], "too few neurons"),
+])
+def test_settings_that_do_not_fit_the_model_stop_before_stage_1(never_stopped, tmp_path, extra, phrase):
+    import train
+    args = [a for a in never_stopped["args"]]
+    for flag in ("--expert-dim", "--shared-dim", "--num-experts"):  # tiny_task's MoE sizes out of the way
+        i = args.index(flag)
+        del args[i:i + 2]
+    with pytest.raises(common.UserError, match=re.escape(phrase)):
+        train.main(args + extra + ["--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_squad_length_must_leave_room_for_the_context(tmp_path):
+    import train
+    args, _ = train.get_args(["--task", "squad", "--max-seq-length", "60", "--max-query-length", "64"])
+    train.settle(args, 384, 512)
+    with pytest.raises(common.UserError, match=r"--max-seq-length 60 must be between 68 \(--max-query-length 64"):
+        train.check_lengths(args, 512)
+
+
+def snapshot(folder):
+    """Every file under folder -> its bytes, but for what each run writes: the lock, the log, and
+    run.json, the record of the last command (a damaged one stops the run before it is written)."""
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files if f not in ("run.lock", "log.jsonl", "run.json")}
+
+
+@pytest.mark.parametrize("damage,phrase", [
+    (lambda o: os.remove(o / "teacher" / "settings.json"), "teacher holds a stage's work but no settings.json"),
+    (lambda o: (o / "teacher" / "settings.json").write_text("{\"task\": "), "teacher/settings.json is damaged"),
+    (lambda o: (o / "moebert" / "settings.json").write_bytes(b"\xff\xfe"), "moebert/settings.json is damaged"),
+    (lambda o: (o / "run.json").write_text("[1, 2"), "run.json is damaged"),
+    (lambda o: (o / "results.json").write_text(""), "results.json is damaged"),
+    (lambda o: (o / "teacher" / "config.json").write_text("{"), "teacher/config.json is not valid JSON"),
+    (lambda o: (o / "moebert" / "config.json").write_text("{"), "moebert/config.json is not valid JSON"),
+    (lambda o: (o / "importance" / "importance.safetensors").write_bytes(b"\x00" * 9),
+     "importance.safetensors is missing or damaged"),
+    (lambda o: os.remove(o / "importance" / "importance.safetensors"), "importance.safetensors is missing or damaged"),
+    (lambda o: (o / "teacher" / "model.safetensors").write_bytes(b"cut"), "teacher/model.safetensors is corrupt"),
+    (lambda o: shutil.rmtree(o / "teacher"), "importance was built from"),
+    (lambda o: shutil.rmtree(o / "importance"), "moebert was built from"),
+])
+def test_damaged_or_missing_stage_files_are_named_and_nothing_is_redone(never_stopped, tmp_path, damage, phrase):
+    """A finished run with one file damaged or gone: the same command stops with an error that names
+    it, and every other file stays as it was (no stage silently redone over the ones built from it)."""
+    import train
+    out = tmp_path / "out"
+    shutil.copytree(never_stopped["ref"], out)
+    damage(out)
+    before = snapshot(out)
+    with pytest.raises(common.UserError, match=re.escape(phrase)):
+        train.main(never_stopped["args"] + ["--out", str(out)])
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "read-only"])
+def test_an_out_folder_that_cannot_be_written(tmp_path, where, monkeypatch):
+    import train
+    (tmp_path / "file").write_text("mine")
+    out = {"a file": tmp_path / "file", "under a file": tmp_path / "file" / "out", "read-only": tmp_path / "ro"}[where]
+    if where == "read-only":  # as root every permission bit is ignored: what a read-only folder answers
+        (tmp_path / "ro").mkdir()
+        monkeypatch.setattr(os, "access", lambda path, mode: not str(path).startswith(str(tmp_path / "ro")))
+    phrase = "cannot write in" if where == "read-only" else "is a file, not a folder"
+    with pytest.raises(common.UserError, match=phrase):
+        train.main(["--task", "rte", "--out", str(out), "--device", "cpu"])
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_says_the_command_resumes(never_stopped, tmp_path, monkeypatch):
+    """A full disk as safetensors meets it: the file comes out short, and nothing is raised. The short
+    checkpoint is caught before it replaces the last one; the run stops with an error that says what
+    was kept; with space again the same command resumes and ends as a run never stopped."""
+    import safetensors.torch
+    import train
+    out, save_file, kept = tmp_path / "out", safetensors.torch.save_file, []
+
+    def disk_fills(tensors, path, metadata=None):
+        save_file(tensors, path, metadata=metadata)
+        if path.endswith("checkpoint.safetensors.partial") and os.path.exists(path[:-len(".partial")]):
+            kept.append(open(path[:-len(".partial")], "rb").read())  # the last checkpoint, whole
+            os.truncate(path, os.path.getsize(path) // 2)
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_fills)
+    with pytest.raises(common.UserError, match="cannot write .*checkpoint.safetensors: the disk is full; the finished "
+                                               "stages and the last checkpoint are kept") as e:
+        train.main(never_stopped["args"] + ["--out", str(out)])
+    assert "free some space, then run the same command again" in str(e.value)
+    assert (out / "teacher.partial" / "checkpoint.safetensors").read_bytes() == kept[0]
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    results = train.main(never_stopped["args"] + ["--out", str(out)])
+    assert_same_weights(out / "teacher" / "model.safetensors", never_stopped["ref"] / "teacher" / "model.safetensors")
+    assert results["moebert"] == never_stopped["results"]["moebert"]
+
+
+def test_a_second_run_into_the_same_out_refuses_at_once(never_stopped, tmp_path):
+    """A run holds OUT/run.lock while it lasts; the second stops with an error at once. The lock is the
+    kernel's (flock): a run killed with SIGKILL leaves none behind."""
+    import train
+    out = tmp_path / "out"
+    shutil.copytree(never_stopped["ref"], out)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, runtime; runtime.claim(sys.argv[1]); "
+                               "print('held', flush=True); time.sleep(600)", str(out)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    before = snapshot(out)
+    t0 = time.time()
+    with pytest.raises(common.UserError, match="another run is writing into"):
+        train.main(never_stopped["args"] + ["--out", str(out)])
+    assert time.time() - t0 < 5 and snapshot(out) == before
+    holder.kill()
+    holder.wait()
+    results = train.main(never_stopped["args"] + ["--out", str(out)])  # the killed holder left no lock
+    assert results["moebert"] == never_stopped["results"]["moebert"]
+
+
+def test_a_kill_while_a_stage_is_published_loses_none_of_its_work(never_stopped, tmp_path, monkeypatch, capsys):
+    """Killed at the rename that publishes the teacher (the last checkpoint still beside its best
+    model): the same command finishes the stage from that checkpoint, training nothing again."""
+    import train
+    out = tmp_path / "out"
+    replace = os.replace
+
+    def killed_at_publish(src, dst):
+        if str(src).endswith("teacher.partial"):
+            raise KeyboardInterrupt  # what a kill at this moment leaves on disk
+        return replace(src, dst)
+    monkeypatch.setattr(os, "replace", killed_at_publish)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(never_stopped["args"] + ["--out", str(out)])
+    monkeypatch.setattr(os, "replace", replace)
+    assert (out / "teacher.partial" / "checkpoint.safetensors").exists() and not (out / "teacher").exists()
+    steps = len([r for r in read_log(out) if r.get("stage") == "teacher" and "loss" in r])
+    capsys.readouterr()
+    results = train.main(never_stopped["args"] + ["--out", str(out)])
+    assert "teacher.partial" not in os.listdir(out) and "continues from its checkpoint" in capsys.readouterr().out
+    assert len([r for r in read_log(out) if r.get("stage") == "teacher" and "loss" in r]) == steps  # none again
+    assert_same_weights(out / "teacher" / "model.safetensors", never_stopped["ref"] / "teacher" / "model.safetensors")
+    assert not (out / "teacher" / "checkpoint.safetensors").exists()
+    assert results["moebert"] == never_stopped["results"]["moebert"]
