@@ -38,6 +38,16 @@ def load(args, tokenizer, device):
     return loaded
 
 
+def check_lengths(args, positions):
+    """--max-seq-length between the shortest a task can use and the model's position table; SQuAD's
+    windows need room for the question ([CLS] question [SEP] context [SEP])."""
+    shortest = args.max_query_length + 4 if args.task in SQUAD else 5  # [CLS] a [SEP] b [SEP]: a token each
+    if not shortest <= args.max_seq_length <= positions:
+        raise UserError(f"--max-seq-length {args.max_seq_length} must be between {shortest}" + (
+            f" (--max-query-length {args.max_query_length} + 3 special tokens + 1 of context)" if args.task in SQUAD
+            else "") + f" and {positions}, the longest sequence the model's position table covers")
+
+
 def glue_data(args, tokenizer, device):
     folder = data.glue_dir(args.task, args.data_dir)
     encode = lambda examples, n=None: data.encode(examples[:n], tokenizer, args.max_seq_length)

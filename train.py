@@ -354,7 +354,7 @@ def setup(args, given, device):
     if args.student == "shallow" and config.num_hidden_layers % SHALLOW_EVERY:  # now, not after stage 1
         raise UserError(f"--student shallow keeps one teacher layer in {SHALLOW_EVERY}, so the last is the "
                         f"teacher's last; {c.source} has {config.num_hidden_layers} layers: use a BERT with an even number")
-    check_lengths(args, config.max_position_embeddings)
+    tasks.check_lengths(args, config.max_position_embeddings)
     c.vocab = find_vocab(c.source)
     tokenizer = data.load_tokenizer(c.vocab, lowercase=data.is_uncased(c.vocab))
     c.train, c.dev, c.metric, c.n_dev, c.test_sets = tasks.load(args, tokenizer, device)
@@ -387,16 +387,6 @@ def setup(args, given, device):
     c.cost = 1.0 if args.student == "moebert" else 0.75  # a distillation example, in teacher steps (later_work)
     c.later = later_work(c)
     return c
-
-
-def check_lengths(args, positions):
-    """--max-seq-length between the shortest a task can use and the model's position table; SQuAD's
-    windows need room for the question ([CLS] question [SEP] context [SEP])."""
-    shortest = args.max_query_length + 4 if args.task in SQUAD else 5  # [CLS] a [SEP] b [SEP]: a token each
-    if not shortest <= args.max_seq_length <= positions:
-        raise UserError(f"--max-seq-length {args.max_seq_length} must be between {shortest}" + (
-            f" (--max-query-length {args.max_query_length} + 3 special tokens + 1 of context)" if args.task in SQUAD
-            else "") + f" and {positions}, the longest sequence the model's position table covers")
 
 
 def later_work(c):
@@ -528,6 +518,7 @@ def report(c, teacher, student):
     args, t0 = c.args, time.time()
     if not runtime.MASTER:  # training is done; evaluation and the files are the master's
         return None
+    print(f"evaluation: the teacher and {args.student} on {c.n_dev} dev examples", flush=True)
     results = {"task": args.task}
     for who, model in (("teacher", teacher), (args.student, student)):
         results[who], files = c.dev(model)

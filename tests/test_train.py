@@ -855,7 +855,7 @@ def test_squad_length_must_leave_room_for_the_context(tmp_path):
     args, _ = train.get_args(["--task", "squad", "--max-seq-length", "60", "--max-query-length", "64"])
     train.settle(args, 384, 512)
     with pytest.raises(common.UserError, match=r"--max-seq-length 60 must be between 68 \(--max-query-length 64"):
-        train.check_lengths(args, 512)
+        tasks.check_lengths(args, 512)
 
 
 def snapshot(folder):
