@@ -31,7 +31,13 @@ def load_tokenizer(vocab_path, lowercase=True):
     """BERT's WordPiece tokenizer from a vocab.txt (same ids as Hugging Face's BertTokenizerFast)."""
     if not os.path.isfile(vocab_path):  # checked here: the tokenizers library raises a bare Exception
         raise MissingFile(f"{vocab_path} not found; pass the vocab.txt of the BERT model you use")
-    tok = Tokenizer(models.WordPiece.from_file(vocab_path, unk_token="[UNK]", max_input_chars_per_word=100))
+    try:
+        wordpiece = models.WordPiece.from_file(vocab_path, unk_token="[UNK]", max_input_chars_per_word=100)
+    except Exception:  # the tokenizers library raises a bare Exception, e.g. for a file that is not UTF-8
+        if bad := utf8_error(vocab_path, VOCAB_FIX):
+            raise bad from None
+        raise
+    tok = Tokenizer(wordpiece)
     # Unicode cleanup, CJK characters split apart, and (uncased models only) lowercase + strip accents.
     tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                                 strip_accents=None, lowercase=lowercase)
@@ -51,8 +57,29 @@ def load_tokenizer(vocab_path, lowercase=True):
 
 def is_uncased(vocab_path):
     """Whether a vocabulary is an uncased model's: those hold no capital letters (but [CLS] etc.)."""
-    with open(vocab_path, encoding="utf-8") as f:
-        return not any(w != w.lower() for w in f if not w.startswith("["))
+    try:
+        with open(vocab_path, encoding="utf-8") as f:
+            return not any(w != w.lower() for w in f if not w.startswith("["))
+    except UnicodeDecodeError:
+        raise utf8_error(vocab_path, VOCAB_FIX) from None
+
+
+VOCAB_FIX = "a BERT vocab.txt is UTF-8 text: use the vocab.txt that came with the BERT model"
+
+
+def utf8_error(path, fix):
+    """A BadFile naming the line and the first byte where `path` is not UTF-8 text; None if it is UTF-8.
+
+    Read line by line here because a decoding error in a text-mode read says where in its chunk the
+    byte is, not on which line."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return BadFile(f"{path}, line {n}: not UTF-8 text (byte 0x{line[e.start]:02x} at byte "
+                               f"{e.start + 1} of the line); {fix}")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,26 +149,51 @@ def read_glue(task, data_dir, split):
     test = split.startswith("test")
     a, b, y = (*t.test_cols, None) if test else t.cols
     examples, skipped = [], 0
-    # utf-8-sig drops MRPC's byte order mark; QUOTE_NONE because GLUE text has unbalanced quotes.
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        first = next(rows, [])
-        width = len(first)  # every row must have as many fields as the header (or CoLA's first row)
-        if width <= max(abs(c) for c in (a, b, y) if c is not None):
-            raise BadFile(f"{path}, line 1: {width} fields, too few for a {t.folder} {split} file; "
-                          f"{FORMAT_HELP}")
-        for row in rows if test or t.header else itertools.chain([first], rows):
-            where = f"{path}, line {rows.line_num}"
-            if len(row) != width:
-                if task == "qqp":  # some QQP releases hold broken rows; GLUE's baselines skip them
-                    skipped += 1
-                    continue
-                raise BadFile(f"{where}: {len(row)} tab-separated fields, expected {width}; {FORMAT_HELP}")
-            examples.append(Example(row[a], None if b is None else row[b],
-                                    None if test else parse_label(t, row[y], where)))
+    rows = tsv_rows(path)
+    first = next(rows, None)  # (line number, fields)
+    if first is None:
+        raise BadFile(f"{path} is empty: it holds no examples; {COMPLETE_HELP}")
+    width = len(first[1])  # every row must have as many fields as the header (or CoLA's first row)
+    if width <= max(abs(c) for c in (a, b, y) if c is not None):
+        raise BadFile(f"{path}, line 1: {width} fields, too few for a {t.folder} {split} file; {FORMAT_HELP}")
+    for line, row in rows if test or t.header else itertools.chain([first], rows):
+        where = f"{path}, line {line}"
+        if len(row) != width:
+            if task == "qqp":  # some QQP releases hold broken rows; GLUE's baselines skip them
+                skipped += 1
+                continue
+            raise BadFile(f"{where}: {len(row)} tab-separated fields, expected {width}; {FORMAT_HELP}")
+        examples.append(Example(row[a], None if b is None else row[b],
+                                None if test else parse_label(t, row[y], where)))
     if skipped:
         print(f"warning: {path}: skipped {skipped} rows with a wrong number of fields", file=sys.stderr)
+    if not examples:  # training on nothing, or metrics and predictions of nothing, would be no result
+        raise BadFile(f"{path} holds no examples{', only broken rows' if skipped else ''}; {COMPLETE_HELP}")
     return examples
+
+
+def tsv_rows(path):
+    """(line number, fields) of each row of a GLUE TSV file; blank lines at its end are no rows.
+
+    utf-8-sig drops MRPC's byte order mark; QUOTE_NONE because GLUE text has unbalanced quotes.
+    """
+    blank = []  # line numbers of blank lines, held back until a row follows (then they are rows of 0 fields)
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            for row in rows:
+                if not row:
+                    blank.append(rows.line_num)
+                    continue
+                yield from ((n, []) for n in blank)
+                blank = []
+                yield rows.line_num, row
+    except UnicodeDecodeError:
+        raise utf8_error(path, "re-download the file, or re-encode it as UTF-8") from None
+    except csv.Error as e:
+        # csv refuses a field over 131072 characters (and, before Python 3.11, a NUL byte). The limit
+        # stays: GLUE's longest sentences have a few thousand, so a longer field is a damaged file.
+        raise BadFile(f"{path}, line {rows.line_num}: not a GLUE row ({e}); {FORMAT_HELP}") from None
 
 
 def parse_label(t, s, where):
@@ -158,6 +210,7 @@ def parse_label(t, s, where):
 # What to do about a malformed row: the files must be GLUE's own, unedited.
 FORMAT_HELP = ("fix the row, or use the file as GLUE's download_glue_data.py wrote it "
                "(tab-separated, no quoting)")
+COMPLETE_HELP = "use the complete file, as GLUE's download_glue_data.py writes it"
 
 
 def data_dir_help(task):
@@ -207,17 +260,16 @@ test_sets.__test__ = False  # not a pytest test, should a test module import it 
 def read_diagnostic(path):
     """GLUE's diagnostic set (AX): a header row, then index, sentence1, sentence2; no labels."""
     examples = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)  # as read_glue: quotes are text
-        header = next(rows, [])
-        if header != ["index", "sentence1", "sentence2"]:
-            raise BadFile(f"{path}, line 1: expected the header index, sentence1, sentence2 of GLUE's "
-                          f"diagnostic.tsv; download it again with download_glue_data.py --tasks diagnostic")
-        for row in rows:
-            if len(row) != 3:
-                raise BadFile(f"{path}, line {rows.line_num}: {len(row)} tab-separated fields, expected 3; "
-                              f"{FORMAT_HELP}")
-            examples.append(Example(row[1], row[2], None))
+    rows = tsv_rows(path)  # as read_glue's: quotes are text
+    if next(rows, (1, []))[1] != ["index", "sentence1", "sentence2"]:
+        raise BadFile(f"{path}, line 1: expected the header index, sentence1, sentence2 of GLUE's "
+                      f"diagnostic.tsv; download it again with download_glue_data.py --tasks diagnostic")
+    for line, row in rows:
+        if len(row) != 3:
+            raise BadFile(f"{path}, line {line}: {len(row)} tab-separated fields, expected 3; {FORMAT_HELP}")
+        examples.append(Example(row[1], row[2], None))
+    if not examples:
+        raise BadFile(f"{path} holds no examples; download it again with download_glue_data.py --tasks diagnostic")
     return examples
 
 

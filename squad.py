@@ -81,7 +81,7 @@ def load_squad(version, split, data_dir=None, max_examples=None):
     """(examples, dataset) of a split: see read_squad. A damaged file in the cache is deleted."""
     path = squad_path(version, split, data_dir)
     try:
-        return read_squad(path, max_examples)
+        return read_squad(path, max_examples, train=split == "train")
     except BadFile as e:
         if data_dir is None:  # our own download, e.g. an error page saved as JSON: fetch it again next time
             os.remove(path)
@@ -89,11 +89,14 @@ def load_squad(version, split, data_dir=None, max_examples=None):
         raise
 
 
-def read_squad(path, max_examples=None):
+def read_squad(path, max_examples=None, train=False):
     """(examples, dataset) from an official SQuAD JSON file; the first `max_examples` questions only.
 
     dataset is the file's "data" list holding the same questions (articles and paragraphs left
     without any dropped), in the structure the official evaluation scripts read.
+    train: the first answer is the label, so a question whose first answer is not the context's text
+    at its answer_start is skipped, with one warning (its label would be a wrong span, or "no
+    answer"). A dev file is read whole: the evaluation compares answer texts, never offsets.
     """
     try:
         with open(path, encoding="utf-8") as f:
@@ -106,7 +109,7 @@ def read_squad(path, max_examples=None):
             raise BadFile(f"{path}: {what}; not an official SQuAD file? Use it as downloaded from {SQUAD_URL}")
 
     check(isinstance(raw, dict) and isinstance(raw.get("data"), list), 'no "data" list at the top')
-    examples, dataset = [], []
+    examples, dataset, ids, mismatched = [], [], set(), []
     for a, article in enumerate(raw["data"]):
         check(isinstance(article, dict) and isinstance(article.get("paragraphs"), list),
               f'article {a} has no "paragraphs" list')
@@ -121,6 +124,9 @@ def read_squad(path, max_examples=None):
                     break
                 check(isinstance(qa, dict) and isinstance(qa.get("id"), str) and isinstance(qa.get("question"), str)
                       and isinstance(qa.get("answers"), list), f'{where}: a question lacks "id", "question" or "answers"')
+                check(qa["id"] not in ids, f'{where}: question id {qa["id"]} appears twice; the evaluation keys '
+                                           f'the predictions by id, so each must be unique')
+                ids.add(qa["id"])
                 answers = []
                 for ans in qa["answers"]:
                     check(isinstance(ans, dict) and isinstance(ans.get("text"), str)
@@ -129,12 +135,23 @@ def read_squad(path, max_examples=None):
                     answers.append((ans["text"], ans["answer_start"]))
                 impossible = qa.get("is_impossible", False)  # only in SQuAD 2.0 files
                 check(isinstance(impossible, bool), f'question {qa["id"]}: "is_impossible" is not true/false')
+                if train and answers and not impossible:
+                    text, start = answers[0]
+                    if not (start >= 0 and paragraph["context"].startswith(text, start)):
+                        mismatched.append(f"question {qa['id']}, {text!r} at {start}")
+                        continue
                 examples.append(Example(qa["id"], qa["question"], paragraph["context"], answers, impossible))
                 qas.append(qa)
             if qas:
                 paragraphs.append({**paragraph, "qas": qas})
         if paragraphs:
             dataset.append({**article, "paragraphs": paragraphs})
+    if mismatched:
+        print(f"warning: {path}: skipped {len(mismatched)} questions whose answer is not in the context at its "
+              f"answer_start (the first: {mismatched[0]}); answer_start counts the context's characters, from 0",
+              file=sys.stderr)
+    # Training on nothing, or scoring no question, would be no result.
+    check(examples or max_examples == 0, "it holds no examples" + (" but those skipped" if mismatched else ""))
     return examples, dataset
 
 

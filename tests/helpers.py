@@ -11,7 +11,10 @@ import functools
 import http.server
 import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -228,3 +231,20 @@ def write_json(path, obj):
 # --student shallow (test_shallow.py, test_train.py)
 
 TINY4 = dict(TINY, num_hidden_layers=4)  # an even depth: the shallow student keeps teacher layers 1 and 3
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py refusing bad input (test_data.py, test_squad.py)
+
+
+def train_refuses(tmp_path, *args):
+    """Run train.py on a tiny random BERT with `args` (--task, --data-dir, ...); assert that it refuses
+    them as a user error (exit 2, `error: ...`, no traceback) and leaves no --out behind. Its stderr."""
+    tiny_model(num_labels=2).bert.save_pretrained(tmp_path / "bert")
+    shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), tmp_path / "bert")
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args, "--bert", str(tmp_path / "bert"),
+                        "--out", str(out), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr, p.stderr
+    assert not out.exists()
+    return p.stderr

@@ -1,6 +1,7 @@
 """data.py: the tokenizer against Hugging Face's, truncation, the GLUE readers (the `glue` fixture of
-conftest.py), metrics against scikit-learn and scipy, GLUE downloads, batches, token counts, and the
-leaderboard's prediction files."""
+conftest.py) and the files they refuse, metrics against scikit-learn and scipy, GLUE downloads,
+batches, token counts, and the leaderboard's prediction files."""
+import gzip
 import os
 import random
 import shutil
@@ -12,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+import conftest
 import data
 from common import BadFile, MissingFile
 
-from helpers import assert_user_error, closed_port_url, raised, serve, write
+from helpers import assert_user_error, closed_port_url, raised, serve, train_refuses, write
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,6 +194,116 @@ def test_reader_errors(glue):
         data.glue_dir("mnli", str(glue))
     with pytest.raises(ValueError, match="unknown split"):
         data.read_glue("rte", glue, "dev_matched")
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad files: each a BadFile (a UserError: train.py prints one line, exits 2) naming the file, the line
+# where there is one, and what to do; nothing read, nothing printed.
+
+# Who reads each file: read_glue its split, test_sets the test splits and MNLI's diagnostic set.
+READERS = {"CoLA/train.tsv": lambda g: data.read_glue("cola", g, "train"),  # no header, no final newline
+           "QQP/train.tsv": lambda g: data.read_glue("qqp", g, "train"),  # a broken row, skipped
+           "RTE/train.tsv": lambda g: data.read_glue("rte", g, "train"),
+           "RTE/dev.tsv": lambda g: data.read_glue("rte", g, "dev"),
+           "RTE/test.tsv": lambda g: data.test_sets("rte", g),
+           "MNLI/dev_mismatched.tsv": lambda g: data.read_glue("mnli", g, "dev_mismatched"),
+           "diagnostic/diagnostic.tsv": lambda g: data.test_sets("mnli", g)}
+
+
+@pytest.mark.parametrize("name", READERS)
+def test_glue_files_not_utf8(glue, name, capsys):
+    write(glue / "diagnostic/diagnostic.tsv", "index\tsentence1\tsentence2\n0\tA.\tB.\n1\tC.\tD.\n")
+    path = glue / name
+    lines = path.read_bytes().split(b"\n")
+    lines[1:-1] *= 1000  # the bad byte far past the first chunk a text-mode read decodes, yet found on its line
+    lines[-2] = lines[-2].replace(b"\t", b"\tcaf\xe9 au lait ", 1)  # Latin-1, in the last row
+    path.write_bytes(b"\n".join(lines))
+    e = raised(READERS[name], glue)
+    assert_user_error(e, BadFile, ValueError, f"{os.path.join(*name.split('/'))}, line {len(lines) - 1}: not UTF-8 "
+                      "text (byte 0xe9 at byte", "re-download the file, or re-encode it as UTF-8")
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("garbage, phrase", [
+    (gzip.compress(b"index\tsentence1\tsentence2\tlabel\n" * 99), "line 1: not UTF-8 text (byte 0x8b at byte 2"),
+    (b"\xff\xfei\x00n\x00d\x00e\x00x\x00", "line 1: not UTF-8 text (byte 0xff at byte 1"),  # UTF-16
+    (b"<!DOCTYPE html>\n<html><body>Sign in to the network</body></html>\n", "line 1: 1 fields, too few"),
+    (b"\x00" * 300, "line 1: "),  # 1 field, too few (before Python 3.11: csv refuses the NUL byte)
+])
+def test_glue_files_that_are_no_tsv_text(glue, garbage, phrase):
+    (glue / "RTE/train.tsv").write_bytes(garbage)
+    e = raised(data.read_glue, "rte", glue, "train")
+    assert_user_error(e, BadFile, ValueError, os.path.join("RTE", "train.tsv") + ", " + phrase)
+
+
+def test_glue_field_over_the_csv_limit(glue):
+    """A 10 MB field (csv's limit is 131072 characters) is a damaged file: refused with its line, no _csv.Error."""
+    write(glue / "RTE/train.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n"
+                                  f"1\t{'x' * 10_000_000}\tb\tentailment\n2\ta\tb\tentailment\n")
+    e = raised(data.read_glue, "rte", glue, "train")
+    assert_user_error(e, BadFile, ValueError, os.path.join("RTE", "train.tsv") + ", line 3: not a GLUE row (field "
+                      "larger than field limit (131072))", "fix the row")
+
+
+@pytest.mark.parametrize("name, text", [
+    ("RTE/train.tsv", "index\tsentence1\tsentence2\tlabel\n"),  # the header alone
+    ("RTE/train.tsv", ""),  # 0 bytes
+    ("CoLA/train.tsv", "\n\n"),  # no header in CoLA: blank lines only
+    ("RTE/dev.tsv", "index\tsentence1\tsentence2\tlabel\n\n\n"),
+    ("RTE/test.tsv", "index\tsentence1\tsentence2\n"),
+    ("MNLI/dev_mismatched.tsv", conftest.MNLI_HEAD + "\tlabel1\tgold_label\n"),
+    ("diagnostic/diagnostic.tsv", "index\tsentence1\tsentence2\n"),
+    ("QQP/train.tsv", "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n1\t2\t3\tHow?\n4\t5\n"),  # broken rows only
+])
+def test_glue_files_without_examples(glue, name, text, capsys):
+    write(glue / name, text)
+    e = raised(READERS[name], glue)
+    assert_user_error(e, BadFile, ValueError, os.path.join(*name.split("/")), "holds no examples",
+                      "download_glue_data.py")
+    qqp = name.startswith("QQP")  # its broken rows are skipped, and counted: no examples left
+    assert capsys.readouterr().err == (f"warning: {glue / name}: skipped 2 rows with a wrong number of fields\n"
+                                       if qqp else "")
+    assert ("only broken rows" in str(e)) == qqp
+
+
+def test_glue_trailing_blank_lines_are_no_rows(glue, capsys):
+    for task, split in (("rte", "train"), ("rte", "dev"), ("rte", "test"), ("cola", "train"), ("mnli", "dev_matched")):
+        path = glue / data.TASKS[task].folder / data.split_file(task, split)
+        expected = data.read_glue(task, glue, split)
+        for end in ("\n\n", "\n\n\n", "\r\n\r\n"):
+            write(path, path.read_text(encoding="utf-8").rstrip("\r\n").replace("\n", "\r\n" if "\r" in end else "\n")
+                  + end)
+            assert data.read_glue(task, glue, split) == expected, (task, split, end)
+    write(glue / "diagnostic/diagnostic.tsv", "index\tsentence1\tsentence2\n0\tA.\tB.\n\n\n")
+    assert data.test_sets("mnli", glue)["AX.tsv"] == [data.Example("A.", "B.", None)]
+    assert capsys.readouterr().err == ""
+    # A blank line between rows is still a row of 0 fields: an error, or in QQP a broken row skipped.
+    write(glue / "RTE/dev.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n\n1\tc\td\tentailment\n")
+    assert_user_error(raised(data.read_glue, "rte", glue, "dev"), BadFile, ValueError,
+                      os.path.join("RTE", "dev.tsv") + ", line 3: 0 tab-separated fields, expected 4")
+    qqp = (glue / "QQP/dev.tsv").read_text()
+    write(glue / "QQP/dev.tsv", qqp + "\n" + qqp.split("\n", 1)[1] + "\n\n")
+    assert len(data.read_glue("qqp", glue, "dev")) == 2 and "skipped 1 rows" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("read", [data.load_tokenizer, data.is_uncased])
+def test_vocab_not_utf8(tmp_path, read):
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"word{i}" for i in range(3000)]
+    path = tmp_path / "vocab.txt"
+    words[2500] = "caf\xe9"  # line 2501, in Latin-1
+    path.write_bytes("\n".join(words).encode("latin-1"))
+    e = raised(read, str(path))
+    assert_user_error(e, BadFile, ValueError, f"{path}, line 2501: not UTF-8 text (byte 0xe9 at byte 4",
+                      "a BERT vocab.txt is UTF-8", "use the vocab.txt that came with the BERT model")
+    path.write_bytes("\n".join(words).encode("utf-16"))  # as Windows' Notepad saves "Unicode"
+    e = raised(read, str(path))
+    assert_user_error(e, BadFile, ValueError, f"{path}, line 1: not UTF-8 text (byte 0xff at byte 1")
+
+
+def test_train_refuses_a_glue_file_not_utf8(tmp_path, glue):
+    (glue / "RTE/train.tsv").write_bytes((glue / "RTE/train.tsv").read_bytes().replace(b"egg", b"\xe9gg"))
+    err = train_refuses(tmp_path, "--task", "rte", "--data-dir", str(glue / "RTE"))
+    assert "train.tsv, line 2: not UTF-8 text" in err
 
 
 # ----------------------------------------------------------------------------------------------

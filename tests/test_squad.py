@@ -23,7 +23,7 @@ import squad
 from common import BadFile, MissingFile, Offline
 
 from helpers import (CAFE, LONG, NORMANS, assert_user_error, closed_port_url, fixture_json, minilm_dir, raised, serve,
-                     write_json)
+                     train_refuses, write_json)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,6 +105,80 @@ def test_download_into_cache_offline_and_damaged(tmp_path, monkeypatch, capsys):
     e = raised(squad.load_squad, "1.1", "dev")
     assert_user_error(e, BadFile, ValueError, "not valid JSON", "deleted, run again")
     assert os.listdir(tmp_path / "cache" / "squad") == []
+
+
+@pytest.mark.parametrize("articles", [
+    [],  # an empty "data" list
+    [{"title": "Normans", "paragraphs": []}],
+    [{"title": "Normans", "paragraphs": [{"context": NORMANS, "qas": []}]}, {"title": "Café", "paragraphs": []}],
+])
+def test_files_without_questions(tmp_path, articles, capsys):
+    """Training on nothing, or scoring no question, would be no result: both splits refuse it."""
+    for split, name in zip(("train", "dev"), squad.squad_files("1.1")):
+        write_json(tmp_path / name, {"version": "1.1", "data": articles})
+        e = raised(squad.load_squad, "1.1", split, str(tmp_path))
+        assert_user_error(e, BadFile, ValueError, f"{tmp_path / name}: it holds no examples",
+                          f"Use it as downloaded from {squad.SQUAD_URL}")
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("article, paragraph, question", [(0, 0, 2), (1, 1, 0)])  # in n1's paragraph, in another
+def test_duplicate_question_ids(tmp_path, article, paragraph, question):
+    """Predictions and scores are keyed by question id: a second n1 is refused, in either split."""
+    bad = fixture_json()
+    bad["data"][article]["paragraphs"][paragraph]["qas"][question]["id"] = "n1"
+    for split, name in zip(("train", "dev"), squad.squad_files("2.0")):
+        write_json(tmp_path / name, bad)
+        e = raised(squad.load_squad, "2.0", split, str(tmp_path))
+        assert_user_error(e, BadFile, ValueError, f"{tmp_path / name}: article {article}, paragraph {paragraph}: "
+                          "question id n1 appears twice", "keys the predictions by id", "Use it as downloaded from")
+
+
+@pytest.mark.parametrize("version", ["1.1", "2.0"])
+def test_training_answers_off_their_offset(tmp_path, version, capsys):
+    """An answer that is not the context's text at its answer_start would train a wrong span, or "no
+    answer": in the train split its question is skipped, with one warning that counts them. The dev
+    split keeps every question (the evaluation compares answer texts, never offsets)."""
+    raw = fixture_json(version)
+    n1, n2, n3, n4 = raw["data"][0]["paragraphs"][0]["qas"][:4]
+    n1["answers"][0]["answer_start"] += 1  # "France" one character late
+    n2["answers"][0]["answer_start"] = len(NORMANS) + 5  # past the context's end
+    n3["answers"][0]["answer_start"] = -1
+    n4["answers"][0]["text"] = "Normen"  # not the text at its offset
+    train, dev = squad.squad_files(version)
+    write_json(tmp_path / train, raw)
+    write_json(tmp_path / dev, raw)
+    examples, dataset = squad.load_squad(version, "train", str(tmp_path))
+    assert capsys.readouterr().err == (f"warning: {tmp_path / train}: skipped 4 questions whose answer is not in the "
+                                       "context at its answer_start (the first: question n1, 'France' at 54); "
+                                       "answer_start counts the context's characters, from 0\n")
+    kept = [qa["id"] for qa in squad.questions(raw["data"])][4:]
+    assert [e.id for e in examples] == [qa["id"] for qa in squad.questions(dataset)] == kept
+    assert ("n5" in kept) == (version == "2.0")  # 2.0's unanswerable questions have no offset to check
+    examples, dataset = squad.load_squad(version, "dev", str(tmp_path))
+    assert [e.id for e in examples][:4] == ["n1", "n2", "n3", "n4"] and dataset == raw["data"]
+    assert capsys.readouterr().err == ""
+    # max_examples counts the questions kept
+    assert [e.id for e in squad.load_squad(version, "train", str(tmp_path), max_examples=2)[0]] == kept[:2]
+    capsys.readouterr()
+    if version == "1.1":  # every answer off: the warning, then nothing to train on
+        for qa in squad.questions(raw["data"]):
+            qa["answers"][0]["answer_start"] = -1
+        write_json(tmp_path / train, raw)
+        e = raised(squad.load_squad, version, "train", str(tmp_path))
+        assert_user_error(e, BadFile, ValueError, f"{tmp_path / train}: it holds no examples")
+        assert "skipped 16 questions" in capsys.readouterr().err
+
+
+def test_train_refuses_duplicate_question_ids(tmp_path):
+    bad = fixture_json("1.1")
+    bad["data"][1]["paragraphs"][0]["qas"][0]["id"] = "n1"
+    (tmp_path / "squad").mkdir()
+    write_json(tmp_path / "squad" / "train-v1.1.json", bad)
+    write_json(tmp_path / "squad" / "dev-v1.1.json", fixture_json("1.1"))
+    err = train_refuses(tmp_path, "--task", "squad", "--data-dir", str(tmp_path / "squad"),
+                         "--max-seq-length", "64", "--max-query-length", "16")
+    assert "train-v1.1.json: article 1, paragraph 0: question id n1 appears twice" in err
 
 
 # ----------------------------------------------------------------------------------------------
