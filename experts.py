@@ -79,10 +79,11 @@ class Experts(nn.Module):
     def grouped(self, x, expert, dtype):  # [n, H], [n] -> [n, H]
         """Every expert at once, one grouped matmul per weight over the tokens sorted by expert:
         expert e multiplies rows offs[e-1]:offs[e]. All on the device, with no host sync."""
-        N = len(self.intermediate_weight)
-        order = torch.argsort(expert)  # [n] token indices grouped by expert
-        e_sorted = expert.index_select(0, order)  # [n] expert of each sorted row
-        offs = torch.searchsorted(e_sorted, torch.arange(1, N + 1, device=x.device), out_int32=True)  # [N] ends
+        return self.grouped_ffn(x, *sort_by_expert(expert[None], len(self.intermediate_weight)), dtype, 0)
+
+    def grouped_ffn(self, x, order, e_sorted, offs, dtype, l):  # [n, H] -> [n, H]
+        """grouped's matmuls, given the sort (sort_by_expert: row l of each of its [layers, ...] results)."""
+        order, e_sorted, offs = order[l], e_sorted[l], offs[l]
         xs = x.index_select(0, order)  # [n, H]
         rows = lambda v: v.index_select(0, e_sorted)  # [N, D] -> [n, D]: each row its expert's vector
         h = self.act(GROUPED_MM(xs.to(dtype), self.intermediate_weight.to(dtype), offs=offs)
@@ -120,3 +121,12 @@ class Experts(nn.Module):
             if len(idx):
                 out.index_copy_(0, idx, self.ffn(x.index_select(0, idx), *w).to(out.dtype))
         return out
+
+
+def sort_by_expert(expert, N):  # [L, n] -> [L, n], [L, n], [L, N]
+    """Each layer's tokens in the order of their experts (one sort for all L rows), the expert of each
+    sorted row, and where each expert's rows end (int32, as grouped matmuls take them); no host sync."""
+    order = torch.argsort(expert, dim=-1)  # [L, n]
+    e_sorted = expert.gather(-1, order)
+    counts = (expert[..., None] == torch.arange(N, device=expert.device)).sum(-2)  # [L, N]
+    return order, e_sorted, counts.cumsum(-1).to(torch.int32)

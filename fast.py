@@ -1,0 +1,128 @@
+"""Fast inference for MoEBERT (hash routes) and dense BERT, for GPUs: what the readable models compute
+(moebert.py, experts.py, bert.py), arranged so the GPU never waits for the host.
+
+- The model is cast once to one dtype (bf16 on a GPU): no autocast, no per-forward weight casts.
+- Hash routing depends on the token ids alone, so every layer's experts are found once per forward,
+  from the layers' tables stacked [layers, vocab], with one sort for all layers (experts.sort_by_expert).
+- Each expert weight is one grouped matmul where torch has one for the device; elsewhere every expert
+  runs on every token and each token keeps its own (the dense FFN's cost, and still no host read).
+- Nothing is read back to the host: the padding mask is always applied (the reference checks on the
+  host whether anything is padded), sizes never leave the device.
+- On CUDA, a CUDA graph per (batch, length) bucket replays the whole forward: inputs are padded up to
+  the bucket, so a few graphs serve every batch.
+"""
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from bert import PAD_LOGIT
+from experts import GROUPED_DEVICES, GROUPED_MM, sort_by_expert
+
+
+def bucket(n, sizes):
+    """The smallest of `sizes` that holds n, else n rounded up to a multiple of the largest."""
+    return next((s for s in sizes if s >= n), -(-n // sizes[-1]) * sizes[-1])
+
+
+class FastInference:
+    """model(input_ids, token_type_ids, attention_mask) -> logits, as the model's own forward in eval
+    mode, for a BertForSequenceClassification or BertForQuestionAnswering, dense or MoEBERT (hash routes).
+
+    dtype: the weights' and activations' dtype (the model is copied and cast once). grouped: run the
+    experts with grouped matmuls (default: where torch has them for the device). graphs: replay CUDA
+    graphs per (batch, length) bucket (default: on CUDA)."""
+    BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)  # batch buckets of the CUDA graphs
+    LENGTHS = (32, 64, 128, 256, 384, 512)  # sequence buckets
+
+    def __init__(self, model, dtype=torch.bfloat16, grouped=None, graphs=None):
+        self.model = copy.deepcopy(model).eval().to(dtype)
+        self.device = next(self.model.parameters()).device
+        self.layers = self.model.bert.encoder.layer
+        self.moe = getattr(self.model, "moe_config", None)
+        if self.moe is not None and not self.moe.route.startswith("hash"):
+            raise ValueError(f"route {self.moe.route}: the fast path takes the hash routes; gate routes run eagerly")
+        if self.moe is not None:  # [layers, vocab]: each token's expert in each layer
+            self.tables = torch.stack([layer.moe.hash_table for layer in self.layers])
+        self.grouped = self.can_group(dtype) if grouped is None else grouped
+        self.graphs = self.device.type == "cuda" if graphs is None else graphs
+        self.captured = {}  # (batch, length) -> (graph, static inputs, static output)
+
+    def can_group(self, dtype):
+        """Where torch's grouped matmul runs on the device itself: CUDA from compute capability 9.0 in
+        bf16 (below, torch loops on the host), the CPU in fp32; rows of a multiple of 16 bytes."""
+        if GROUPED_MM is None or self.moe is None:
+            return False
+        H, E = self.layers[0].moe.experts.intermediate_weight.shape[1:]
+        if (H * dtype.itemsize) % 16 or (E * dtype.itemsize) % 16:
+            return False
+        if self.device.type == "cpu":
+            return dtype == torch.float32
+        return (self.device.type in GROUPED_DEVICES and torch.cuda.get_device_capability(self.device) >= (9, 0)
+                and dtype == torch.bfloat16)
+
+    @torch.inference_mode()
+    def __call__(self, input_ids, token_type_ids, attention_mask):
+        if not self.graphs:
+            return self.forward(input_ids, token_type_ids, attention_mask)
+        B, T = input_ids.shape
+        key = (bucket(B, self.BATCHES), bucket(T, self.LENGTHS))
+        if key not in self.captured:
+            self.captured[key] = self.capture(*key)
+        graph, inputs, out = self.captured[key]
+        for static, x in zip(inputs, (input_ids, token_type_ids, attention_mask)):
+            static.zero_()
+            static[:B, :T] = x
+        inputs[2][B:, 0] = 1  # padding rows attend to one token: no row of the softmax is all masked
+        graph.replay()
+        return out[:B, :T] if out.dim() == 3 else out[:B]
+
+    def capture(self, B, T):
+        """A CUDA graph of the forward at batch B and length T, on static input tensors."""
+        inputs = [torch.zeros(B, T, dtype=torch.long, device=self.device) for _ in range(3)]
+        inputs[2][:, 0] = 1
+        stream = torch.cuda.Stream()  # warm-up off the default stream, as torch's graph capture wants
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.forward(*inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.forward(*inputs)
+        return graph, inputs, out
+
+    def forward(self, input_ids, token_type_ids, attention_mask):
+        bert = self.model.bert
+        x = bert.embeddings(input_ids, token_type_ids)  # [B, T, H]
+        B, T, H = x.shape
+        attn_mask = attention_mask[:, None, None, :].bool()  # always applied: knowing that nothing is padded takes a read
+        if self.moe is not None:
+            expert = self.tables[:, input_ids.reshape(-1)]  # [layers, B*T]
+            route = sort_by_expert(expert, self.moe.num_experts) if self.grouped else None
+        for l, layer in enumerate(self.layers):
+            if self.moe is None:
+                x = layer(x, attn_mask, input_ids, attention_mask)
+                continue
+            x = layer.attention(x, attn_mask).view(B * T, H)
+            experts = layer.moe.experts
+            if self.grouped:
+                x = experts.grouped_ffn(x, *route, x.dtype, l)
+            else:
+                x = every_expert(experts, x, expert[l])
+            x = x.view(B, T, H)
+        if self.model.head == "qa":
+            return self.model.qa_outputs(x).masked_fill(attention_mask[..., None] == 0, PAD_LOGIT)  # [B, T, 2]
+        return self.model.classifier(bert.pooler(x))  # [B, num_labels]
+
+
+def every_expert(experts, x, expert):  # [n, H], [n] -> [n, H]
+    """Every expert on every token, each token keeping its own expert's output: the dense FFN's
+    multiply-adds (N experts of I/N neurons), and no host sync where no grouped matmul is."""
+    w1, b1, w2, b2, ln_w, ln_b = experts.weights(batched=True)  # [N, H, E], [N, 1, E], ...
+    N = len(w1)
+    h = experts.act(torch.baddbmm(b1, x.expand(N, *x.shape), w1))  # [N, n, E]
+    y = torch.baddbmm(b2, h, w2)  # [N, n, H]
+    y = y.gather(0, expert[None, :, None].expand(1, *x.shape))[0] + x  # [n, H]: each token's expert
+    return torch.addcmul(ln_b[:, 0].index_select(0, expert), F.layer_norm(y, y.shape[-1:], eps=experts.eps),
+                         ln_w[:, 0].index_select(0, expert))

@@ -1,0 +1,127 @@
+"""fast.py: the fast inference path equals the readable models per token, reads nothing back to the
+host, and sorts once per forward (CPU here; CUDA and its graphs where there is a GPU)."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import moebert
+from bert import BertForQuestionAnswering, BertForSequenceClassification
+from fast import FastInference, bucket
+from moebert import MoEConfig
+
+from helpers import assert_close, tiny_model, tiny_qa
+
+CFG = MoEConfig(num_experts=3, expert_dim=12, shared_dim=4)  # rows of 48 bytes in fp32: grouped matmuls take them
+
+
+def moe_model(cls=BertForSequenceClassification, table=None, seed=0):
+    """A tiny MoEBERT (hidden 32, FFN 37, 3 experts of 12) of either head; `table`: every layer's hash table."""
+    dense = tiny_model(num_labels=3, seed=seed) if cls is BertForSequenceClassification else tiny_qa(seed)
+    moe = moebert.moebert_from_dense(dense, torch.rand(3, 37), CFG).eval()
+    if table is not None:
+        for layer in moe.bert.encoder.layer:
+            layer.moe.hash_table.copy_(table(layer.moe.hash_table))
+    return moe
+
+
+def padded_batch(B=4, T=13, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 99, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    for b in range(B):
+        mask[b, T - 3 * b:] = 0  # rows of 13, 10, 7 and 4 real tokens
+    return ids * mask, torch.randint(0, 2, (B, T), generator=g) * mask, mask
+
+
+TABLES = {"hash-random": None, "one expert takes every token": lambda t: torch.zeros_like(t),
+          "an idle expert": lambda t: t % 2}
+
+
+@pytest.mark.parametrize("table", TABLES)
+@pytest.mark.parametrize("cls", [BertForSequenceClassification, BertForQuestionAnswering])
+@pytest.mark.parametrize("path", ["every expert (fp64)", "grouped (fp32)"])
+def test_fast_path_equals_the_reference(table, cls, path):
+    """Per token (QA's logits are per token) and per example, against the model's own forward in fp64."""
+    model = moe_model(cls, TABLES[table])
+    ids, types, mask = padded_batch()
+    with torch.no_grad():
+        ref = model.double()(ids, types, mask).logits
+    dtype, grouped = (torch.float64, False) if path.startswith("every") else (torch.float32, True)
+    fast = FastInference(model, dtype=dtype, grouped=grouped)(ids, types, mask)
+    real = (mask[..., None] == 1).expand_as(ref) if ref.dim() == 3 else torch.ones_like(ref, dtype=torch.bool)
+    assert_close(fast[real].double(), ref[real], 1e-12 if dtype == torch.float64 else 2e-5, f"{path}, {table}")
+    if ref.dim() == 3:
+        assert (fast[~real] == ref[~real]).all()  # padding: PAD_LOGIT in both
+
+
+def test_dense_bert_through_the_fast_path_is_its_forward():
+    model = tiny_model(num_labels=3).eval()
+    ids, types, mask = padded_batch()
+    with torch.no_grad():
+        ref = model.double()(ids, types, mask).logits
+    assert_close(FastInference(model, dtype=torch.float64)(ids, types, mask), ref, 1e-12, "dense")
+
+
+class Reads(TorchDispatchMode):
+    """Counts the ops that read a tensor back to the host (item, bool, nonzero's size...) and the sorts."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads, self.sorts = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("_local_scalar_dense", "nonzero", "unique", "_unique2", "bincount") or (
+                name == "_to_copy" and kwargs and kwargs.get("device") == torch.device("cpu")
+                and args[0].device.type != "cpu"):
+            self.reads.append(name)
+        self.sorts += name in ("sort", "argsort")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_a_forward_reads_nothing_back_and_sorts_once(grouped, monkeypatch):
+    """tolist() reads memory without a dispatched op, so it is counted by hand too."""
+    model = moe_model()
+    ids, types, mask = padded_batch()
+    fast = FastInference(model, dtype=torch.float32, grouped=grouped)
+    tolist = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: tolist.append(1) or real_tolist(t))
+    with Reads() as r:
+        fast(ids, types, mask)
+    assert r.reads == [] and tolist == [], (r.reads, tolist)
+    assert r.sorts == (1 if grouped else 0)  # one sort for the 3 layers
+    with Reads() as r:  # the readable model, for contrast: it reads the experts' sizes in every layer
+        with torch.no_grad():
+            model(ids, types, mask)
+    assert len(r.reads) + len(tolist) >= 3
+
+
+def test_buckets():
+    assert [bucket(n, FastInference.BATCHES) for n in (1, 3, 8, 100, 129, 300)] == [1, 4, 8, 128, 256, 384]
+    assert [bucket(n, FastInference.LENGTHS) for n in (1, 33, 128, 600)] == [32, 64, 128, 1024]
+
+
+def test_gate_routes_are_refused():
+    dense = tiny_model(num_labels=3)
+    moe = moebert.moebert_from_dense(dense, torch.rand(3, 37), MoEConfig(num_experts=3, expert_dim=11, shared_dim=5,
+                                                                        route="gate-token"))
+    with pytest.raises(ValueError, match="gate routes run eagerly"):
+        FastInference(moe)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("cls", [BertForSequenceClassification, BertForQuestionAnswering])
+def test_cuda_graph_replays_new_inputs_as_eager(cls):
+    """bf16 on the GPU: the graph of a bucket, replayed on inputs it was not captured with (and of
+    another size in the same bucket), against the same fast path run eagerly."""
+    model = moe_model(cls).cuda()
+    graphed = FastInference(model, graphs=True)
+    eager = FastInference(model, graphs=False)
+    for seed, (B, T) in enumerate([(4, 13), (3, 9), (4, 13)]):
+        ids, types, mask = (t.cuda() for t in padded_batch(B, T, seed=seed))
+        a, b = graphed(ids, types, mask).float(), eager(ids, types, mask).float()
+        assert a.shape == b.shape
+        assert_close(a, b, 1e-2, f"graph vs eager, batch {B}, length {T}")
+    assert len(graphed.captured) == 1  # (4, 13) and (3, 9) share the bucket (4, 32)
