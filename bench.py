@@ -35,6 +35,7 @@ import torch
 import experts
 import moebert
 from bert import BertConfig, BertForSequenceClassification
+from fast import FastInference
 from moebert import MoEConfig, moebert_from_dense
 from runtime import keep_freed_memory
 
@@ -162,6 +163,12 @@ def inference(args, cfg, device, autocast):
         runs = {name: forward_fn(model, batch, autocast, mask=not args.cuda_graphs) for name, model in models.items()}
         if args.cuda_graphs:  # captured once for this batch, replayed in every repeat
             runs = {name: graphed(run) for name, run in runs.items()}
+        if args.fast:  # fast.py for dense models and the hash routes (its own graphs); the others as above
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            inputs = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+            runs.update({name: (lambda f: lambda: f(*inputs))(FastInference(
+                model, dtype=dtype, graphs=args.cuda_graphs)) for name, model in models.items()
+                if getattr(model, "moe_config", None) is None or name.startswith("hash")})
         each = {name: [] for name in models}  # examples/s of every repeat
         for _ in range(args.repeats):  # alternate the models: drift in the machine's speed hits all alike
             for name, run in runs.items():
@@ -544,6 +551,8 @@ def main():
     p.add_argument("--repeats", type=int, default=2, help="alternating repeats of the inference measurements")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="time inference as CUDA graph replays: the GPU's work without the host's launching")
+    p.add_argument("--fast", action="store_true", help="inference through fast.py (bf16 weights on CUDA, fp32 on "
+                   "CPU; its own graphs with --cuda-graphs) for dense models and the hash routes")
     p.add_argument("--train-repeats", type=int, default=4, help="alternating repeats of the training steps")
     p.add_argument("--student-layers", type=int, help="layers of the shallow dense student (default: half, 6)")
     p.add_argument("--profile-batch", type=int, nargs="+", default=[1, 8], help="batch sizes of the profile")

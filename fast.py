@@ -40,13 +40,19 @@ class FastInference:
         self.device = next(self.model.parameters()).device
         self.layers = self.model.bert.encoder.layer
         self.moe = getattr(self.model, "moe_config", None)
-        if self.moe is not None and not self.moe.route.startswith("hash"):
+        if not self.takes(model):
             raise ValueError(f"route {self.moe.route}: the fast path takes the hash routes; gate routes run eagerly")
         if self.moe is not None:  # [layers, vocab]: each token's expert in each layer
             self.tables = torch.stack([layer.moe.hash_table for layer in self.layers])
         self.grouped = self.can_group(dtype) if grouped is None else grouped
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         self.captured = {}  # (batch, length) -> (graph, static inputs, static output)
+
+    @staticmethod
+    def takes(model):
+        """Whether the fast path runs `model`: dense, or MoEBERT with a hash route."""
+        moe = getattr(model, "moe_config", None)
+        return moe is None or moe.route.startswith("hash")
 
     def can_group(self, dtype):
         """Where torch's grouped matmul runs on the device itself: CUDA from compute capability 9.0 in

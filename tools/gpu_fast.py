@@ -1,0 +1,147 @@
+"""The GPU check of fast.py, one command for a lent GPU (about 3-5 minutes with its set-up):
+
+    OUT=gpu_out python tools/gpu_fast.py            # CUDA, BERT-base sizes, bf16
+    OUT=/tmp/dry python tools/gpu_fast.py --dry-run # CPU, a small config, fp32: the same steps in seconds
+
+Parts, each adding to $OUT/gpu_fast.json as it ends: the environment (torch, the GPU, its compute
+capability, whether the grouped matmul runs on the device); correctness (the fast path, eager and
+graphed, against the readable model in fp32, a graph replayed on new inputs, no read-back to the host,
+one sort a forward); then dense BERT, the quarter-FFN model (the cap: MoEBERT with free routing) and
+MoEBERT hash-random, each eager and graphed, at batch 1, 32 and 128, sequence 128: CUDA-event timing,
+the models alternating, the median of the repeats. Targets (graphed): MoEBERT >= 1.0x dense at batch
+1, >= 1.35x at 32, >= 1.6x at 128; >= 90% of the cap from batch 32.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import bench  # noqa: E402
+from bert import BertConfig  # noqa: E402
+from fast import FastInference  # noqa: E402
+
+TARGETS = {1: 1.0, 32: 1.35, 128: 1.6}  # MoEBERT's speed-up over dense, graphed, by batch
+CAP_SHARE = 0.9  # of the quarter-FFN model's speed, from batch 32
+
+
+class Reads(TorchDispatchMode):
+    """Counts host read-backs (item, bool, nonzero, copies to the CPU) and sorts of a forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads, self.sorts = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        to_host = name in ("_to_copy", "copy_") and any(
+            isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in (*args, *(kwargs or {}).values())) \
+            and any(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in args)
+        if name in ("_local_scalar_dense", "nonzero", "bincount", "_unique2") or to_host:
+            self.reads.append(name)
+        self.sorts += name in ("sort", "argsort")
+        return func(*args, **(kwargs or {}))
+
+
+def events_ms(fn, device, repeats):
+    """Milliseconds a call, per repeat (CUDA events on a GPU, the wall clock on a CPU)."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / repeats
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true", help="CPU, a small config, fp32: check the script")
+    p.add_argument("--repeats", type=int, default=5, help="alternating repeats of every model (the median)")
+    args = p.parse_args()
+    out = os.path.join(os.environ.get("OUT", "."), "gpu_fast.json")
+    dry = args.dry_run
+    device = torch.device("cpu" if dry else "cuda")
+    dtype = torch.float32 if dry else torch.bfloat16
+    cfg = BertConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512) if dry \
+        else BertConfig()
+    batches, T, calls = ((1, 4), 32, 3) if dry else ((1, 32, 128), 128, 20)
+    report = {"dry_run": dry}
+
+    def save(part, value):
+        report[part] = value
+        with open(out, "w") as f:
+            json.dump(report, f, indent=2)
+        print(part, json.dumps(value), flush=True)
+
+    models, _ = bench.inference_models(cfg, device, ["dense", "quarter-FFN", "hash-random"], 6)
+    fast = {name: FastInference(m, dtype=dtype, graphs=False) for name, m in models.items()}
+    save("environment", {"torch": torch.__version__, "python": platform.python_version(),
+                         "device": torch.cuda.get_device_name(device) if not dry else platform.processor(),
+                         "capability": list(torch.cuda.get_device_capability(device)) if not dry else None,
+                         "grouped_on_device": fast["hash-random"].grouped, "dtype": str(dtype)})
+
+    # Correctness: the fast path (eager, then graphed on inputs it was not captured with) against the
+    # readable model in fp32; no read-back and one sort in a forward.
+    checks = {}
+    moe = models["hash-random"]
+    graphed = FastInference(moe, dtype=dtype, graphs=not dry)
+    for seed in range(3):
+        b = bench.random_batch(cfg, 8, T - 7 * seed, device)
+        b["attention_mask"][1:, T - 7 * seed - 5:] = 0  # padding in all but the first row
+        inputs = (b["input_ids"], b["token_type_ids"], b["attention_mask"])
+        with torch.no_grad():
+            ref = moe(*inputs).logits.float()
+        scale = ref.abs().max().item()
+        for name, run in (("eager", fast["hash-random"]), ("graphed", graphed)):
+            diff = (run(*inputs).float() - ref).abs().max().item() / scale
+            checks.setdefault(f"{name}_max_diff_relative", []).append(round(diff, 5))
+    with Reads() as r:
+        fast["hash-random"](*inputs)
+    checks.update(reads_in_a_forward=r.reads, sorts_in_a_forward=r.sorts,
+                  ok=max(checks["eager_max_diff_relative"] + checks["graphed_max_diff_relative"]) < 0.05
+                  and not r.reads and r.sorts == 1)
+    save("correctness", checks)
+
+    # Speed: every model eager and graphed, alternating, the median of the repeats.
+    speed = {}
+    for B in batches:
+        b = bench.random_batch(cfg, B, T, device)
+        inputs = (b["input_ids"], b["token_type_ids"], b["attention_mask"])
+        runs = {}
+        for name, model in models.items():
+            runs[f"{name} eager"] = fast[name]
+            if not dry:
+                runs[f"{name} graphed"] = FastInference(model, dtype=dtype, graphs=True)
+        for run in runs.values():
+            run(*inputs)  # warm-up, and the graph's capture
+        ms = {k: [] for k in runs}
+        for _ in range(args.repeats):
+            for k, run in runs.items():
+                ms[k].append(events_ms(lambda: run(*inputs), device, calls))
+        med = {k: round(statistics.median(v), 3) for k, v in ms.items()}
+        mode = "eager" if dry else "graphed"
+        row = {"ms": med, "ms_each": ms,
+               "moebert_over_dense": round(med[f"dense {mode}"] / med[f"hash-random {mode}"], 3),
+               "share_of_cap": round(med[f"quarter-FFN {mode}"] / med[f"hash-random {mode}"], 3)}
+        if not dry:
+            row["target_met"] = row["moebert_over_dense"] >= TARGETS[B] and (B < 32 or row["share_of_cap"] >= CAP_SHARE)
+        speed[f"batch {B}"] = row
+        save("speed", speed)
+    print(f"results in {out}")
+
+
+if __name__ == "__main__":
+    main()
