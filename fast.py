@@ -15,6 +15,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bert import PAD_LOGIT
 from experts import GROUPED_DEVICES, GROUPED_MM, sort_by_expert
@@ -132,3 +133,22 @@ def every_expert(experts, x, expert):  # [n, H], [n] -> [n, H]
     y = y.gather(0, expert[None, :, None].expand(1, *x.shape))[0] + x  # [n, H]: each token's expert
     return torch.addcmul(ln_b[:, 0].index_select(0, expert), F.layer_norm(y, y.shape[-1:], eps=experts.eps),
                          ln_w[:, 0].index_select(0, expert))
+
+
+class Reads(TorchDispatchMode):
+    """with Reads() as r: ... counts what reads a tensor back to the host (item, bool, nonzero, copies
+    from a GPU to the CPU) in r.reads, and the sorts in r.sorts: what a forward here must not do, and do once."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads, self.sorts = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        to_host = (name == "_to_copy" and args[0].device.type == "cuda"  # x.cpu(), x.to("cpu")
+                   and torch.device((kwargs or {}).get("device") or args[0].device).type == "cpu") or (
+            name == "copy_" and args[0].device.type == "cpu" and args[1].device.type == "cuda")  # cpu_buffer.copy_(x)
+        if name in ("_local_scalar_dense", "nonzero", "bincount", "_unique2") or to_host:
+            self.reads.append(name)
+        self.sorts += name in ("sort", "argsort")
+        return func(*args, **(kwargs or {}))

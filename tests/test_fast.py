@@ -2,11 +2,10 @@
 host, and sorts once per forward (CPU here; CUDA and its graphs where there is a GPU)."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import moebert
 from bert import BertForQuestionAnswering, BertForSequenceClassification
-from fast import FastInference, bucket
+from fast import FastInference, Reads, bucket
 from moebert import MoEConfig
 
 from helpers import assert_close, tiny_model, tiny_qa
@@ -60,23 +59,6 @@ def test_dense_bert_through_the_fast_path_is_its_forward():
     with torch.no_grad():
         ref = model.double()(ids, types, mask).logits
     assert_close(FastInference(model, dtype=torch.float64)(ids, types, mask), ref, 1e-12, "dense")
-
-
-class Reads(TorchDispatchMode):
-    """Counts the ops that read a tensor back to the host (item, bool, nonzero's size...) and the sorts."""
-
-    def __init__(self):
-        super().__init__()
-        self.reads, self.sorts = [], 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name in ("_local_scalar_dense", "nonzero", "unique", "_unique2", "bincount") or (
-                name == "_to_copy" and kwargs and kwargs.get("device") == torch.device("cpu")
-                and args[0].device.type != "cpu"):
-            self.reads.append(name)
-        self.sorts += name in ("sort", "argsort")
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("grouped", [True, False])

@@ -22,32 +22,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import bench  # noqa: E402
 from bert import BertConfig  # noqa: E402
-from fast import FastInference  # noqa: E402
+from fast import FastInference, Reads  # noqa: E402
 
 TARGETS = {1: 1.0, 32: 1.35, 128: 1.6}  # MoEBERT's speed-up over dense, graphed, by batch
 CAP_SHARE = 0.9  # of the quarter-FFN model's speed, from batch 32
-
-
-class Reads(TorchDispatchMode):
-    """Counts host read-backs (item, bool, nonzero, copies to the CPU) and sorts of a forward."""
-
-    def __init__(self):
-        super().__init__()
-        self.reads, self.sorts = [], 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        to_host = name in ("_to_copy", "copy_") and any(
-            isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in (*args, *(kwargs or {}).values())) \
-            and any(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in args)
-        if name in ("_local_scalar_dense", "nonzero", "bincount", "_unique2") or to_host:
-            self.reads.append(name)
-        self.sorts += name in ("sort", "argsort")
-        return func(*args, **(kwargs or {}))
 
 
 def events_ms(fn, device, repeats):
