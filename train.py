@@ -371,7 +371,8 @@ def setup(args, given, device):
                                  route=args.route, split=args.split, expert_dropout=args.expert_dropout,
                                  balance_weight=args.balance_weight, seed=args.seed)
     try:  # now, not after stage 1
-        args.student != "moebert" or c.moe_cfg.check(config.intermediate_size)
+        if args.student == "moebert":
+            c.moe_cfg.check(config.intermediate_size)
     except ValueError as e:
         raise UserError(f"--num-experts, --expert-dim, --shared-dim: {e}") from None
     distill = dict(epochs=args.distill_epochs, lr=args.distill_lr, batch_size=args.distill_batch_size,
