@@ -3,7 +3,7 @@
 The hash-balance test needs a real token-frequency table; a sparse {token id: count} of RTE's
 2490 training pairs under the MiniLM (BERT uncased) vocabulary is small enough to commit.
 
-    python tools/make_token_counts.py ../shared/data/glue/RTE ~/.cache/moebert/minilm/vocab.txt
+    python tools/make_token_counts.py $GLUE/RTE ~/.cache/moebert/all-minilm-l6-v2/vocab.txt
 """
 import json
 import os

@@ -15,8 +15,8 @@ import time
 import torch
 from safetensors.torch import load_file
 
-MINILM = os.environ.get("MINILM", os.path.expanduser("~/.cache/moebert/minilm"))
-GLUE = os.environ.get("GLUE", "../shared/data/glue")
+MINILM = os.environ.get("MINILM", os.path.expanduser("~/.cache/moebert/all-minilm-l6-v2"))
+GLUE = os.environ["GLUE"]  # the folder that holds GLUE's RTE/
 ARGS = ["--task", "rte", "--bert", MINILM, "--data-dir", f"{GLUE}/RTE", "--device", "cpu", "--lr", "1e-4",
         "--teacher-epochs", "2", "--distill-epochs", "2", "--max-train-examples", "512", "--max-seq-length", "128",
         "--save-every", "5", "--log-every", "10"]

@@ -1,6 +1,6 @@
 """The real SQuAD sample as a train/dev pair: its first two articles to train, the third to evaluate.
 
-    python tools/squad_sample.py ../shared/data/squad out/squad-sample
+    python tools/squad_sample.py $SQUAD_SAMPLES out/squad-sample   # the folder of the SQuAD 2.0 sample
 writes out/squad-sample/{train,dev}-v1.1.json and {train,dev}-v2.0.json, the official files' names,
 so train.py reads them with --data-dir out/squad-sample (tools/squad_minilm.sh runs both versions).
 """
