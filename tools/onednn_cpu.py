@@ -29,7 +29,6 @@ import torch.nn.functional as F  # noqa: E402
 
 import bench  # noqa: E402
 import experts  # noqa: E402
-import moebert  # noqa: E402
 from ab_moebert import comparison_args, cpu_bert_base  # noqa: E402  (tools/ is this script's folder)
 
 

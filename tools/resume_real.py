@@ -2,7 +2,7 @@
 epochs, a checkpoint every 5 steps), killed with SIGKILL inside the teacher stage, then inside
 distillation, then run to its end; its weights and dev metrics against a run never stopped.
 
-    python tools/resume_real.py     (from the repo root; about 4 minutes on 2 cores)
+    GLUE=/path/to/glue python tools/resume_real.py     (from the repo root; about 4 minutes on 2 cores)
 """
 import json
 import os
