@@ -369,11 +369,13 @@ def claim(out):
         try:
             fcntl.flock(LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            release()
             raise UserError(f"another run is writing into {out}; wait for it to end, or use another --out") from None
     return made
 
 
 def release():
+    """Drop this run's lock on --out (at its end; a killed run's goes with its process)."""
     global LOCK
     if LOCK is not None:
         LOCK.close()  # closing the file drops the lock
