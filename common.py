@@ -30,7 +30,6 @@ class Offline(UserError, ConnectionError):
     """A download failed: no network, a refused connection, or a transfer cut short."""
 
 
-
 def cache_dir():
     """Where downloads go: $MOEBERT_CACHE, else ~/.cache/moebert."""
     return os.environ.get("MOEBERT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "moebert"))
@@ -59,7 +58,6 @@ def download(url, path, what="file"):
         os.remove(partial)
         raise Offline(f"download of {what} from {url} stopped at {done} of {total} bytes; run again")
     os.replace(partial, path)
-
 
 
 def makedirs(path):

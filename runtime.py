@@ -63,7 +63,6 @@ def progress(batches, total, what):
 # Several processes (torchrun): one per GPU, or gloo processes on the CPU
 
 
-
 def setup_distributed(device):
     """The device of this process. torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this
     is the one process, on `device` ("cuda" or "cpu")."""
