@@ -74,6 +74,9 @@ def test_a_forward_reads_nothing_back_and_sorts_once(grouped, monkeypatch):
         fast(ids, types, mask)
     assert r.reads == [] and tolist == [], (r.reads, tolist)
     assert r.sorts == (1 if grouped else 0)  # one sort for the 3 layers
+    with Reads() as r:  # dense BERT through the fast path: nothing read back either (its padding mask)
+        FastInference(tiny_model(num_labels=3), dtype=torch.float32)(ids, types, mask)
+    assert r.reads == [] and tolist == [], (r.reads, tolist)
     with Reads() as r:  # the readable model, for contrast: it reads the experts' sizes in every layer
         with torch.no_grad():
             model(ids, types, mask)
