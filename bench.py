@@ -164,11 +164,11 @@ def inference(args, cfg, device, autocast):
         runs = {name: forward_fn(model, batch, autocast, mask=not args.cuda_graphs) for name, model in models.items()}
         if args.cuda_graphs:  # captured once for this batch, replayed in every repeat
             runs = {name: graphed(run) for name, run in runs.items()}
-        if args.fast:  # fast.py for dense models and the hash routes (its own graphs); the others as above
+        if args.fast:  # fast.py for dense BERT and every route (its own graphs); the host-sized variants as above
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
             inputs = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
             for name, model in models.items():
-                if FastInference.takes(model) and name not in ("unrouted", "host-sized"):
+                if name not in ("unrouted", "host-sized"):
                     runs[name] = partial(FastInference(model, dtype=dtype, graphs=args.cuda_graphs), *inputs)
         each = {name: [] for name in models}  # examples/s of every repeat
         for _ in range(args.repeats):  # alternate the models: drift in the machine's speed hits all alike
@@ -553,7 +553,7 @@ def main():
     p.add_argument("--cuda-graphs", action="store_true",
                    help="time inference as CUDA graph replays: the GPU's work without the host's launching")
     p.add_argument("--fast", action="store_true", help="inference through fast.py (bf16 weights on CUDA, fp32 on "
-                   "CPU; its own graphs with --cuda-graphs) for dense models and the hash routes")
+                   "CPU; its own graphs with --cuda-graphs) for dense BERT and every route")
     p.add_argument("--train-repeats", type=int, default=4, help="alternating repeats of the training steps")
     p.add_argument("--student-layers", type=int, help="layers of the shallow dense student (default: half, 6)")
     p.add_argument("--profile-batch", type=int, nargs="+", default=[1, 8], help="batch sizes of the profile")

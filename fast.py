@@ -1,9 +1,10 @@
-"""Fast inference for MoEBERT (hash routes) and dense BERT, for GPUs: what the readable models compute
+"""Fast inference for MoEBERT (any route) and dense BERT, for GPUs: what the readable models compute
 (moebert.py, experts.py, bert.py), arranged so the GPU never waits for the host.
 
 - The model is cast once to one dtype (bf16 on a GPU): no autocast, no per-forward weight casts.
 - Hash routing depends on the token ids alone, so every layer's experts are found once per forward,
   from the layers' tables stacked [layers, vocab], with one sort for all layers (experts.sort_by_expert).
+  Gate routes depend on each layer's input: one sort a layer, and no load-balance loss (inference).
 - Each expert weight is one grouped matmul where torch has one for the device; elsewhere every expert
   runs on every token and each token keeps its own (the dense FFN's cost, and still no host read).
 - Nothing is read back to the host: the padding mask is always applied (the reference checks on the
@@ -27,7 +28,7 @@ def bucket(n, sizes):
 
 class FastInference:
     """model(input_ids, token_type_ids, attention_mask) -> logits, as the model's own forward in eval
-    mode, for a BertForSequenceClassification or BertForQuestionAnswering, dense or MoEBERT (hash routes).
+    mode, for a BertForSequenceClassification or BertForQuestionAnswering, dense or MoEBERT (any route).
 
     dtype: the weights' and activations' dtype (the model is copied and cast once). grouped: run the
     experts with grouped matmuls (default: where torch has them for the device). graphs: replay CUDA
@@ -40,19 +41,12 @@ class FastInference:
         self.device = next(self.model.parameters()).device
         self.layers = self.model.bert.encoder.layer
         self.moe = getattr(self.model, "moe_config", None)
-        if not self.takes(model):
-            raise ValueError(f"route {self.moe.route}: the fast path takes the hash routes; gate routes run eagerly")
-        if self.moe is not None:  # [layers, vocab]: each token's expert in each layer
+        self.hash = self.moe is not None and self.moe.route.startswith("hash")
+        if self.hash:  # [layers, vocab]: each token's expert in each layer
             self.tables = torch.stack([layer.moe.hash_table for layer in self.layers])
         self.grouped = self.can_group(dtype) if grouped is None else grouped
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         self.captured = {}  # (batch, length) -> (graph, static inputs, static output)
-
-    @staticmethod
-    def takes(model):
-        """Whether the fast path runs `model`: dense, or MoEBERT with a hash route."""
-        moe = getattr(model, "moe_config", None)
-        return moe is None or moe.route.startswith("hash")
 
     def can_group(self, dtype):
         """Where torch's grouped matmul runs on the device itself: CUDA from compute capability 9.0 in
@@ -102,21 +96,24 @@ class FastInference:
         bert = self.model.bert
         x = bert.embeddings(input_ids, token_type_ids)  # [B, T, H]
         B, T, H = x.shape
-        attn_mask = attention_mask[:, None, None, :].bool()  # always applied: knowing that nothing is padded takes a read
-        if self.moe is not None:
+        # The mask is always applied: to know that nothing is padded would take a read back.
+        attn_mask = attention_mask[:, None, None, :].bool()
+        if self.hash:  # every layer's experts at once, and their one sort
             expert = self.tables[:, input_ids.reshape(-1)]  # [layers, B*T]
             route = sort_by_expert(expert, self.moe.num_experts) if self.grouped else None
         for l, layer in enumerate(self.layers):
             if self.moe is None:
                 x = layer(x, attn_mask, input_ids, attention_mask)
                 continue
-            x = layer.attention(x, attn_mask).view(B * T, H)
-            experts = layer.moe.experts
-            if self.grouped:
-                x = experts.grouped_ffn(x, *route, x.dtype, l)
-            else:
-                x = every_expert(experts, x, expert[l])
-            x = x.view(B, T, H)
+            x = layer.attention(x, attn_mask)  # [B, T, H]
+            row, prob = l, None  # this layer's row of `expert` and `route`
+            if not self.hash:  # this layer's gate ([B*T] each) and its own sort
+                e, prob = layer.moe.route_gate(x, attention_mask, balance=False)
+                expert, row = e[None], 0
+                route = sort_by_expert(expert, self.moe.num_experts) if self.grouped else None
+            x, experts = x.view(B * T, H), layer.moe.experts
+            x = experts.grouped_ffn(x, *route, x.dtype, row) if self.grouped else every_expert(experts, x, expert[row])
+            x = (x if prob is None else x * prob[:, None]).view(B, T, H)
         if self.model.head == "qa":
             return self.model.qa_outputs(x).masked_fill(attention_mask[..., None] == 0, PAD_LOGIT)  # [B, T, 2]
         return self.model.classifier(bert.pooler(x))  # [B, num_labels]

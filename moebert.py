@@ -188,8 +188,8 @@ class MoEFFN(nn.Module):
         expert, prob = self.route_gate(x.view(B, T, H), attention_mask)  # [B*T], [B*T]
         return (self.experts(x, expert) * prob[:, None]).view(B, T, H)
 
-    def route_gate(self, x, attention_mask):
-        """Gate routes (paper section 3.4): softmax over a linear gate, top-1, and the switch
+    def route_gate(self, x, attention_mask, balance=True):
+        """Gate routes (paper section 3.4): softmax over a linear gate, top-1, and (balance) the switch
         load-balance loss N * sum_e P_e f_e (P_e mean gate probability, f_e fraction routed to e)."""
         B, T, H = x.shape
         if self.cfg.route == "gate-sentence":
@@ -202,7 +202,8 @@ class MoEFFN(nn.Module):
             probs = F.softmax(upcast(self.gate(x)), dim=-1).view(B * T, -1)  # [B*T, N]
             weight = attention_mask.reshape(-1).to(probs.dtype)  # padding takes no part in the balance
         prob, expert = probs.max(-1)
-        self.balance_loss = load_balance_loss(probs, expert, weight)
+        if balance:
+            self.balance_loss = load_balance_loss(probs, expert, weight)
         if self.cfg.route == "gate-sentence":  # broadcast the sentence's choice to its tokens
             expert, prob = expert[:, None].expand(B, T).reshape(-1), prob[:, None].expand(B, T).reshape(-1)
         return expert, prob.to(x.dtype)

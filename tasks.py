@@ -86,7 +86,7 @@ def logits_of(model, features, args, device, what):
     SQuAD [length, 2] (start, end) over the feature's own tokens, without the batch's padding."""
     model.eval()
     # On CUDA in bf16, fast.py's path: the weights cast once, nothing read back, CUDA graphs replayed.
-    if device.type == "cuda" and args.dtype == "bf16" and FastInference.takes(model):
+    if device.type == "cuda" and args.dtype == "bf16":
         run, fast = FastInference(model), nullcontext()
     else:
         run, fast = (lambda *inputs: model(*inputs).logits), autocast(device, args.dtype)

@@ -1,5 +1,7 @@
 """fast.py: the fast inference path equals the readable models per token, reads nothing back to the
 host, and sorts once per forward (CPU here; CUDA and its graphs where there is a GPU)."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -88,12 +90,35 @@ def test_buckets():
     assert [bucket(n, FastInference.LENGTHS) for n in (1, 33, 128, 600)] == [32, 64, 128, 1024]
 
 
-def test_gate_routes_are_refused():
-    dense = tiny_model(num_labels=3)
-    moe = moebert.moebert_from_dense(dense, torch.rand(3, 37), MoEConfig(num_experts=3, expert_dim=11, shared_dim=5,
-                                                                        route="gate-token"))
-    with pytest.raises(ValueError, match="gate routes run eagerly"):
-        FastInference(moe)
+def gated_model(cls, route):
+    """A tiny MoEBERT with a gate route, its gates spreading the tokens over the experts."""
+    dense = tiny_model(num_labels=3) if cls is BertForSequenceClassification else tiny_qa()
+    moe = moebert.moebert_from_dense(dense, torch.rand(3, 37), dataclasses.replace(CFG, route=route)).eval()
+    for layer in moe.bert.encoder.layer:
+        torch.nn.init.normal_(layer.moe.gate.weight, std=1.0)
+    return moe
+
+
+@pytest.mark.parametrize("route", ["gate-token", "gate-sentence"])
+@pytest.mark.parametrize("cls", [BertForSequenceClassification, BertForQuestionAnswering])
+@pytest.mark.parametrize("path", ["every expert (fp64)", "grouped (fp32)"])
+def test_gate_routes_through_the_fast_path(route, cls, path):
+    """A gate per layer (each token's, or each sentence's from its real tokens), the output scaled by
+    the gate's probability as the reference does; a sort a layer, nothing read back."""
+    moe = gated_model(cls, route)
+    ids, types, mask = padded_batch()
+    with torch.no_grad():
+        ref = moe.double()(ids, types, mask).logits
+        experts = {tuple(layer.moe.route_gate(moe.bert.embeddings(ids, types), mask, balance=False)[0].tolist())
+                   for layer in moe.bert.encoder.layer}
+    assert any(len(set(e)) > 1 for e in experts)  # tokens do go to different experts
+    dtype, grouped = (torch.float64, False) if path.startswith("every") else (torch.float32, True)
+    fast = FastInference(moe, dtype=dtype, grouped=grouped)
+    with Reads() as r:
+        out = fast(ids, types, mask)
+    assert r.reads == [] and r.sorts == (3 if grouped else 0), (r.reads, r.sorts)
+    real = (mask[..., None] == 1).expand_as(ref) if ref.dim() == 3 else torch.ones_like(ref, dtype=torch.bool)
+    assert_close(out[real].double(), ref[real], 1e-12 if dtype == torch.float64 else 2e-5, f"{path}, {route}")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
@@ -110,3 +135,15 @@ def test_cuda_graph_replays_new_inputs_as_eager(cls):
         assert a.shape == b.shape
         assert_close(a, b, 1e-2, f"graph vs eager, batch {B}, length {T}")
     assert len(graphed.captured) == 1  # (4, 13) and (3, 9) share the bucket (4, 32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("route", ["gate-token", "gate-sentence"])
+def test_cuda_graph_of_a_gate_route_replays_as_eager(route):
+    """A gate route's graph (a gate and a sort in every layer) on new inputs of its bucket's own size:
+    the same kernels as eager, so no bf16 rounding can move a token to another expert."""
+    model = gated_model(BertForSequenceClassification, route).cuda()
+    graphed, eager = FastInference(model, graphs=True), FastInference(model, graphs=False)
+    for seed in range(3):
+        ids, types, mask = (t.cuda() for t in padded_batch(4, 32, seed=seed))
+        assert_close(graphed(ids, types, mask).float(), eager(ids, types, mask).float(), 1e-2, f"{route}, seed {seed}")
