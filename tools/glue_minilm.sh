@@ -2,7 +2,8 @@
 # The real runs of RESULTS.md: MiniLM-L6-H384 (a real uncased BERT from PyPI) on GLUE, on CPU.
 #   GLUE=/path/to/glue bash tools/glue_minilm.sh [STEP...]
 # GLUE (required): the folder holding the task folders RTE/, MRPC/, STS-B/, CoLA/, SST-2/ (train.tsv, dev.tsv).
-# STEP: seed0|seed1|seed2 (rte mrpc stsb cola), ablation (STS-B, 3 seeds), ablationN, sst2, sst2-short
+# STEP: seed0|seed1|seed2 (rte mrpc stsb cola), ablation (STS-B, 3 seeds), ablationN, routesN (after
+# stsb-sN: STS-B with the other three routes, reusing that seed's teacher), sst2, sst2-short
 # (1 teacher epoch, 1 distillation epoch: what fits in an hour of CPU; sst2-short-sN for seed N), TASK-sN,
 # TASK-shallow-sN (after TASK-sN: the 3-layer dense student of the same cost per token, distilled from
 # that run's teacher), sst2-short-shallow-sN (the same, on the short schedule).
@@ -41,6 +42,10 @@ for step in $steps; do
       run sst2 "$s" "${SHORT[@]}" --teacher "out/sst2-short-s$s/teacher" --student shallow \
         --out "out/sst2-short-shallow-s$s" ;;
     ablation[0-9]) ablate stsb "${step#ablation}" ;;       # one seed of the ablation
+    routes[0-9]) s=${step#routes}  # the paper's other routes (section 3.4) on STS-B, seed s's teacher
+      for route in hash-balance gate-token gate-sentence; do
+        run stsb "$s" --teacher "out/stsb-s$s/teacher" --route "$route" --out "out/stsb-$route-s$s"
+      done ;;
     *-shallow-s[0-9]) t=${step%-shallow-s*} s=${step##*-s}  # the 3-layer dense student of TASK-sN's teacher
       run "$t" "$s" --teacher "out/$t-s$s/teacher" --student shallow --out "out/$t-shallow-s$s" ;;
     *-s[0-9]) run "${step%-s*}" "${step##*-s}" ;;          # one run, e.g. mrpc-s1
