@@ -3,7 +3,8 @@
 #   GLUE=/path/to/glue bash tools/glue_minilm.sh [STEP...]
 # GLUE (required): the folder holding the task folders RTE/, MRPC/, STS-B/, CoLA/, SST-2/ (train.tsv, dev.tsv).
 # STEP: seed0|seed1|seed2 (rte mrpc stsb cola), ablation (STS-B, 3 seeds), ablationN, routesN (after
-# stsb-sN: STS-B with the other three routes, reusing that seed's teacher), sst2, sst2-short
+# stsb-sN: STS-B with the other three routes, reusing that seed's teacher), balanceN (the two gate
+# routes again with Switch Transformer's load-balance weight 0.01), sst2, sst2-short
 # (1 teacher epoch, 1 distillation epoch: what fits in an hour of CPU; sst2-short-sN for seed N), TASK-sN,
 # TASK-shallow-sN (after TASK-sN: the 3-layer dense student of the same cost per token, distilled from
 # that run's teacher), sst2-short-shallow-sN (the same, on the short schedule).
@@ -45,6 +46,11 @@ for step in $steps; do
     routes[0-9]) s=${step#routes}  # the paper's other routes (section 3.4) on STS-B, seed s's teacher
       for route in hash-balance gate-token gate-sentence; do
         run stsb "$s" --teacher "out/stsb-s$s/teacher" --route "$route" --out "out/stsb-$route-s$s"
+      done ;;
+    balance[0-9]) s=${step#balance}  # the gates with a load-balance loss (the default weight is 0, as the official code's)
+      for route in gate-token gate-sentence; do
+        run stsb "$s" --teacher "out/stsb-s$s/teacher" --route "$route" --balance-weight 0.01 \
+          --out "out/stsb-$route-balanced-s$s"
       done ;;
     *-shallow-s[0-9]) t=${step%-shallow-s*} s=${step##*-s}  # the 3-layer dense student of TASK-sN's teacher
       run "$t" "$s" --teacher "out/$t-s$s/teacher" --student shallow --out "out/$t-shallow-s$s" ;;
