@@ -787,3 +787,36 @@ def test_qa_under_bf16_autocast():
         assert all(torch.isfinite(x) for x in (loss, hidden, pred))
     want = moebert.task_loss(fp32[0].logits, batch["labels"])
     assert_close(moebert.task_loss(bf16[0].logits, batch["labels"]), want, 0.05 * want.abs().item(), "bf16 loss")
+
+
+# ----------------------------------------------------------------------------------------------
+# tools/expert_load.py: the share of the tokens each layer's experts take
+
+
+@pytest.mark.parametrize("route", ["hash-random", "gate-token", "gate-sentence"])
+def test_expert_load_counts_each_layers_own_routing(route):
+    """Against the routes recomputed from the layers' inputs (the attention outputs of the encoder's
+    hidden states), over the real tokens only."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("expert_load", os.path.join(ROOT, "tools", "expert_load.py"))
+    expert_load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(expert_load)
+    moe = moebert_from_dense(tiny_model(), torch.rand(3, 37), MoEConfig(num_experts=3, expert_dim=12, shared_dim=4,
+                                                                       route=route)).eval()
+    if route.startswith("gate"):
+        for layer in moe.bert.encoder.layer:  # gates that spread the tokens
+            torch.nn.init.normal_(layer.moe.gate.weight, std=1.0)
+    batch = random_batch()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    shares = expert_load.expert_shares(moe, [batch, batch])
+    with torch.no_grad():
+        hidden = moe(ids, batch["token_type_ids"], mask, output_hidden_states=True).hidden_states
+        for l, layer in enumerate(moe.bert.encoder.layer):
+            if route == "hash-random":
+                expert = layer.moe.hash_table[ids]
+            else:
+                x = layer.attention(hidden[l], mask[:, None, None, :].bool())
+                expert = layer.moe.route_gate(x, mask)[0].view(ids.shape)
+            want = torch.bincount(expert[mask == 1], minlength=3).double()
+            assert_close(shares[l], want / want.sum(), 1e-6, f"layer {l}")
+    assert (shares.sum(1) - 1).abs().max() < 1e-6 and (shares > 0).sum() > len(shares)  # not all on one expert

@@ -20,8 +20,8 @@ import moebert  # noqa: E402
 import weights  # noqa: E402
 
 
-def expert_shares(model, features, batch_size=64):
-    """[layers, N]: the share of the real tokens each layer sends to each expert."""
+def expert_shares(model, batches):
+    """[layers, N]: the share of the real tokens of `batches` that each layer sends to each expert."""
     N = model.moe_config.num_experts
     layers = [layer.moe for layer in model.bert.encoder.layer]
     counts = torch.zeros(len(layers), N)
@@ -39,7 +39,7 @@ def expert_shares(model, features, batch_size=64):
     handles = [moe.register_forward_hook(hook(l)) for l, moe in enumerate(layers)]
     try:
         with torch.inference_mode():
-            for batch in data.batches(features, batch_size, sort_by_length=True):
+            for batch in batches:
                 model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
     finally:
         for h in handles:
@@ -59,7 +59,7 @@ def main():
     vocab = weights.find_vocab(args.model)
     tokenizer = data.load_tokenizer(vocab, lowercase=data.is_uncased(vocab))
     features = data.encode(data.read_glue(args.task, args.data_dir, "dev"), tokenizer, args.max_seq_length)
-    shares = expert_shares(model, features)
+    shares = expert_shares(model, data.batches(features, 64, sort_by_length=True))
     print(f"{args.model}: route {model.moe_config.route}, {len(features)} dev examples; "
           f"share of the tokens per expert, by layer (balance: {1 / shares.size(1):.2f} each)")
     for l, row in enumerate(shares.tolist()):
