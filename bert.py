@@ -35,11 +35,11 @@ class BertConfig:
     @classmethod
     def from_json(cls, path):
         """Read Google's bert_config.json or Hugging Face's config.json (extra keys are ignored)."""
-        with open(path) as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:  # a cut-off download or a hand edit gone wrong
-                raise BadFile(f"{path} is not valid JSON ({e}); restore or re-download it") from None
+        return cls.from_dict(read_config(path), path)
+
+    @classmethod
+    def from_dict(cls, d, path):
+        """The config in a config file's dict `d` (read from `path`, which errors name), checked."""
         known = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in known})
         if cfg.hidden_size % cfg.num_attention_heads:
@@ -53,6 +53,15 @@ class BertConfig:
 
     def to_dict(self):
         return asdict(self)
+
+
+def read_config(path):
+    """A config file's dict; a cut-off download or a hand edit gone wrong is a BadFile that names it."""
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise BadFile(f"{path} is not valid JSON ({e}); restore or re-download it") from None
 
 
 # Google's TensorFlow BERT used the tanh approximation of GELU (and called it "gelu"); Hugging Face

@@ -5,14 +5,13 @@ The FFN of every BERT layer becomes N smaller experts that share its most import
 token goes to one expert, so a token costs about half the dense FFN while the model keeps all the
 knowledge the important neurons hold. Distillation from the dense teacher recovers the rest.
 """
-import json
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bert import BertConfig, BertForQuestionAnswering, BertForSequenceClassification
+from bert import BertConfig, BertForQuestionAnswering, BertForSequenceClassification, read_config
 from common import BadFile
 from experts import Experts
 from weights import find_config, read_checkpoint
@@ -289,9 +288,9 @@ class MoEBert:
         """Reload a saved MoEBERT (config.json with a "moe" entry, model.safetensors), strictly.
         MoEBert.from_pretrained (or load) builds the head that config.json names; a concrete class
         refuses a folder with another head."""
-        config = BertConfig.from_json(find_config(folder))  # a damaged file is a BadFile that names it
-        with open(find_config(folder)) as f:
-            d = json.load(f)
+        path = find_config(folder)
+        d = read_config(path)  # a damaged file is a BadFile that names it
+        config = BertConfig.from_dict(d, path)
         if "moe" not in d:
             raise BadFile(f"{folder}/config.json has no 'moe' entry: this is not a saved MoEBERT; pass the "
                           f"moebert folder of a finished run (OUT/moebert)")

@@ -87,13 +87,13 @@ def logits_of(model, features, args, device, what):
     model.eval()
     # On CUDA in bf16, fast.py's path: the weights cast once, nothing read back, CUDA graphs replayed.
     if device.type == "cuda" and args.dtype == "bf16":
-        run, fast = FastInference(model), nullcontext()
+        run, ctx = FastInference(model), nullcontext()
     else:
-        run, fast = (lambda *inputs: model(*inputs).logits), autocast(device, args.dtype)
+        run, ctx = (lambda *inputs: model(*inputs).logits), autocast(device, args.dtype)
     out = [None] * len(features)
     for batch in progress(data.batches(features, args.eval_batch_size, sort_by_length=True), len(features), what):
         b = to_device(batch, device)
-        with fast:
+        with ctx:
             logits = run(b["input_ids"], b["token_type_ids"], b["attention_mask"]).float().cpu()
         for i, row in zip(batch["index"].tolist(), logits.numpy()):
             out[i] = row[:len(features[i]["input_ids"])] if row.ndim == 2 else row
