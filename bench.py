@@ -36,9 +36,10 @@ import torch
 import experts
 import moebert
 from bert import BertConfig, BertForSequenceClassification
+from common import UserError
 from fast import FastInference
 from moebert import MoEConfig, moebert_from_dense
-from runtime import keep_freed_memory
+from runtime import check_device, keep_freed_memory
 
 
 def timeit(fn, device, min_seconds, warmup=1):
@@ -571,6 +572,10 @@ def main():
     args = p.parse_args()
     if args.cuda_graphs and args.device != "cuda":
         p.error("--cuda-graphs needs --device cuda")
+    try:
+        check_device(args.device)  # one error line for a device this machine lacks, not a traceback
+    except UserError as e:
+        p.error(str(e))
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     if device.type == "cpu":  # as train.py does: large activations stop page-faulting, for every model alike

@@ -4,9 +4,8 @@ Module names follow Google's checkpoint (and Hugging Face's port of it) one to o
 `bert.encoder.layer[i].attention.self.query`, `.intermediate.dense`, `.output.dense`, ...
 so loading (weights.py) is an identity copy and MoEBERT's expert surgery (moebert.py) is a slice.
 """
-import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -35,33 +34,25 @@ class BertConfig:
     @classmethod
     def from_json(cls, path):
         """Read Google's bert_config.json or Hugging Face's config.json (extra keys are ignored)."""
-        return cls.from_dict(read_config(path), path)
+        return cls.from_dict(weights.read_config(path), path)
 
     @classmethod
     def from_dict(cls, d, path):
         """The config in a config file's dict `d` (read from `path`, which errors name), checked."""
-        known = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in known})
-        if cfg.hidden_size % cfg.num_attention_heads:
+        cfg = cls(**weights.config_fields(cls, d, path))  # each field of its type, or a BadFile
+        if cfg.num_attention_heads < 1 or cfg.hidden_size % cfg.num_attention_heads:
             raise BadFile(f"{path}: hidden_size {cfg.hidden_size} is not divisible by num_attention_heads "
                           f"{cfg.num_attention_heads}; fix the config or use another model folder")
         # Checked here, not as a KeyError deep in the model: a non-BERT config names other activations.
         if cfg.hidden_act not in ACT2FN:
             raise BadFile(f"{path}: hidden_act {cfg.hidden_act!r} is not one of {', '.join(ACT2FN)}; "
                           f"this does not look like a BERT config, use a BERT model folder")
+        if max(cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob) > 1:
+            raise BadFile(f"{path}: a dropout probability above 1; fix the config or use another model folder")
         return cfg
 
     def to_dict(self):
         return asdict(self)
-
-
-def read_config(path):
-    """A config file's dict; a cut-off download or a hand edit gone wrong is a BadFile that names it."""
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise BadFile(f"{path} is not valid JSON ({e}); restore or re-download it") from None
 
 
 # Google's TensorFlow BERT used the tanh approximation of GELU (and called it "gelu"); Hugging Face

@@ -11,6 +11,7 @@ download the task into the cache.
 """
 import csv
 import itertools
+import math
 import os
 import shutil
 import sys
@@ -199,9 +200,12 @@ def tsv_rows(path):
 def parse_label(t, s, where):
     if t.labels is None:  # STS-B: a similarity score from 0 to 5
         try:
-            return float(s)
+            score = float(s)
         except ValueError:
-            raise BadFile(f"{where}: score {s!r} is not a number; {FORMAT_HELP}") from None
+            score = math.nan
+        if not math.isfinite(score):  # "nan" parses, and would stop training as a diverging loss
+            raise BadFile(f"{where}: score {s!r} is not a number; {FORMAT_HELP}")
+        return score
     if s not in t.labels:
         raise BadFile(f"{where}: unknown label {s!r}, expected one of {t.labels}; {FORMAT_HELP}")
     return t.labels.index(s)

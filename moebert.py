@@ -5,16 +5,16 @@ The FFN of every BERT layer becomes N smaller experts that share its most import
 token goes to one expert, so a token costs about half the dense FFN while the model keeps all the
 knowledge the important neurons hold. Distillation from the dense teacher recovers the rest.
 """
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bert import BertConfig, BertForQuestionAnswering, BertForSequenceClassification, read_config
+from bert import BertConfig, BertForQuestionAnswering, BertForSequenceClassification
 from common import BadFile
 from experts import Experts
-from weights import find_config, read_checkpoint
+from weights import config_fields, find_config, read_checkpoint, read_config
 
 ROUTES = ("hash-random", "hash-balance", "gate-token", "gate-sentence")
 SPLITS = ("importance", "random", "inverse")
@@ -59,9 +59,8 @@ class MoEConfig:
         return cls(num_experts=num_experts, expert_dim=expert_dim, shared_dim=shared_dim, **rest)
 
     @classmethod
-    def from_dict(cls, d):
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+    def from_dict(cls, d, path):
+        return cls(**config_fields(cls, d, path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,7 +290,7 @@ class MoEBert:
         path = find_config(folder)
         d = read_config(path)  # a damaged file is a BadFile that names it
         config = BertConfig.from_dict(d, path)
-        if "moe" not in d:
+        if not isinstance(d.get("moe"), dict):
             raise BadFile(f"{folder}/config.json has no 'moe' entry: this is not a saved MoEBERT; pass the "
                           f"moebert folder of a finished run (OUT/moebert)")
         head = d.get("head", "classification")  # saved before question answering: a classifier
@@ -302,7 +301,14 @@ class MoEBert:
         elif head != cls.head:
             raise BadFile(f"{folder} holds a MoEBERT with a {head} head, not {cls.head}; load it with "
                           f"{MOE_BY_HEAD[head].__name__}.from_pretrained or moebert.load")
-        model = cls(config, MoEConfig.from_dict(d["moe"]), *(d[k] for k in cls.head_args))
+        moe, args = MoEConfig.from_dict(d["moe"], path), [d.get(k) for k in cls.head_args]  # num_labels
+        try:
+            moe.check(config.intermediate_size)
+            if not all(isinstance(a, int) and a >= 1 for a in args):
+                raise ValueError(f"{', '.join(cls.head_args)} must be a whole number of at least 1")
+        except ValueError as e:
+            raise BadFile(f"{path}: {e}; restore it or pass the moebert folder of a finished run") from None
+        model = cls(config, moe, *args)
         try:
             model.load_state_dict(read_checkpoint(folder), strict=True)
         except RuntimeError as e:  # torch names the missing, unexpected and misshapen keys

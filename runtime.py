@@ -67,6 +67,7 @@ def setup_distributed(device):
     """The device of this process. torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this
     is the one process, on `device` ("cuda" or "cpu")."""
     global RANK, WORLD, MASTER
+    check_device(device)
     if "RANK" not in os.environ:
         return torch.device(device)
     cuda = device.startswith("cuda")
@@ -83,6 +84,22 @@ def setup_distributed(device):
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     torch.cuda.set_device(device)
     return device
+
+
+def check_device(name):
+    """--device names a device this machine has: cpu, cuda or cuda:N (else a UserError, before any work)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's own message lists two dozen backends this code does not run on
+        raise UserError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: this code runs on cpu or cuda (cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "no GPU is visible" if torch.version.cuda else f"torch {torch.__version__} is built without CUDA"
+        raise UserError(f"--device {name}: {why}; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 .. "
+                        f"cuda:{torch.cuda.device_count() - 1}")
 
 
 def barrier():

@@ -1,7 +1,6 @@
 """Each task as train.py runs it: its training features, its dev evaluation (GLUE's metrics, or
 SQuAD's official ones on the postprocessed answers), GLUE's test-set predictions, and the check
 that a --teacher folder fits the task."""
-import json
 import os
 import time
 from contextlib import nullcontext
@@ -15,7 +14,7 @@ from bert import BertForQuestionAnswering, BertForSequenceClassification
 from common import UserError
 from fast import FastInference
 from runtime import autocast, progress, to_device
-from weights import find_vocab
+from weights import find_vocab, read_config
 
 SQUAD = {"squad": "1.1", "squad2": "2.0"}  # --task -> SQuAD version
 
@@ -133,8 +132,10 @@ def check_teacher(path, task, num_labels):
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise UserError(f"--teacher {path}: no config.json; pass a fine-tuned teacher folder, e.g. out/{task}/teacher")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    cfg = read_config(cfg_path)
+    if "moe" in cfg:
+        raise UserError(f"--teacher {path} is a MoEBERT (config.json has a 'moe' entry), not a dense teacher; "
+                        f"pass the teacher folder of a run, e.g. out/{task}/teacher")
     if num_labels is None and cfg.get("head") != "qa":
         raise UserError(f"--teacher {path} is not a question-answering model (config.json's head: "
                         f"{cfg.get('head', 'classification')!r}); {task} needs one, e.g. out/{task}/teacher")

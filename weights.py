@@ -4,6 +4,8 @@ release names (downloaded), and the strict loader that copies any of them into a
 Names are Google's / Hugging Face's (bert.py keeps them), so loading is an identity copy after
 renaming TF variables; anything that does not fit is named in the error.
 """
+import json
+import math
 import os
 import re
 import shutil
@@ -11,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -128,6 +131,32 @@ def find_config(folder):
             return os.path.join(folder, name)
     raise MissingFile(f"{folder}: no config.json (Hugging Face) or bert_config.json (Google) found; "
                       f"pass a complete BERT folder")
+
+
+def read_config(path):
+    """A config file's dict; a cut-off download, a hand edit gone wrong or a file that holds no settings
+    is a BadFile that names it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadFile(f"{path} is not valid JSON ({e}); restore or re-download it") from None
+    if not isinstance(d, dict):
+        raise BadFile(f"{path} holds {json.dumps(d)[:40]}, not an object of settings; restore or re-download it")
+    return d
+
+
+def config_fields(cls, d, path):
+    """The entries of d that are fields of the dataclass cls (others are ignored), each of its field's type:
+    a whole number or a number >= 0, or a string (a size given as "768" would fail deep inside the model)."""
+    kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+    for f in fields(cls):
+        v = kw.get(f.name, f.default)
+        number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+        if not (isinstance(v, str) if f.type is str else number and (f.type is float or isinstance(v, int))):
+            kind = {str: "a string", int: "a whole number >= 0", float: "a number >= 0"}[f.type]
+            raise BadFile(f"{path}: {f.name} is {v!r}, not {kind}; fix the file or use another model folder")
+    return kw
 
 
 def find_vocab(folder):

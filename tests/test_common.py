@@ -1,8 +1,11 @@
 """common.py's user errors (common.UserError: train.py prints one line and exits 2) as every module
 raises them: missing folders and files, offline, malformed rows, checkpoints that do not fit or are
 damaged, broken zips; and the programming errors that stay plain builtin ones."""
+import json
 import os
 import shutil
+
+import pytest
 
 import bert
 import data
@@ -75,6 +78,32 @@ def test_checkpoint_that_does_not_fit(tmp_path):
     e = raised(BertForSequenceClassification.from_pretrained, str(tmp_path), num_labels=2)  # a 3-label head
     assert_user_error(e, BadFile, ValueError, f"{tmp_path} does not fit the model",
                       "wrong shape (2): classifier.bias", "Pass a BERT folder whose config matches its weights")
+
+
+@pytest.mark.parametrize("edit,phrase", [
+    ("[]", "config.json holds [], not an object of settings"),
+    ("null", "config.json holds null, not an object of settings"),
+    (b"\xff\xfe{", "config.json is not valid JSON ('utf-8' codec can't decode"),
+    ({"hidden_size": "32"}, "hidden_size is '32', not a whole number >= 0"),
+    ({"hidden_size": 32.0}, "hidden_size is 32.0, not a whole number >= 0"),
+    ({"intermediate_size": -3}, "intermediate_size is -3, not a whole number >= 0"),
+    ({"num_hidden_layers": True}, "num_hidden_layers is True, not a whole number >= 0"),
+    ({"layer_norm_eps": float("nan")}, "layer_norm_eps is nan, not a number >= 0"),
+    ({"hidden_act": 3}, "hidden_act is 3, not a string"),
+    ({"num_attention_heads": 0}, "not divisible by num_attention_heads 0"),
+    ({"attention_probs_dropout_prob": 1.5}, "a dropout probability above 1"),
+])
+def test_config_that_is_no_bert_config(tmp_path, edit, phrase):
+    """A hand-edited or foreign config.json: a BadFile naming the file and the field, before any module is
+    built (a size given as a string, or zero heads, would otherwise fail deep inside the model)."""
+    tiny_model().save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    if isinstance(edit, dict):
+        path.write_text(json.dumps(dict(json.loads(path.read_text()), **edit)))
+    else:
+        path.write_bytes(edit if isinstance(edit, bytes) else edit.encode())
+    e = raised(BertForSequenceClassification.from_pretrained, str(tmp_path), num_labels=3)
+    assert_user_error(e, BadFile, ValueError, str(path), phrase)
 
 
 def test_corrupt_checkpoints_and_config(tmp_path):

@@ -186,6 +186,10 @@ def test_reader_errors(glue):
     write(glue / "STS-B/dev.tsv", sts)
     with pytest.raises(ValueError, match=r"STS-B/dev\.tsv, line 2: score 'n/a' is not a number"):
         data.read_glue("stsb", glue, "dev")
+    for score in ("nan", "inf"):  # float() takes them; training would stop on a "diverging" loss
+        write(glue / "STS-B/dev.tsv", sts.replace("\tn/a", "\t" + score))
+        with pytest.raises(ValueError, match=rf"STS-B/dev\.tsv, line 2: score '{score}' is not a number"):
+            data.read_glue("stsb", glue, "dev")
     os.remove(glue / "WNLI/test.tsv")
     with pytest.raises(FileNotFoundError, match=r"WNLI/test\.tsv not found.*--data-dir"):
         data.read_glue("wnli", glue, "test")

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import warnings
 
 import pytest
@@ -730,6 +731,14 @@ def test_saved_moebert_that_is_damaged_or_not_one_is_a_user_error(tmp_path):
     teacher.save_pretrained(tmp_path / "dense")
     assert_user_error(raised(moebert.MoEBertForSequenceClassification.from_pretrained, tmp_path / "dense"),
                       BadFile, ValueError, "not a saved MoEBERT")
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    for edit, phrase in (({"moe": []}, "not a saved MoEBERT"), ({"moe": dict(config["moe"], route="hash")},
+                         "route 'hash' is not one of"), ({"moe": dict(config["moe"], expert_dim="11")},
+                         "expert_dim is '11', not a whole number"), ({"num_labels": None}, "num_labels must be")):
+        (tmp_path / "edited").mkdir(exist_ok=True)
+        shutil.copy(tmp_path / "moe" / "model.safetensors", tmp_path / "edited")
+        (tmp_path / "edited" / "config.json").write_text(json.dumps(dict(config, **edit)))
+        assert_user_error(raised(moebert.load, tmp_path / "edited"), BadFile, ValueError, "edited/config.json", phrase)
     weights = tmp_path / "moe" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # cut short, as by a full disk
     assert_user_error(raised(moebert.MoEBertForSequenceClassification.from_pretrained, tmp_path / "moe"),

@@ -196,6 +196,30 @@ def test_teacher_that_does_not_fit_is_refused(tiny_run, tmp_path):
     (short / "vocab.txt").write_text("".join(f"{w}\n" for w in open(os.path.join(GOOGLE_TINY, "vocab.txt")).read().split()[:50]))
     with pytest.raises(common.UserError, match="vocab.txt has 50 tokens but the model has 99"):
         run(short)
+    with pytest.raises(common.UserError, match="moebert is a MoEBERT .* not a dense teacher; pass the teacher folder"):
+        run(tiny_run["out"] / "moebert")  # a run's student, passed for its teacher
+
+
+def test_a_vocabulary_larger_than_the_models_embeddings_is_refused(tiny_run, tmp_path):
+    """A --bert folder whose vocab.txt is another model's: its ids would index past the embedding table."""
+    train, args = tiny_run["train"], tiny_run["args"]
+    shutil.copytree(tiny_run["root"] / "bert", tmp_path / "bert")
+    with open(tmp_path / "bert" / "vocab.txt", "a") as f:
+        f.write("".join(f"extra{i}\n" for i in range(50)))
+    with pytest.raises(common.UserError, match="vocab.txt has 149 tokens, the model's embeddings 99"):
+        train.main(args + ["--bert", str(tmp_path / "bert"), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("device,phrase", [
+    ("tpu", r"--device 'tpu' is not a device; use cpu, cuda or cuda:N"),
+    ("mps", r"--device mps: this code runs on cpu or cuda"),
+    ("cuda:99", r"--device cuda:99: " + (r"this machine has \d GPU" if torch.cuda.is_available() else r".*; use --device cpu"))])
+def test_a_device_this_machine_lacks_is_refused_before_any_work(tmp_path, device, phrase):
+    import train
+    with pytest.raises(common.UserError, match=phrase):
+        train.main(["--task", "rte", "--device", device, "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 def test_interrupted_stage_is_redone_cleanly(tiny_run, tmp_path, capsys):
