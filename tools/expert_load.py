@@ -18,6 +18,7 @@ import torch  # noqa: E402
 import data  # noqa: E402
 import moebert  # noqa: E402
 import weights  # noqa: E402
+from common import UserError  # noqa: E402
 
 
 def expert_shares(model, batches):
@@ -70,4 +71,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # a folder that is no finished MoEBERT, a missing dev.tsv: one line, as train.py
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
