@@ -302,12 +302,12 @@ class MoEBert:
             raise BadFile(f"{folder} holds a MoEBERT with a {head} head, not {cls.head}; load it with "
                           f"{MOE_BY_HEAD[head].__name__}.from_pretrained or moebert.load")
         moe, args = MoEConfig.from_dict(d["moe"], path), [d.get(k) for k in cls.head_args]  # num_labels
-        try:
+        try:  # sizes that cannot form experts, an unknown route
             moe.check(config.intermediate_size)
-            if not all(isinstance(a, int) and a >= 1 for a in args):
-                raise ValueError(f"{', '.join(cls.head_args)} must be a whole number of at least 1")
         except ValueError as e:
             raise BadFile(f"{path}: {e}; restore it or pass the moebert folder of a finished run") from None
+        if not all(isinstance(a, int) and a >= 1 for a in args):
+            raise BadFile(f"{path}: num_labels must be a whole number of at least 1; restore it")
         model = cls(config, moe, *args)
         try:
             model.load_state_dict(read_checkpoint(folder), strict=True)
