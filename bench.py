@@ -156,7 +156,7 @@ def inference(args, cfg, device, autocast):
     is replayed from a CUDA graph."""
     student = f"{args.student_layers}-layer"
     moes = (*moebert.ROUTES, "unrouted")  # every route, and hash-random's experts without routing
-    if device.type in experts.GROUPED_DEVICES and not args.cuda_graphs:
+    if experts.grouped_on(device) and not args.cuda_graphs:
         moes += ("host-sized",)  # hash-random as it ran before the grouped path (no graph: it syncs)
     models, moe_cfg = inference_models(cfg, device, ["dense", "quarter-FFN", student, *moes], args.student_layers)
     rows = []

@@ -18,6 +18,17 @@ SMALL_BATCH, PADDING = 256, 1.3
 # which on a GPU stalls the queue once a layer). torch's grouped matmul takes bf16; on CPU it loops.
 GROUPED_DEVICES = ("cuda",)
 GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)  # torch >= 2.8
+# torch has a grouped kernel for CUDA compute capability 9.x and 10.x (H100, H200, B200) alone; on other
+# GPUs (A100, L4, RTX 50xx) its grouped matmul loops over the experts, reading the offsets back.
+GROUPED_CUDA_MAJORS = (9, 10)
+
+
+def grouped_on(device):
+    """Whether torch's grouped matmul runs on `device` without waiting for it (in bf16)."""
+    device = torch.device(device)
+    if GROUPED_MM is None or device.type not in GROUPED_DEVICES:
+        return False
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] in GROUPED_CUDA_MAJORS
 
 
 class Experts(nn.Module):
@@ -69,9 +80,9 @@ class Experts(nn.Module):
     def grouped_dtype(self, x):
         """bf16 where the grouped path can run x (autocast's dtype, else x's), else None: grouped
         matmuls take bf16, with rows of a multiple of 16 bytes."""
-        device = x.device.type
-        if GROUPED_MM is None or device not in GROUPED_DEVICES:
+        if not grouped_on(x.device):
             return None
+        device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         H, E = self.intermediate_weight.shape[1:]
         return dtype if dtype == torch.bfloat16 and H % 8 == 0 and E % 8 == 0 else None

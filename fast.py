@@ -18,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bert import PAD_LOGIT
-from experts import GROUPED_DEVICES, GROUPED_MM, sort_by_expert
+from experts import GROUPED_MM, grouped_on, sort_by_expert
 
 
 def bucket(n, sizes):
@@ -49,8 +49,8 @@ class FastInference:
         self.captured = {}  # (batch, length) -> (graph, static inputs, static output)
 
     def can_group(self, dtype):
-        """Where torch's grouped matmul runs on the device itself: CUDA from compute capability 9.0 in
-        bf16 (below, torch loops on the host), the CPU in fp32; rows of a multiple of 16 bytes."""
+        """Where torch's grouped matmul runs on the device itself: CUDA where experts.grouped_on says, in
+        bf16 (elsewhere torch loops on the host), the CPU in fp32; rows of a multiple of 16 bytes."""
         if GROUPED_MM is None or self.moe is None:
             return False
         H, E = self.layers[0].moe.experts.intermediate_weight.shape[1:]
@@ -58,8 +58,7 @@ class FastInference:
             return False
         if self.device.type == "cpu":
             return dtype == torch.float32
-        return (self.device.type in GROUPED_DEVICES and torch.cuda.get_device_capability(self.device) >= (9, 0)
-                and dtype == torch.bfloat16)
+        return grouped_on(self.device) and dtype == torch.bfloat16
 
     @torch.inference_mode()
     def __call__(self, input_ids, token_type_ids, attention_mask):

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 
+import experts
 import moebert
 from bert import BertForQuestionAnswering, BertForSequenceClassification
 from fast import FastInference, Reads, bucket
@@ -147,3 +148,18 @@ def test_cuda_graph_of_a_gate_route_replays_as_eager(route):
     for seed in range(3):
         ids, types, mask = (t.cuda() for t in padded_batch(4, 32, seed=seed))
         assert_close(graphed(ids, types, mask).float(), eager(ids, types, mask).float(), 1e-2, f"{route}, seed {seed}")
+
+
+@pytest.mark.skipif(experts.GROUPED_MM is None, reason=f"torch {torch.__version__} has no grouped matmul")
+@pytest.mark.parametrize("capability, grouped", [((8, 0), False), ((9, 0), True), ((10, 0), True), ((12, 0), False)])
+def test_grouped_only_on_gpus_with_torchs_grouped_kernel(capability, grouped, monkeypatch):
+    """On CUDA the fast path groups in bf16 where experts.grouped_on says (capability 9.x and 10.x),
+    else it runs every expert: torch's grouped matmul would read its offsets back there. Nothing runs
+    on a GPU here: the decision alone, with the capability and the model's device stood in."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    moe = moebert.moebert_from_dense(tiny_model(num_labels=3), torch.rand(3, 37),
+                                     MoEConfig(num_experts=3, expert_dim=16, shared_dim=8))  # rows of 32 bytes in bf16
+    fast = FastInference(moe, dtype=torch.bfloat16, graphs=False)
+    assert not fast.grouped  # on the CPU, bf16: no
+    fast.device = torch.device("cuda")
+    assert fast.can_group(torch.bfloat16) == grouped and not fast.can_group(torch.float32)

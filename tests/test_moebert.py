@@ -524,7 +524,8 @@ def cuda_sync_debug(mode):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
-@NEEDS_GROUPED_MM
+@pytest.mark.skipif(torch.cuda.is_available() and not experts_py.grouped_on("cuda"),
+                    reason="this GPU has no grouped kernel in torch: its grouped matmul reads the offsets back")
 @pytest.mark.parametrize("route", moebert.ROUTES)
 def test_moebert_forward_on_cuda_never_waits_for_the_device(route):
     """On CUDA in bf16 (the grouped path), a MoEBERT forward without an attention_mask reads nothing
@@ -573,6 +574,19 @@ def test_grouped_path_only_where_it_can_run(monkeypatch):
     assert big.grouped_dtype(x.bfloat16()) == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert big.grouped_dtype(x) == torch.bfloat16 and small.grouped_dtype(x) is None  # 11 wide
+
+
+@NEEDS_GROUPED_MM
+@pytest.mark.parametrize("capability, grouped", [((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True),
+                                                 ((12, 0), False)])
+def test_grouped_path_only_on_gpus_with_torchs_grouped_kernel(capability, grouped, monkeypatch):
+    """torch's grouped matmul has its own kernel (no host read) on compute capability 9.x and 10.x
+    alone; elsewhere it loops over the groups on the host (torch's GroupedBlas.cpp), so on an A100 or
+    an RTX 50xx the experts take their other paths (and fast.py its every-expert path: test_fast.py)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert experts_py.grouped_on(torch.device("cuda")) == grouped
+    assert experts_py.grouped_on("cuda:0") == grouped
+    assert not experts_py.grouped_on("cpu")  # the CPU is not a grouped device by default
 
 
 # ----------------------------------------------------------------------------------------------
