@@ -16,10 +16,13 @@ from helpers import assert_close, tiny_model, tiny_qa
 CFG = MoEConfig(num_experts=3, expert_dim=12, shared_dim=4)  # rows of 48 bytes in fp32: grouped matmuls take them
 
 
-def moe_model(cls=BertForSequenceClassification, table=None, seed=0):
+CFG16 = MoEConfig(num_experts=3, expert_dim=16, shared_dim=8)  # rows of 32 bytes in bf16: grouped on a GPU too
+
+
+def moe_model(cls=BertForSequenceClassification, table=None, seed=0, cfg=CFG):
     """A tiny MoEBERT (hidden 32, FFN 37, 3 experts of 12) of either head; `table`: every layer's hash table."""
     dense = tiny_model(num_labels=3, seed=seed) if cls is BertForSequenceClassification else tiny_qa(seed)
-    moe = moebert.moebert_from_dense(dense, torch.rand(3, 37), CFG).eval()
+    moe = moebert.moebert_from_dense(dense, torch.rand(3, 37), cfg).eval()
     if table is not None:
         for layer in moe.bert.encoder.layer:
             layer.moe.hash_table.copy_(table(layer.moe.hash_table))
@@ -91,10 +94,10 @@ def test_buckets():
     assert [bucket(n, FastInference.LENGTHS) for n in (1, 33, 128, 600)] == [32, 64, 128, 1024]
 
 
-def gated_model(cls, route):
+def gated_model(cls, route, cfg=CFG):
     """A tiny MoEBERT with a gate route, its gates spreading the tokens over the experts."""
     dense = tiny_model(num_labels=3) if cls is BertForSequenceClassification else tiny_qa()
-    moe = moebert.moebert_from_dense(dense, torch.rand(3, 37), dataclasses.replace(CFG, route=route)).eval()
+    moe = moebert.moebert_from_dense(dense, torch.rand(3, 37), dataclasses.replace(cfg, route=route)).eval()
     for layer in moe.bert.encoder.layer:
         torch.nn.init.normal_(layer.moe.gate.weight, std=1.0)
     return moe
@@ -124,12 +127,14 @@ def test_gate_routes_through_the_fast_path(route, cls, path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 @pytest.mark.parametrize("cls", [BertForSequenceClassification, BertForQuestionAnswering])
-def test_cuda_graph_replays_new_inputs_as_eager(cls):
+@pytest.mark.parametrize("width", [12, 16])  # experts of 12 run every expert in bf16; of 16, grouped where it can
+def test_cuda_graph_replays_new_inputs_as_eager(cls, width):
     """bf16 on the GPU: the graph of a bucket, replayed on inputs it was not captured with (and of
     another size in the same bucket), against the same fast path run eagerly."""
-    model = moe_model(cls).cuda()
+    model = moe_model(cls, cfg=CFG if width == 12 else CFG16).cuda()
     graphed = FastInference(model, graphs=True)
     eager = FastInference(model, graphs=False)
+    assert graphed.grouped == eager.grouped == (width == 16 and experts.grouped_on("cuda"))
     for seed, (B, T) in enumerate([(4, 13), (3, 9), (4, 13)]):
         ids, types, mask = (t.cuda() for t in padded_batch(B, T, seed=seed))
         a, b = graphed(ids, types, mask).float(), eager(ids, types, mask).float()
@@ -140,10 +145,11 @@ def test_cuda_graph_replays_new_inputs_as_eager(cls):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 @pytest.mark.parametrize("route", ["gate-token", "gate-sentence"])
-def test_cuda_graph_of_a_gate_route_replays_as_eager(route):
+@pytest.mark.parametrize("width", [12, 16])  # every expert; grouped where it can
+def test_cuda_graph_of_a_gate_route_replays_as_eager(route, width):
     """A gate route's graph (a gate and a sort in every layer) on new inputs of its bucket's own size:
     the same kernels as eager, so no bf16 rounding can move a token to another expert."""
-    model = gated_model(BertForSequenceClassification, route).cuda()
+    model = gated_model(BertForSequenceClassification, route, CFG if width == 12 else CFG16).cuda()
     graphed, eager = FastInference(model, graphs=True), FastInference(model, graphs=False)
     for seed in range(3):
         ids, types, mask = (t.cuda() for t in padded_batch(4, 32, seed=seed))
@@ -157,9 +163,7 @@ def test_grouped_only_on_gpus_with_torchs_grouped_kernel(capability, grouped, mo
     else it runs every expert: torch's grouped matmul would read its offsets back there. Nothing runs
     on a GPU here: the decision alone, with the capability and the model's device stood in."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    moe = moebert.moebert_from_dense(tiny_model(num_labels=3), torch.rand(3, 37),
-                                     MoEConfig(num_experts=3, expert_dim=16, shared_dim=8))  # rows of 32 bytes in bf16
-    fast = FastInference(moe, dtype=torch.bfloat16, graphs=False)
+    fast = FastInference(moe_model(cfg=CFG16), dtype=torch.bfloat16, graphs=False)
     assert not fast.grouped  # on the CPU, bf16: no
     fast.device = torch.device("cuda")
     assert fast.can_group(torch.bfloat16) == grouped and not fast.can_group(torch.float32)
