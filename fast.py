@@ -44,6 +44,8 @@ class FastInference:
         self.hash = self.moe is not None and self.moe.route.startswith("hash")
         if self.hash:  # [layers, vocab]: each token's expert in each layer
             self.tables = torch.stack([layer.moe.hash_table for layer in self.layers])
+        if self.moe is not None:  # each layer's [N, E + 3H]: its experts' vectors side by side, one gather a layer
+            self.vectors = [torch.cat(layer.moe.experts.vectors(), dim=1) for layer in self.layers]
         self.grouped = self.can_group(dtype) if grouped is None else grouped
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         self.captured = {}  # (batch, length) -> (graph, static inputs, static output)
@@ -111,7 +113,12 @@ class FastInference:
                 expert, row = e[None], 0
                 route = sort_by_expert(expert, self.moe.num_experts) if self.grouped else None
             x, experts = x.view(B * T, H), layer.moe.experts
-            x = experts.grouped_ffn(x, *route, x.dtype, row) if self.grouped else every_expert(experts, x, expert[row])
+            if self.grouped:
+                order, e_sorted, offs = (t[row] for t in route)
+                rows = self.vectors[l].index_select(0, e_sorted).split([v.size(1) for v in experts.vectors()], 1)
+                x = experts.grouped_ffn(x, order, offs, rows, x.dtype)
+            else:
+                x = every_expert(experts, x, expert[row])
             x = (x if prob is None else x * prob[:, None]).view(B, T, H)
         if self.model.head == "qa":
             return self.model.qa_outputs(x).masked_fill(attention_mask[..., None] == 0, PAD_LOGIT)  # [B, T, 2]
