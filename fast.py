@@ -12,6 +12,7 @@
 - On CUDA, a CUDA graph per (batch, length) bucket replays the whole forward: inputs are padded up to
   the bucket, so a few graphs serve every batch.
 """
+import collections
 import copy
 
 import torch
@@ -134,11 +135,12 @@ def every_expert(experts, x, expert):  # [n, H], [n] -> [n, H]
 
 class Reads(TorchDispatchMode):
     """with Reads() as r: ... counts what reads a tensor back to the host (item, bool, nonzero, copies
-    from a GPU to the CPU) in r.reads, and the sorts in r.sorts: what a forward here must not do, and do once."""
+    from a GPU to the CPU) in r.reads, and the sorts in r.sorts: what a forward here must not do, and do once.
+    r.ops counts every op by name."""
 
     def __init__(self):
         super().__init__()
-        self.reads, self.sorts = [], 0
+        self.reads, self.sorts, self.ops = [], 0, collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
@@ -148,4 +150,5 @@ class Reads(TorchDispatchMode):
         if name in ("_local_scalar_dense", "nonzero", "bincount", "_unique2") or to_host:
             self.reads.append(name)
         self.sorts += name in ("sort", "argsort")
+        self.ops[name] += 1
         return func(*args, **(kwargs or {}))

@@ -10,8 +10,9 @@ graphed, against the readable model in fp32, a graph replayed on new inputs, no 
 one sort a forward); then dense BERT, the quarter-FFN model (the cap: MoEBERT with free routing) and
 MoEBERT hash-random, each eager and graphed, at batch 1, 32 and 128, sequence 128: CUDA-event timing,
 the models alternating, the median of the repeats. Targets (graphed): MoEBERT >= 1.0x dense at batch
-1, >= 1.35x at 32, >= 1.6x at 128; >= 90% of the cap from batch 32. Last, the CUDA tests of fast.py
-and the experts (pytest, its output in $OUT/pytest.txt).
+1, >= 1.35x at 32, >= 1.6x at 128; >= 90% of the cap from batch 32. Then the kernels one eager forward
+of each launches at batch 32 (torch.profiler: how many, and which take the time). Last, the CUDA tests
+of fast.py and the experts (pytest, its output in $OUT/pytest.txt).
 """
 import argparse
 import json
@@ -94,6 +95,7 @@ def main():
     for B in batches:
         guarded("speed", lambda: timings(models, fast, cfg, B, T, calls, dtype, device, dry, args.repeats, speed,
                                          save))
+    guarded("kernels", lambda: kernels(fast, cfg, batches[1], T, device, save))
     guarded("pytest", lambda: cuda_tests(out_dir, save))  # on a CPU they skip, but for the grouped ones
     print(f"results in {out}")
 
@@ -153,6 +155,33 @@ def timings(models, fast, cfg, B, T, calls, dtype, device, dry, repeats, speed, 
             B < 32 or row["share_of_cap_graphed"] >= CAP_SHARE)
     speed[f"batch {B}"] = row
     save("speed", speed)
+
+
+def kernels(fast, cfg, B, T, device, save):
+    """What one eager forward of each model launches at batch B: the GPU's kernels (on a CPU, the
+    top-level ops), their number, and the 10 that take the most time, with launches and microseconds."""
+    from torch.profiler import ProfilerActivity, profile
+    b = bench.random_batch(cfg, B, T, device)
+    inputs = (b["input_ids"], b["token_type_ids"], b["attention_mask"])
+    cuda = device.type == "cuda"
+    found = {}
+    for name, run in fast.items():
+        run(*inputs)  # warm-up
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            run(*inputs)
+            if cuda:
+                torch.cuda.synchronize()
+        events = [e for e in prof.events() if (e.device_type == torch.autograd.DeviceType.CUDA if cuda
+                                                else e.cpu_parent is None)]
+        by_name = {}
+        for e in events:
+            n_us = by_name.setdefault(e.name[:120], [0, 0.0])
+            n_us[0] += 1
+            n_us[1] += e.time_range.elapsed_us()
+        top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:10]
+        found[name] = {"launches": len(events), "us": round(sum(v[1] for v in by_name.values()), 1),
+                       "top": [[k, v[0], round(v[1], 1)] for k, v in top]}
+    save("kernels", {"batch": B, "length": T, "models": found})
 
 
 def cuda_tests(out_dir, save):
