@@ -126,6 +126,17 @@ def inference_models(cfg, device, names, student_layers):
     return models, moe_cfg
 
 
+def jitter(model, seed=0):
+    """Every bias and LayerNorm moved off its init (zeros, ones), each expert's its own way, in place:
+    checks of a fast path on fresh models would not see a bias it dropped or gave to the wrong expert."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "bias" in name or "LayerNorm" in name:
+                p.add_(torch.randn(p.shape, generator=g).to(p.device) * 0.2)
+    return model
+
+
 def forward_fn(model, batch, autocast, mask=True):
     """One forward, as run(). mask=False: no attention_mask (the batches have no padding), so that
     BertModel does not read the mask back to see whether anything is padded (a CUDA graph cannot)."""

@@ -87,24 +87,18 @@ class Experts(nn.Module):
         H, E = self.intermediate_weight.shape[1:]
         return dtype if dtype == torch.bfloat16 and H % 8 == 0 and E % 8 == 0 else None
 
-    def vectors(self):
-        """b1, b2 and the LayerNorm's weight and bias, [N, D] each: what the grouped path gathers per row."""
-        return self.intermediate_bias, self.output_bias, self.LayerNorm_weight, self.LayerNorm_bias
-
     def grouped(self, x, expert, dtype):  # [n, H], [n] -> [n, H]
         """Every expert at once, one grouped matmul per weight over the tokens sorted by expert:
         expert e multiplies rows offs[e-1]:offs[e]. All on the device, with no host sync."""
         order, e_sorted, offs = (t[0] for t in sort_by_expert(expert[None], len(self.intermediate_weight)))
-        return self.grouped_ffn(x, order, offs, [v.index_select(0, e_sorted) for v in self.vectors()], dtype)
-
-    def grouped_ffn(self, x, order, offs, rows, dtype):  # [n, H] -> [n, H]
-        """grouped's matmuls, given the sort (sort_by_expert's order and offsets) and `rows`: vectors()
-        of each sorted row's expert ([n, D] each; fast.py gathers all four in one index)."""
-        b1, b2, ln_w, ln_b = rows
         xs = x.index_select(0, order)  # [n, H]
-        h = self.act(GROUPED_MM(xs.to(dtype), self.intermediate_weight.to(dtype), offs=offs) + b1)  # [n, E]
-        y = self.dropout(GROUPED_MM(h.to(dtype), self.output_weight.to(dtype), offs=offs) + b2) + xs  # [n, H]
-        y = torch.addcmul(ln_b, F.layer_norm(y, y.shape[-1:], eps=self.eps), ln_w)
+        rows = lambda v: v.index_select(0, e_sorted)  # [N, D] -> [n, D]: each row its expert's vector
+        h = self.act(GROUPED_MM(xs.to(dtype), self.intermediate_weight.to(dtype), offs=offs)
+                     + rows(self.intermediate_bias))  # [n, E]
+        y = self.dropout(GROUPED_MM(h.to(dtype), self.output_weight.to(dtype), offs=offs)
+                         + rows(self.output_bias)) + xs  # [n, H]
+        y = torch.addcmul(rows(self.LayerNorm_bias), F.layer_norm(y, y.shape[-1:], eps=self.eps),
+                          rows(self.LayerNorm_weight))
         return torch.empty_like(x).index_copy_(0, order, y.to(x.dtype))
 
     def forward(self, x, expert):  # [n, H], [n] -> [n, H]

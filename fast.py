@@ -5,8 +5,9 @@
 - Hash routing depends on the token ids alone, so every layer's experts are found once per forward,
   from the layers' tables stacked [layers, vocab], with one sort for all layers (experts.sort_by_expert).
   Gate routes depend on each layer's input: one sort a layer, and no load-balance loss (inference).
-- Each expert weight is one grouped matmul where torch has one for the device; elsewhere every expert
-  runs on every token and each token keeps its own (the dense FFN's cost, and still no host read).
+- Each expert weight is one grouped matmul where torch has one for the device, its bias folded into
+  it (fold_biases); elsewhere every expert runs on every token and each token keeps its own (the
+  dense FFN's cost, and still no host read).
 - Nothing is read back to the host: the padding mask is always applied (the reference checks on the
   host whether anything is padded), sizes never leave the device.
 - On CUDA, a CUDA graph per (batch, length) bucket replays the whole forward: inputs are padded up to
@@ -16,6 +17,7 @@ import collections
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bert import PAD_LOGIT
@@ -45,9 +47,9 @@ class FastInference:
         self.hash = self.moe is not None and self.moe.route.startswith("hash")
         if self.hash:  # [layers, vocab]: each token's expert in each layer
             self.tables = torch.stack([layer.moe.hash_table for layer in self.layers])
-        if self.moe is not None:  # each layer's [N, E + 3H]: its experts' vectors side by side, one gather a layer
-            self.vectors = [torch.cat(layer.moe.experts.vectors(), dim=1) for layer in self.layers]
         self.grouped = self.can_group(dtype) if grouped is None else grouped
+        if self.grouped:  # each layer's weights with their biases folded in, and its LayerNorms side by side
+            self.folded = [fold_biases(layer.moe.experts) for layer in self.layers]
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         self.captured = {}  # (batch, length) -> (graph, static inputs, static output)
 
@@ -115,15 +117,45 @@ class FastInference:
                 route = sort_by_expert(expert, self.moe.num_experts) if self.grouped else None
             x, experts = x.view(B * T, H), layer.moe.experts
             if self.grouped:
-                order, e_sorted, offs = (t[row] for t in route)
-                rows = self.vectors[l].index_select(0, e_sorted).split([v.size(1) for v in experts.vectors()], 1)
-                x = experts.grouped_ffn(x, order, offs, rows, x.dtype)
+                x = grouped_ffn(experts, x, *(t[row] for t in route), *self.folded[l])
             else:
                 x = every_expert(experts, x, expert[row])
             x = (x if prob is None else x * prob[:, None]).view(B, T, H)
         if self.model.head == "qa":
             return self.model.qa_outputs(x).masked_fill(attention_mask[..., None] == 0, PAD_LOGIT)  # [B, T, 2]
         return self.model.classifier(bert.pooler(x))  # [B, num_labels]
+
+
+# The grouped matmuls take no bias: each is folded in as one more input row, fed by an input of one
+# (x gets PAD columns of ones; 8 keep bf16 rows a multiple of 16 bytes). b2 rides on a hidden unit
+# fixed at act(ONE) = ONE (exact for every BERT activation), so no per-row bias is gathered or added.
+PAD, ONE = 8, 32.0
+
+
+def fold_biases(experts):
+    """W1' [N, H+PAD, E+PAD]: W1 with b1 as row H, and ONE in row H of column E (that unit's input);
+    W2' [N, E+PAD, H]: W2 with b2 / ONE as row E; each expert's LayerNorm weight and bias, [N, 2H]."""
+    w1, b1, w2, b2, ln_w, ln_b = (p.detach() for p in experts.weights(batched=True))  # vectors [N, 1, D]
+    N, H, E = w1.shape
+    one = torch.tensor(ONE, dtype=w1.dtype)
+    if not torch.equal(experts.act(one), one):
+        raise ValueError(f"fold_biases needs act({ONE}) == {ONE}")
+    W1 = w1.new_zeros(N, H + PAD, E + PAD)
+    W1[:, :H, :E], W1[:, H:H + 1, :E], W1[:, H, E] = w1, b1, ONE
+    W2 = w2.new_zeros(N, E + PAD, H)
+    W2[:, :E], W2[:, E:E + 1] = w2, b2 / ONE
+    return W1, W2, torch.cat([ln_w, ln_b], dim=2)[:, 0]
+
+
+def grouped_ffn(experts, x, order, e_sorted, offs, W1, W2, ln):  # [n, H] -> [n, H]
+    """Experts.grouped with the biases folded in (fold_biases), given the sort (sort_by_expert's row)."""
+    H = x.size(1)
+    xs = F.pad(x, (0, PAD), value=1.0).index_select(0, order)  # [n, H+PAD]: by expert, ones after
+    h = experts.act(GROUPED_MM(xs, W1, offs=offs))  # [n, E+PAD]: x W1 + b1, and unit E at ONE
+    y = GROUPED_MM(h, W2, offs=offs) + xs[:, :H]  # [n, H]: + b2, + the residual
+    ln_w, ln_b = ln.index_select(0, e_sorted).chunk(2, dim=1)  # [n, H] each: each row its expert's
+    y = torch.addcmul(ln_b, F.layer_norm(y, (H,), eps=experts.eps), ln_w)
+    return torch.empty_like(x).index_copy_(0, order, y)
 
 
 def every_expert(experts, x, expert):  # [n, H], [n] -> [n, H]

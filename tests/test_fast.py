@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import experts
+import fast as fast_py
 import moebert
+from bench import jitter
 from bert import BertForQuestionAnswering, BertForSequenceClassification
 from fast import FastInference, Reads, bucket
 from moebert import MoEConfig
@@ -20,9 +22,10 @@ CFG16 = MoEConfig(num_experts=3, expert_dim=16, shared_dim=8)  # rows of 32 byte
 
 
 def moe_model(cls=BertForSequenceClassification, table=None, seed=0, cfg=CFG):
-    """A tiny MoEBERT (hidden 32, FFN 37, 3 experts of 12) of either head; `table`: every layer's hash table."""
+    """A tiny MoEBERT (hidden 32, FFN 37, 3 experts of 12) of either head, its biases and LayerNorms
+    jittered; `table`: every layer's hash table."""
     dense = tiny_model(num_labels=3, seed=seed) if cls is BertForSequenceClassification else tiny_qa(seed)
-    moe = moebert.moebert_from_dense(dense, torch.rand(3, 37), cfg).eval()
+    moe = jitter(moebert.moebert_from_dense(dense, torch.rand(3, 37), cfg).eval(), seed)
     if table is not None:
         for layer in moe.bert.encoder.layer:
             layer.moe.hash_table.copy_(table(layer.moe.hash_table))
@@ -42,16 +45,25 @@ TABLES = {"hash-random": None, "one expert takes every token": lambda t: torch.z
           "an idle expert": lambda t: t % 2}
 
 
+def loop_grouped_mm(a, b, offs):  # [n, K], [N, K, M] -> [n, M]
+    """The grouped matmul by its definition, in any dtype: rows offs[e-1]:offs[e] of a times b[e]."""
+    ends = offs.tolist()
+    return torch.cat([a[s:e] @ b[g] for g, (s, e) in enumerate(zip([0] + ends[:-1], ends))])
+
+
 @pytest.mark.parametrize("table", TABLES)
 @pytest.mark.parametrize("cls", [BertForSequenceClassification, BertForQuestionAnswering])
-@pytest.mark.parametrize("path", ["every expert (fp64)", "grouped (fp32)"])
-def test_fast_path_equals_the_reference(table, cls, path):
-    """Per token (QA's logits are per token) and per example, against the model's own forward in fp64."""
+@pytest.mark.parametrize("path", ["every expert (fp64)", "grouped (fp32)", "grouped, torch's matmul a loop (fp64)"])
+def test_fast_path_equals_the_reference(table, cls, path, monkeypatch):
+    """Per token (QA's logits are per token) and per example, against the model's own forward in fp64.
+    torch's grouped matmul takes no fp64: a loop stands in for it to check the folded biases exactly."""
     model = moe_model(cls, TABLES[table])
     ids, types, mask = padded_batch()
     with torch.no_grad():
         ref = model.double()(ids, types, mask).logits
-    dtype, grouped = (torch.float64, False) if path.startswith("every") else (torch.float32, True)
+    dtype, grouped = (torch.float32, True) if "fp32" in path else (torch.float64, path.startswith("grouped"))
+    if "loop" in path:
+        monkeypatch.setattr(fast_py, "GROUPED_MM", loop_grouped_mm)
     fast = FastInference(model, dtype=dtype, grouped=grouped)(ids, types, mask)
     real = (mask[..., None] == 1).expand_as(ref) if ref.dim() == 3 else torch.ones_like(ref, dtype=torch.bool)
     assert_close(fast[real].double(), ref[real], 1e-12 if dtype == torch.float64 else 2e-5, f"{path}, {table}")
@@ -60,7 +72,7 @@ def test_fast_path_equals_the_reference(table, cls, path):
 
 
 def test_dense_bert_through_the_fast_path_is_its_forward():
-    model = tiny_model(num_labels=3).eval()
+    model = jitter(tiny_model(num_labels=3).eval())
     ids, types, mask = padded_batch()
     with torch.no_grad():
         ref = model.double()(ids, types, mask).logits
@@ -102,7 +114,7 @@ def gated_model(cls, route, cfg=CFG):
     moe = moebert.moebert_from_dense(dense, torch.rand(3, 37), dataclasses.replace(cfg, route=route)).eval()
     for layer in moe.bert.encoder.layer:
         torch.nn.init.normal_(layer.moe.gate.weight, std=1.0)
-    return moe
+    return jitter(moe)
 
 
 @pytest.mark.parametrize("route", ["gate-token", "gate-sentence"])
