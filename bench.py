@@ -39,7 +39,7 @@ from bert import BertConfig, BertForSequenceClassification
 from common import UserError
 from fast import FastInference
 from moebert import MoEConfig, moebert_from_dense
-from runtime import check_device, keep_freed_memory
+from runtime import COUNT, POSITIVE, check_device, keep_freed_memory
 
 
 def timeit(fn, device, min_seconds, warmup=1):
@@ -555,43 +555,40 @@ def machine(device):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16 autocast)")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per example, no padding")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 128], help="inference batch sizes")
-    p.add_argument("--importance-batch", type=int, default=16, help="examples in the importance batch")
-    p.add_argument("--train-batch", type=int, default=32, help="batch of the training steps")
-    p.add_argument("--min-seconds", type=float, default=3.0, help="time each measurement at least this long")
-    p.add_argument("--repeats", type=int, default=2, help="alternating repeats of the inference measurements")
+    p.add_argument("--threads", type=COUNT, default=2, help="CPU threads")
+    p.add_argument("--seq-len", type=COUNT, default=128, help="tokens per example, no padding")
+    p.add_argument("--batch-sizes", type=COUNT, nargs="+", default=[1, 8, 32, 128], help="inference batch sizes")
+    p.add_argument("--importance-batch", type=COUNT, default=16, help="examples in the importance batch")
+    p.add_argument("--train-batch", type=COUNT, default=32, help="batch of the training steps")
+    p.add_argument("--min-seconds", type=POSITIVE, default=3.0, help="time each measurement at least this long")
+    p.add_argument("--repeats", type=COUNT, default=2, help="alternating repeats of the inference measurements")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="time inference as CUDA graph replays: the GPU's work without the host's launching")
     p.add_argument("--fast", action="store_true", help="inference through fast.py (bf16 weights on CUDA, fp32 on "
                    "CPU; its own graphs with --cuda-graphs) for dense BERT and every route")
-    p.add_argument("--train-repeats", type=int, default=4, help="alternating repeats of the training steps")
-    p.add_argument("--student-layers", type=int, help="layers of the shallow dense student (default: half, 6)")
-    p.add_argument("--profile-batch", type=int, nargs="+", default=[1, 8], help="batch sizes of the profile")
+    p.add_argument("--train-repeats", type=COUNT, default=4, help="alternating repeats of the training steps")
+    p.add_argument("--student-layers", type=COUNT, help="layers of the shallow dense student (default: half, 6)")
+    p.add_argument("--profile-batch", type=COUNT, nargs="+", default=[1, 8], help="batch sizes of the profile")
     p.add_argument("--profile-route", default="hash-random", choices=moebert.ROUTES, help="MoEBERT route profiled")
-    p.add_argument("--profile-iters", type=int, default=10, help="profiled forwards of each model")
-    p.add_argument("--profile-top", type=int, default=12, help="ops listed (in the JSON) by extra time")
-    p.add_argument("--official-examples", type=int,
+    p.add_argument("--profile-iters", type=COUNT, default=10, help="profiled forwards of each model")
+    p.add_argument("--profile-top", type=COUNT, default=12, help="ops listed (in the JSON) by extra time")
+    p.add_argument("--official-examples", type=COUNT,
                    help="time the official importance loop on this many examples of the batch and scale "
                         "linearly (default: all, no scaling)")
     parts = ["inference", "profile", "importance", "training", "checkpoint"]
     p.add_argument("--only", nargs="+", choices=parts, default=parts, help="run only these parts")
-    p.add_argument("--save-every", type=int, default=2000, help="checkpoint interval (steps) for the share of a stage")
+    p.add_argument("--save-every", type=COUNT, default=2000, help="checkpoint interval (steps) for the share of a stage")
     p.add_argument("--quick", action="store_true", help="a small 4-layer config, to check the script")
     p.add_argument("--out", default="bench.json", help="where to write the results")
     args = p.parse_args()
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):  # found now, not after the run
+        p.error(f"--out {args.out}: its folder does not exist; make it or pass another path")
     if args.cuda_graphs and args.device != "cuda":
         p.error("--cuda-graphs needs --device cuda")
     try:
         check_device(args.device)  # one error line for a device this machine lacks, not a traceback
     except UserError as e:
         p.error(str(e))
-    device = torch.device(args.device)
-    torch.set_num_threads(args.threads)
-    if device.type == "cpu":  # as train.py does: large activations stop page-faulting, for every model alike
-        args.keep_freed_memory = keep_freed_memory()
-    torch.manual_seed(0)
     cfg = BertConfig()  # BERT-base: 12 layers, 768 wide, FFN 3072, MoE 4 x 768 with 512 shared
     if args.quick:
         cfg = BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
@@ -599,6 +596,15 @@ def main():
         args.profile_iters = min(args.profile_iters, 5)
         args.official_examples = args.official_examples or 4  # exercises the scaled timing; BERT-base: all
     args.student_layers = args.student_layers or cfg.num_hidden_layers // 2
+    if args.seq_len > cfg.max_position_embeddings:
+        p.error(f"--seq-len {args.seq_len}: BERT has {cfg.max_position_embeddings} positions; give at most that")
+    if args.student_layers > cfg.num_hidden_layers:
+        p.error(f"--student-layers {args.student_layers}: the model has {cfg.num_hidden_layers} layers")
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    if device.type == "cpu":  # as train.py does: large activations stop page-faulting, for every model alike
+        args.keep_freed_memory = keep_freed_memory()
+    torch.manual_seed(0)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
     results = {"machine": machine(device), "settings": {
         **vars(args), "config": cfg.to_dict(),

@@ -2,11 +2,13 @@
 resume bit for bit, signals that stop at a step boundary, and stages that are published atomically
 and reused only when made with the same settings.
 """
+import argparse
 import ctypes
 import errno
 import fcntl
 import importlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -84,6 +86,30 @@ def setup_distributed(device):
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     torch.cuda.set_device(device)
     return device
+
+
+def checked(kind, ok, what):
+    """An argparse type: a finite `kind` for which ok(value) holds, else argparse's error (exit 2)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    return parse
+
+
+# What each flag takes, checked before any work (a row longer than the position table, zero epochs or a
+# zero stride would fail, or hang, deep inside the run).
+COUNT = checked(int, lambda v: v >= 1, "a whole number of at least 1")
+COUNT_OR_0 = checked(int, lambda v: v >= 0, "a whole number of at least 0")
+SEED = checked(int, lambda v: 0 <= v < 2**32, "a seed in 0 .. 2^32 - 1")
+POSITIVE = checked(float, lambda v: v > 0, "a number above 0")
+AT_LEAST_0 = checked(float, lambda v: v >= 0, "a number of at least 0")
+FRACTION = checked(float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
+DROPOUT = checked(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
 
 
 def check_device(name):

@@ -35,7 +35,8 @@ import tasks
 from bert import BertConfig
 from common import UserError, atomic_write_json, makedirs, save_safetensors
 from moebert import MoEConfig
-from runtime import autocast, progress, to_device
+from runtime import (AT_LEAST_0, COUNT, COUNT_OR_0, DROPOUT, FRACTION, POSITIVE, SEED, autocast, progress,
+                     to_device)
 from tasks import SQUAD
 from weights import find_config, find_vocab, resolve_pretrained
 
@@ -67,30 +68,6 @@ STUDENTS = ("moebert", "shallow")
 SHALLOW_EVERY = 2  # the shallow student keeps one teacher layer in 2
 # What --eval-only does not take from the run's record (run.json): what and where to run, not how.
 NOT_RECORDED = {"task", "out", "force", "eval_only", "predict", "device", "log_every", "save_every"}
-
-
-def checked(kind, ok, what):
-    """An argparse type: a finite `kind` for which ok(value) holds, else argparse's error (exit 2)."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not math.isfinite(value) or not ok(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
-    return parse
-
-
-# What each flag takes, checked before any work (a row longer than the position table, zero epochs or a
-# zero stride would fail, or hang, deep inside the run).
-COUNT = checked(int, lambda v: v >= 1, "a whole number of at least 1")
-COUNT_OR_0 = checked(int, lambda v: v >= 0, "a whole number of at least 0")
-SEED = checked(int, lambda v: 0 <= v < 2**32, "a seed in 0 .. 2^32 - 1")
-POSITIVE = checked(float, lambda v: v > 0, "a number above 0")
-AT_LEAST_0 = checked(float, lambda v: v >= 0, "a number of at least 0")
-FRACTION = checked(float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
-DROPOUT = checked(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
 
 
 def get_args(argv=None):

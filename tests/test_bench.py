@@ -1,5 +1,5 @@
 """bench.py: the official importance algorithm as it is written (against importance_scores), the
-profile's accounting, and the unrouted experts it times."""
+profile's accounting, the unrouted experts it times, and its flags' checks."""
 import argparse
 
 import pytest
@@ -69,3 +69,22 @@ def test_unrouted_experts_are_the_experts_on_equal_runs_of_tokens(n):
         ex.__class__ = bench.UnroutedExperts
         got = ex(x, in_order[torch.randperm(n)])  # the routing it is given is ignored
     assert_close(got, want, 1e-5, f"{n} tokens")
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--batch-sizes", "8", "0"], "--batch-sizes: '0' is not a whole number of at least 1"),
+    (["--seq-len", "600"], "--seq-len 600: BERT has 512 positions"),
+    (["--min-seconds", "-1"], "--min-seconds: '-1' is not a number above 0"),
+    (["--threads", "0"], "--threads: '0' is not a whole number of at least 1"),
+    (["--quick", "--student-layers", "5"], "--student-layers 5: the model has 4 layers"),
+    (["--out", "no/such/folder/bench.json"], "its folder does not exist"),
+])
+def test_bad_flags_are_one_error_line_before_any_work(argv, says, monkeypatch, capsys, tmp_path):
+    """Each is refused by argparse (exit 2, one 'error:' line) before a model is built or a file written."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["bench.py", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        bench.main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and says in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
