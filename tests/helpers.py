@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import weights
+from bench import jitter
 from bert import BertConfig, BertForQuestionAnswering, BertForSequenceClassification
 from common import UserError
 
@@ -52,8 +53,10 @@ def minilm_dir():
 
 
 def tiny_model(num_labels=3, seed=0, cls=BertForSequenceClassification):
+    """A tiny BERT with its biases and LayerNorms jittered off BERT's init (zeros and ones), so that a
+    bias or LayerNorm dropped or sliced with the wrong neurons changes the numbers the tests compare."""
     torch.manual_seed(seed)
-    return cls(BertConfig(**TINY), num_labels)
+    return jitter(cls(BertConfig(**TINY), num_labels), seed)
 
 
 def random_batch(B=5, T=11, vocab=99, num_labels=3, seed=1):
@@ -141,7 +144,7 @@ def relative_to_scale(actual, expected):
 
 def tiny_qa(seed=0):
     torch.manual_seed(seed)
-    return BertForQuestionAnswering(BertConfig(**TINY))
+    return jitter(BertForQuestionAnswering(BertConfig(**TINY)), seed)
 
 
 def qa_batch(B=5, T=11, seed=1):

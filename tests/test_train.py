@@ -48,7 +48,6 @@ def test_weight_decay_spares_biases_and_layernorms_in_experts_too():
 def test_keep_freed_memory_takes_on_glibc():
     """The allocator settings train.py and bench.py apply on CPU; a no-op without glibc."""
     import platform
-    import train
     assert runtime.keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
 
 
