@@ -81,10 +81,16 @@ class FastInference:
         graph.replay()
         return out[:B, :T] if out.dim() == 3 else out[:B]
 
-    def capture(self, B, T):
-        """A CUDA graph of the forward at batch B and length T, on static input tensors."""
+    def static_inputs(self, B, T):
+        """The graph's input_ids, token_type_ids and attention_mask [B, T]: zeros, each row attending
+        to its first token (an all-masked row would make its softmax NaN)."""
         inputs = [torch.zeros(B, T, dtype=torch.long, device=self.device) for _ in range(3)]
         inputs[2][:, 0] = 1
+        return inputs
+
+    def capture(self, B, T):
+        """A CUDA graph of the forward at batch B and length T, on static input tensors."""
+        inputs = self.static_inputs(B, T)
         stream = torch.cuda.Stream()  # warm-up off the default stream, as torch's graph capture wants
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
