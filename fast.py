@@ -19,6 +19,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from bert import PAD_LOGIT
 from experts import GROUPED_MM, grouped_on, sort_by_expert
@@ -174,11 +175,11 @@ def every_expert(experts, x, expert):  # [n, H], [n] -> [n, H]
 class Reads(TorchDispatchMode):
     """with Reads() as r: ... counts what reads a tensor back to the host (item, bool, nonzero, copies
     from a GPU to the CPU) in r.reads, and the sorts in r.sorts: what a forward here must not do, and do once.
-    r.ops counts every op by name."""
+    r.ops counts every op by name, r.writes those that write memory (on a GPU, each a kernel)."""
 
     def __init__(self):
         super().__init__()
-        self.reads, self.sorts, self.ops = [], 0, collections.Counter()
+        self.reads, self.sorts, self.ops, self.writes = [], 0, collections.Counter(), collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
@@ -189,4 +190,10 @@ class Reads(TorchDispatchMode):
             self.reads.append(name)
         self.sorts += name in ("sort", "argsort")
         self.ops[name] += 1
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        # What writes memory (a new tensor, or in place; not a view, not an allocation alone): a kernel on a GPU.
+        ins = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        if name not in ("empty", "empty_like", "empty_strided") and (name.endswith("_") or any(
+                t.untyped_storage().data_ptr() not in ins for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))):
+            self.writes[name] += 1
+        return out

@@ -207,3 +207,17 @@ def test_grouped_only_on_gpus_with_torchs_grouped_kernel(capability, grouped, mo
     assert not fast.grouped  # on the CPU, bf16: no
     fast.device = torch.device("cuda")
     assert fast.can_group(torch.bfloat16) == grouped and not fast.can_group(torch.float32)
+
+
+def test_reads_counts_what_writes_memory():
+    """Reads.writes, the CPU's stand-in for a GPU's kernel count: a new tensor or an in-place op
+    counts, a view or a bare allocation does not."""
+    x = torch.ones(4, 6)
+    with Reads() as r:
+        y = x.view(6, 4).t()  # views
+        z = torch.empty(3)  # an allocation alone
+        w = x + 1  # a kernel
+        w.add_(x)  # in place: a kernel
+        w.index_select(0, torch.tensor([1, 0]))  # a kernel
+    assert dict(r.writes) == {"add": 1, "add_": 1, "index_select": 1}, dict(r.writes)
+    assert y.shape == (4, 6) and z.shape == (3,)

@@ -161,28 +161,32 @@ def timings(models, fast, cfg, B, T, calls, dtype, device, dry, repeats, speed, 
 
 
 def kernels(fast, cfg, B, T, device, save):
-    """What one eager forward of each model launches at batch B: the GPU's kernels (on a CPU, the
-    top-level ops), their number, and the 10 that take the most time, with launches and microseconds."""
+    """What one eager forward of each model launches at batch B: the GPU's kernels (torch.profiler; on
+    a CPU, the ops that write memory, fast.Reads), their number, and the 10 that take the most time
+    (on a CPU: the most frequent), with launches and microseconds."""
     from torch.profiler import ProfilerActivity, profile
     b = bench.random_batch(cfg, B, T, device)
     inputs = (b["input_ids"], b["token_type_ids"], b["attention_mask"])
-    cuda = device.type == "cuda"
     found = {}
     for name, run in fast.items():
         run(*inputs)  # warm-up
-        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-            run(*inputs)
-            if cuda:
-                torch.cuda.synchronize()
-        events = [e for e in prof.events() if (e.device_type == torch.autograd.DeviceType.CUDA if cuda
-                                                else e.cpu_parent is None)]
         by_name = {}
-        for e in events:
-            n_us = by_name.setdefault(e.name[:120], [0, 0.0])
-            n_us[0] += 1
-            n_us[1] += e.time_range.elapsed_us()
-        top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:10]
-        found[name] = {"launches": len(events), "us": round(sum(v[1] for v in by_name.values()), 1),
+        if device.type == "cuda":
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                run(*inputs)
+                torch.cuda.synchronize()
+            for e in prof.events():
+                if e.device_type == torch.autograd.DeviceType.CUDA:
+                    n_us = by_name.setdefault(e.name[:120], [0, 0.0])
+                    n_us[0] += 1
+                    n_us[1] += e.time_range.elapsed_us()
+        else:
+            with Reads() as r:
+                run(*inputs)
+            by_name = {k: [n, 0.0] for k, n in r.writes.items()}
+        top = sorted(by_name.items(), key=lambda kv: (-kv[1][1], -kv[1][0]))[:10]
+        found[name] = {"launches": sum(v[0] for v in by_name.values()),
+                       "us": round(sum(v[1] for v in by_name.values()), 1),
                        "top": [[k, v[0], round(v[1], 1)] for k, v in top]}
     save("kernels", {"batch": B, "length": T, "models": found})
 
