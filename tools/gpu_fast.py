@@ -5,7 +5,8 @@
 
 Parts, each adding to $OUT/gpu_fast.json as it ends (a part that fails is recorded with its error, and
 the next one runs): the environment (torch, the GPU, its compute
-capability, whether the grouped matmul runs on the device); correctness (the fast path, eager and
+capability); the models built (whether the grouped matmul runs on the device; if they fail to build,
+only the tests run after); correctness (the fast path, eager and
 graphed, against the readable model in fp32, a graph replayed on new inputs, no read-back to the host,
 one sort a forward); then dense BERT, the quarter-FFN model (the cap: MoEBERT with free routing) and
 MoEBERT hash-random, each eager and graphed, at batch 1, 32 and 128, sequence 128: CUDA-event timing,
@@ -81,24 +82,34 @@ def main():
         except Exception as e:  # noqa: BLE001 (any failure is a finding to report)
             save(part, {"error": f"{type(e).__name__}: {e}"[:2000]})
 
+    save("environment", {"torch": torch.__version__, "python": platform.python_version(),
+                         "device": torch.cuda.get_device_name(device) if not dry else platform.processor(),
+                         "capability": list(torch.cuda.get_device_capability(device)) if not dry else None,
+                         "dtype": str(dtype)})
+    built = guarded("models", lambda: build(cfg, device, dtype, save))
+    if built:  # else the error is recorded, and the tests still run
+        models, fast = built
+        guarded("correctness", lambda: correctness(models["hash-random"], fast["hash-random"].grouped, cfg, T,
+                                                   dtype, device, dry, save))
+        speed = {}
+        for B in batches:
+            guarded("speed", lambda: timings(models, fast, cfg, B, T, calls, dtype, device, dry, args.repeats,
+                                             speed, save))
+        guarded("kernels", lambda: kernels(fast, cfg, batches[1], T, device, save))
+    guarded("pytest", lambda: cuda_tests(out_dir, save))  # on a CPU they skip, but for the grouped ones
+    print(f"results in {out}")
+
+
+def build(cfg, device, dtype, save):
+    """The readable models (dense, quarter-FFN, MoEBERT hash-random; random weights) and their fast paths,
+    MoEBERT's every-expert fallback beside its grouped path where that runs on the device."""
     models, _ = bench.inference_models(cfg, device, ["dense", "quarter-FFN", "hash-random"], 6)
     fast = {name: FastInference(m, dtype=dtype, graphs=False) for name, m in models.items()}
     if fast["hash-random"].grouped:  # the fallback too, to compare: every expert on every token
         fast["hash-random every-expert"] = FastInference(models["hash-random"], dtype=dtype, grouped=False,
                                                          graphs=False)
-    save("environment", {"torch": torch.__version__, "python": platform.python_version(),
-                         "device": torch.cuda.get_device_name(device) if not dry else platform.processor(),
-                         "capability": list(torch.cuda.get_device_capability(device)) if not dry else None,
-                         "grouped_on_device": fast["hash-random"].grouped, "dtype": str(dtype)})
-    guarded("correctness", lambda: correctness(models["hash-random"], fast["hash-random"].grouped, cfg, T, dtype,
-                                               device, dry, save))
-    speed = {}
-    for B in batches:
-        guarded("speed", lambda: timings(models, fast, cfg, B, T, calls, dtype, device, dry, args.repeats, speed,
-                                         save))
-    guarded("kernels", lambda: kernels(fast, cfg, batches[1], T, device, save))
-    guarded("pytest", lambda: cuda_tests(out_dir, save))  # on a CPU they skip, but for the grouped ones
-    print(f"results in {out}")
+    save("models", {"timed": list(fast), "grouped_on_device": fast["hash-random"].grouped})
+    return models, fast
 
 
 def correctness(moe, grouped, cfg, T, dtype, device, dry, save):
