@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import weights
 from bench import jitter
 from bert import BertConfig, BertForQuestionAnswering, BertForSequenceClassification
@@ -50,6 +51,14 @@ def minilm_dir():
     (the only network access of the tests).
     """
     return weights.resolve_pretrained("all-minilm-l6-v2")
+
+
+def minilm_batch(folder, pairs):
+    """The pairs through MiniLM's tokenizer as one padded batch (padding is what the checks need)."""
+    tok = data.load_tokenizer(os.path.join(folder, "vocab.txt"))
+    batch = next(data.batches(data.encode([data.Example(a, b, 0) for a, b in pairs], tok, 64), len(pairs)))
+    assert batch["attention_mask"].eq(0).any(), "the batch should contain padding"
+    return batch
 
 
 def tiny_model(num_labels=3, seed=0, cls=BertForSequenceClassification):

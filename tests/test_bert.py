@@ -1,17 +1,16 @@
 """bert.py: our BERT against Hugging Face's (a tiny random one, Google's tiny release and the real
 MiniLM), the classification and QA heads, the activations, saving and loading."""
 import json
-import os
 
 import pytest
 import torch
 
 import bert
-import data
 import moebert
 from bert import BertForQuestionAnswering, BertForSequenceClassification, BertModel
 from moebert import MoEConfig, moebert_from_dense
-from helpers import GOOGLE_TINY, TINY, assert_close, inputs, qa_batch, random_batch, tiny_model, tiny_qa
+from helpers import (GOOGLE_TINY, TINY, assert_close, inputs, minilm_batch, qa_batch, random_batch, tiny_model,
+                     tiny_qa)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,14 +41,6 @@ def test_tiny_bert_equals_huggingface(tmp_path):
     ours = BertModel.from_pretrained(str(tmp_path)).eval()
     worst = compare_with_hf(ours, hf_reference(str(tmp_path)), random_batch())
     print(f"tiny BERT vs transformers: max abs diff {worst:.2e}")
-
-
-def minilm_batch(folder, pairs):
-    """The pairs through MiniLM's tokenizer as one padded batch (padding is what the checks need)."""
-    tok = data.load_tokenizer(os.path.join(folder, "vocab.txt"))
-    batch = next(data.batches(data.encode([data.Example(a, b, 0) for a, b in pairs], tok, 64), len(pairs)))
-    assert batch["attention_mask"].eq(0).any(), "the batch should contain padding"
-    return batch
 
 
 def test_minilm_equals_huggingface(minilm):

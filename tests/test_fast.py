@@ -14,7 +14,7 @@ from bert import BertForQuestionAnswering, BertForSequenceClassification
 from fast import FastInference, Reads, bucket
 from moebert import MoEConfig
 
-from helpers import assert_close, tiny_model, tiny_qa
+from helpers import assert_close, minilm_batch, tiny_model, tiny_qa
 
 CFG = MoEConfig(num_experts=3, expert_dim=12, shared_dim=4)  # rows of 48 bytes in fp32: grouped matmuls take them
 
@@ -221,3 +221,30 @@ def test_reads_counts_what_writes_memory():
         w.index_select(0, torch.tensor([1, 0]))  # a kernel
     assert dict(r.writes) == {"add": 1, "add_": 1, "index_select": 1}, dict(r.writes)
     assert y.shape == (4, 6) and z.shape == (3,)
+
+
+@pytest.mark.parametrize("cls", [BertForSequenceClassification, BertForQuestionAnswering])
+def test_fast_path_on_real_minilm_weights(minilm, cls, monkeypatch):
+    """Real weights (MiniLM: 6 layers, 384 wide, real biases and LayerNorms) on real padded text, dense and
+    MoEBERT (4 experts of 384, 256 shared: the project's MiniLM default), against their own forward in
+    fp64: every expert in fp64, grouped in fp64 (a loop for torch's grouped matmul) and in fp32."""
+    torch.manual_seed(0)
+    dense = (cls.from_pretrained(minilm, num_labels=3) if cls is BertForSequenceClassification
+             else cls.from_pretrained(minilm)).eval()
+    moe = moebert.moebert_from_dense(dense, torch.rand(6, 1536), MoEConfig.scaled(1536)).eval()
+    batch = minilm_batch(minilm, [("The cat sat on the mat.", "A cat is sitting on a mat."),
+                                  ("He said no.", "Nobody said anything about the weather in the mountains.")])
+    ids, types, mask = batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
+    real = mask.bool() if cls is BertForQuestionAnswering else torch.ones(2, dtype=torch.bool)
+    for name, model in (("dense", dense), ("MoEBERT", moe)):
+        with torch.no_grad():
+            ref = model.double()(ids, types, mask).logits[real]
+        runs = [("fp64", torch.float64, False, 1e-10)]
+        if name == "MoEBERT":
+            runs += [("grouped, fp64", torch.float64, True, 1e-10), ("grouped, fp32", torch.float32, True, 1e-4)]
+        for what, dtype, grouped, atol in runs:
+            with monkeypatch.context() as m:
+                if grouped and dtype == torch.float64:
+                    m.setattr(fast_py, "GROUPED_MM", loop_grouped_mm)
+                got = FastInference(model, dtype=dtype, grouped=grouped)(ids, types, mask)[real]
+            assert_close(got.double(), ref, atol, f"{name}, {what}")
