@@ -48,18 +48,28 @@ def expert_shares(model, batches):
     return counts / counts.sum(1, keepdim=True)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_and_dev(p):
+    """The flags of model_and_dev."""
     p.add_argument("model", help="a finished MoEBERT folder (OUT/moebert)")
-    p.add_argument("--task", required=True, choices=sorted(data.TASKS), help="the GLUE task whose dev set to route")
+    p.add_argument("--task", required=True, choices=sorted(data.TASKS), help="the GLUE task of the dev set")
     p.add_argument("--data-dir", required=True, help="the task's GLUE folder (dev.tsv)")
     p.add_argument("--max-seq-length", type=int, default=512, help="as the run's (train.py's default)")
+
+
+def model_and_dev(folder, task, data_dir, max_seq_length):
+    """A finished MoEBERT (eval mode) and the task's dev set through its own vocabulary."""
+    model = moebert.load(folder).eval()
+    vocab = weights.find_vocab(folder)
+    tokenizer = data.load_tokenizer(vocab, lowercase=data.is_uncased(vocab))
+    return model, data.encode(data.read_glue(task, data_dir, "dev"), tokenizer, max_seq_length)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_and_dev(p)
     p.add_argument("--json", help="also write the shares here")
     args = p.parse_args()
-    model = moebert.load(args.model).eval()
-    vocab = weights.find_vocab(args.model)
-    tokenizer = data.load_tokenizer(vocab, lowercase=data.is_uncased(vocab))
-    features = data.encode(data.read_glue(args.task, args.data_dir, "dev"), tokenizer, args.max_seq_length)
+    model, features = model_and_dev(args.model, args.task, args.data_dir, args.max_seq_length)
     shares = expert_shares(model, data.batches(features, 64, sort_by_length=True))
     print(f"{args.model}: route {model.moe_config.route}, {len(features)} dev examples; "
           f"share of the tokens per expert, by layer (balance: {1 / shares.size(1):.2f} each)")
