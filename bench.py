@@ -173,15 +173,15 @@ def inference(args, cfg, device, autocast):
     rows = []
     for B in args.batch_sizes:
         batch = random_batch(cfg, B, args.seq_len, device)
-        runs = {name: forward_fn(model, batch, autocast, mask=not args.cuda_graphs) for name, model in models.items()}
-        if args.cuda_graphs:  # captured once for this batch, replayed in every repeat
-            runs = {name: graphed(run) for name, run in runs.items()}
-        if args.fast:  # fast.py for dense BERT and every route (its own graphs); the host-sized variants as above
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-            inputs = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
-            for name, model in models.items():
-                if name not in ("unrouted", "host-sized"):
-                    runs[name] = partial(FastInference(model, dtype=dtype, graphs=args.cuda_graphs), *inputs)
+        inputs = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+        runs = {}
+        for name, model in models.items():
+            if args.fast and name not in ("unrouted", "host-sized"):  # fast.py, its own graphs
+                dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+                runs[name] = partial(FastInference(model, dtype=dtype, graphs=args.cuda_graphs), *inputs)
+            else:  # the readable model; with --cuda-graphs captured once for this batch, replayed in every repeat
+                run = forward_fn(model, batch, autocast, mask=not args.cuda_graphs)
+                runs[name] = graphed(run) if args.cuda_graphs else run
         each = {name: [] for name in models}  # examples/s of every repeat
         for _ in range(args.repeats):  # alternate the models: drift in the machine's speed hits all alike
             for name, run in runs.items():
@@ -589,6 +589,10 @@ def main():
         check_device(args.device)  # one error line for a device this machine lacks, not a traceback
     except UserError as e:
         p.error(str(e))
+    if args.cuda_graphs and not args.fast and not experts.grouped_on(args.device):
+        p.error("--cuda-graphs: on this GPU (no grouped-matmul kernel in torch: compute capability "
+                f"{'.'.join(map(str, torch.cuda.get_device_capability(args.device)))}) the readable MoEBERT "
+                "reads its experts' sizes back, which a CUDA graph cannot capture; add --fast")
     cfg = BertConfig()  # BERT-base: 12 layers, 768 wide, FFN 3072, MoE 4 x 768 with 512 shared
     if args.quick:
         cfg = BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)

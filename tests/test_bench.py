@@ -88,3 +88,15 @@ def test_bad_flags_are_one_error_line_before_any_work(argv, says, monkeypatch, c
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and says in err and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cuda_graphs_of_the_readable_moebert_need_the_grouped_kernel(monkeypatch, capsys):
+    """On a GPU without torch's grouped kernel (an A100, say: capability 8.0) the readable MoEBERT
+    reads its experts' sizes back, which no CUDA graph can capture: one error line, before any work."""
+    monkeypatch.setattr(bench, "check_device", lambda name: None)  # a CUDA machine, as far as bench knows
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr("sys.argv", ["bench.py", "--device", "cuda", "--cuda-graphs"])
+    with pytest.raises(SystemExit) as exit_:
+        bench.main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "capability 8.0" in err and "add --fast" in err, err
