@@ -4,7 +4,7 @@
 # GLUE (required): the folder holding the task folders RTE/, MRPC/, STS-B/, CoLA/, SST-2/ (train.tsv, dev.tsv).
 # STEP: seed0|seed1|seed2 (rte mrpc stsb cola), ablation (STS-B, 3 seeds), ablationN, routesN (after
 # stsb-sN: STS-B with the other three routes, reusing that seed's teacher), balanceN (the two gate
-# routes again with Switch Transformer's load-balance weight 0.01), sst2, sst2-short
+# routes again with Switch Transformer's load-balance weight 0.01), heavyN (the same at 0.1 and 1), sst2, sst2-short
 # (1 teacher epoch, 1 distillation epoch: what fits in an hour of CPU; sst2-short-sN for seed N), TASK-sN,
 # TASK-shallow-sN (after TASK-sN: the 3-layer dense student of the same cost per token, distilled from
 # that run's teacher), sst2-short-shallow-sN (the same, on the short schedule).
@@ -51,6 +51,13 @@ for step in $steps; do
       for route in gate-token gate-sentence; do
         run stsb "$s" --teacher "out/stsb-s$s/teacher" --route "$route" --balance-weight 0.01 \
           --out "out/stsb-$route-balanced-s$s"
+      done ;;
+    heavy[0-9]) s=${step#heavy}  # the gates with 10 and 100 times that weight: does a heavier one stop the collapse?
+      for w in 0.1 1; do
+        for route in gate-token gate-sentence; do
+          run stsb "$s" --teacher "out/stsb-s$s/teacher" --route "$route" --balance-weight "$w" \
+            --out "out/stsb-$route-balance$w-s$s"
+        done
       done ;;
     *-shallow-s[0-9]) t=${step%-shallow-s*} s=${step##*-s}  # the 3-layer dense student of TASK-sN's teacher
       run "$t" "$s" --teacher "out/$t-s$s/teacher" --student shallow --out "out/$t-shallow-s$s" ;;
