@@ -174,10 +174,10 @@ def inference(args, cfg, device, autocast):
     for B in args.batch_sizes:
         batch = random_batch(cfg, B, args.seq_len, device)
         inputs = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # fast.py's weights
         runs = {}
         for name, model in models.items():
             if args.fast and name not in ("unrouted", "host-sized"):  # fast.py, its own graphs
-                dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
                 runs[name] = partial(FastInference(model, dtype=dtype, graphs=args.cuda_graphs), *inputs)
             else:  # the readable model; with --cuda-graphs captured once for this batch, replayed in every repeat
                 run = forward_fn(model, batch, autocast, mask=not args.cuda_graphs)

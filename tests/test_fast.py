@@ -93,7 +93,7 @@ def test_a_forward_reads_nothing_back_and_sorts_once(grouped, monkeypatch):
         fast(ids, types, mask)
     assert r.reads == [] and tolist == [], (r.reads, tolist)
     assert r.sorts == (1 if grouped else 0)  # one sort for the 3 layers
-    if grouped:  # a layer gathers its tokens and its experts' vectors (one index for all four), and scatters back
+    if grouped:  # a layer gathers its tokens and its experts' LayerNorm rows (biases are folded), and scatters back
         assert (r.ops["index_select"], r.ops["index_copy_"], r.ops["_grouped_mm"]) == (6, 3, 6), r.ops
     with Reads() as r:  # dense BERT through the fast path: nothing read back either (its padding mask)
         FastInference(tiny_model(num_labels=3), dtype=torch.float32)(ids, types, mask)
