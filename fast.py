@@ -80,7 +80,8 @@ class FastInference:
             static[:B, :T] = x
         inputs[2][B:, 0] = 1  # padding rows attend to one token: no row of the softmax is all masked
         graph.replay()
-        return out[:B, :T] if out.dim() == 3 else out[:B]
+        # A copy: the static output is overwritten by the bucket's next replay.
+        return (out[:B, :T] if out.dim() == 3 else out[:B]).clone()
 
     def static_inputs(self, B, T):
         """The graph's input_ids, token_type_ids and attention_mask [B, T]: zeros, each row attending
