@@ -68,10 +68,13 @@ class FastInference:
 
     @torch.inference_mode()
     def __call__(self, input_ids, token_type_ids, attention_mask):
+        B, T = input_ids.shape
+        longest = self.model.config.max_position_embeddings  # on CUDA, a longer input is a device-side assert
+        if T > longest:
+            raise ValueError(f"inputs of {T} tokens: the model's position table covers {longest}; truncate them")
         if not self.graphs:
             return self.forward(input_ids, token_type_ids, attention_mask)
-        B, T = input_ids.shape
-        key = (bucket(B, self.BATCHES), bucket(T, self.LENGTHS))
+        key = (bucket(B, self.BATCHES), min(bucket(T, self.LENGTHS), longest))
         if key not in self.captured:
             self.captured[key] = self.capture(*key)
         graph, inputs, out = self.captured[key]

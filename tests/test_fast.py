@@ -140,17 +140,21 @@ def test_gate_routes_through_the_fast_path(route, cls, path):
     assert_close(out[real].double(), ref[real], 1e-12 if dtype == torch.float64 else 2e-5, f"{path}, {route}")
 
 
+def stand_in_capture(self, B, T):
+    """FastInference.capture without CUDA: a "graph" whose replay runs the forward on the static
+    inputs into the static output."""
+    inputs = self.static_inputs(B, T)
+    out = self.forward(*inputs)
+    return SimpleNamespace(replay=lambda: out.copy_(self.forward(*inputs))), inputs, out
+
+
 @pytest.mark.parametrize("cls", [BertForSequenceClassification, BertForQuestionAnswering])
 @pytest.mark.parametrize("grouped", [True, False])
 def test_buckets_pad_and_slice_as_eager_on_the_cpu(cls, grouped, monkeypatch):
-    """The graphed call's own work, without CUDA: batches padded into their bucket (rows of zeros
-    attending to one token, columns masked), the static output sliced back, a bucket captured once.
-    A stand-in for the CUDA graph replays the forward on the static inputs into the static output."""
-    def capture(self, B, T):
-        inputs = self.static_inputs(B, T)
-        out = self.forward(*inputs)
-        return SimpleNamespace(replay=lambda: out.copy_(self.forward(*inputs))), inputs, out
-    monkeypatch.setattr(FastInference, "capture", capture)
+    """The graphed call's own work, without CUDA (stand_in_capture): batches padded into their bucket
+    (rows of zeros attending to one token, columns masked), the static output sliced back, a bucket
+    captured once."""
+    monkeypatch.setattr(FastInference, "capture", stand_in_capture)
     model = moe_model(cls)
     graphed = FastInference(model, dtype=torch.float64, grouped=grouped, graphs=True)
     eager = FastInference(model, dtype=torch.float64, grouped=grouped, graphs=False)
@@ -167,6 +171,19 @@ def test_buckets_pad_and_slice_as_eager_on_the_cpu(cls, grouped, monkeypatch):
         assert_close(a, b, 1e-12, "an earlier result, after later calls")
     assert sorted(graphed.captured) == [(1, 32), (4, 32), (8, 64)]
     assert all(torch.isfinite(out).all() for _, _, out in graphed.captured.values())  # padding rows too
+
+
+def test_buckets_stop_at_the_position_table(monkeypatch):
+    """A length bucket never outgrows the model's positions (48 here: 33 tokens take 48, not 64), and
+    a longer input is a clear error, not an index out of range (on CUDA, a device-side assert)."""
+    monkeypatch.setattr(FastInference, "capture", stand_in_capture)
+    config = dataclasses.replace(tiny_model().config, max_position_embeddings=48)
+    fast = FastInference(BertForSequenceClassification(config, 3), dtype=torch.float64, graphs=True)
+    assert_close(fast(*padded_batch(2, 33)), fast.forward(*padded_batch(2, 33)), 1e-12, "bucket (2, 48)")
+    assert list(fast.captured) == [(2, 48)]
+    for graphs in (True, False):
+        with pytest.raises(ValueError, match="inputs of 49 tokens: the model's position table covers 48"):
+            FastInference(fast.model, dtype=torch.float64, graphs=graphs)(*padded_batch(2, 49))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
