@@ -6,8 +6,9 @@
 # stsb-sN: STS-B with the other three routes, reusing that seed's teacher), balanceN (the two gate
 # routes again with Switch Transformer's load-balance weight 0.01), heavyN (the same at 0.1 and 1), sst2, sst2-short
 # (1 teacher epoch, 1 distillation epoch: what fits in an hour of CPU; sst2-short-sN for seed N), TASK-sN,
-# sizesN (after stsb-sN: one, 2 and 8 experts of 384, and 4 sharing no neuron), TASK-shallow-sN (after TASK-sN: the 3-layer dense student of the same cost per token, distilled from
-# that run's teacher), sst2-short-shallow-sN (the same, on the short schedule).
+# sizesN (after stsb-sN: one, 2 and 8 experts of 384, and 4 sharing no neuron), prunedN (the first of them:
+# the FFN pruned by importance to 384 neurons), TASK-shallow-sN (after TASK-sN: the 3-layer dense student of
+# the same cost per token, distilled from that run's teacher), sst2-short-shallow-sN (the same, short schedule).
 # MINILM: any MiniLM folder (config.json, model.safetensors, vocab.txt); default
 # ~/.cache/moebert/all-minilm-l6-v2, which any run of `train.py --bert all-minilm-l6-v2` fills.
 # Teacher: lr 1e-4 for 5 epochs (the standard 2e-5 x 3 leaves this small model near chance on RTE);
@@ -59,9 +60,12 @@ for step in $steps; do
             --out "out/stsb-$route-balance$w-s$s"
         done
       done ;;
+    pruned[0-9]) s=${step#pruned}  # after stsb-sN: the FFN pruned by importance to one expert's 384 neurons
+      run stsb "$s" --teacher "out/stsb-s$s/teacher" --num-experts 1 --expert-dim 384 --shared-dim 384 \
+        --out "out/stsb-n1-e384-sh384-s$s" ;;
     sizes[0-9]) s=${step#sizes}  # the experts' sizes on STS-B, seed s's teacher: one expert of 384 (the FFN pruned by
       # importance to MoEBERT's cost), 2 and 8 experts of 384 (256 shared), 4 experts sharing nothing
-      for v in "1 384 384" "2 384 256" "8 384 256" "4 384 0"; do
+      for v in "1 384 384" "2 384 256" "8 384 256" "4 384 0"; do  # pruned[0-9]: the first alone
         read -r n e sh <<< "$v"
         run stsb "$s" --teacher "out/stsb-s$s/teacher" --num-experts "$n" --expert-dim "$e" --shared-dim "$sh" \
           --out "out/stsb-n$n-e$e-sh$sh-s$s"
