@@ -171,10 +171,10 @@ def inference(args, cfg, device, autocast):
         moes += ("host-sized",)  # hash-random as it ran before the grouped path (no graph: it syncs)
     models, moe_cfg = inference_models(cfg, device, ["dense", "quarter-FFN", student, *moes], args.student_layers)
     rows = []
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # fast.py's weights
     for B in args.batch_sizes:
         batch = random_batch(cfg, B, args.seq_len, device)
         inputs = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # fast.py's weights
         runs = {}
         for name, model in models.items():
             if args.fast and name not in ("unrouted", "host-sized"):  # fast.py, its own graphs

@@ -179,7 +179,8 @@ def test_buckets_stop_at_the_position_table(monkeypatch):
     monkeypatch.setattr(FastInference, "capture", stand_in_capture)
     config = dataclasses.replace(tiny_model().config, max_position_embeddings=48)
     fast = FastInference(BertForSequenceClassification(config, 3), dtype=torch.float64, graphs=True)
-    assert_close(fast(*padded_batch(2, 33)), fast.forward(*padded_batch(2, 33)), 1e-12, "bucket (2, 48)")
+    batch = padded_batch(2, 33)
+    assert_close(fast(*batch), fast.forward(*batch), 1e-12, "bucket (2, 48)")
     assert list(fast.captured) == [(2, 48)]
     for graphs in (True, False):
         with pytest.raises(ValueError, match="inputs of 49 tokens: the model's position table covers 48"):

@@ -32,6 +32,11 @@ ablate() {  # ablate TASK SEED: random split and no distillation, reusing that s
   run "$task" "$seed" --teacher "$teacher" --distill-lambda 0 --out "out/$task-nodistill-s$seed"
 }
 
+sized() {  # sized SEED EXPERTS EXPERT_DIM SHARED: STS-B with other expert sizes, reusing that seed's teacher
+  run stsb "$1" --teacher "out/stsb-s$1/teacher" --num-experts "$2" --expert-dim "$3" --shared-dim "$4" \
+    --out "out/stsb-n$2-e$3-sh$4-s$1"
+}
+
 steps=${*:-"seed0 seed1 seed2 ablation sst2"}
 for step in $steps; do
   case $step in
@@ -60,16 +65,9 @@ for step in $steps; do
             --out "out/stsb-$route-balance$w-s$s"
         done
       done ;;
-    pruned[0-9]) s=${step#pruned}  # after stsb-sN: the FFN pruned by importance to one expert's 384 neurons
-      run stsb "$s" --teacher "out/stsb-s$s/teacher" --num-experts 1 --expert-dim 384 --shared-dim 384 \
-        --out "out/stsb-n1-e384-sh384-s$s" ;;
-    sizes[0-9]) s=${step#sizes}  # the experts' sizes on STS-B, seed s's teacher: one expert of 384 (the FFN pruned by
-      # importance to MoEBERT's cost), 2 and 8 experts of 384 (256 shared), 4 experts sharing nothing
-      for v in "1 384 384" "2 384 256" "8 384 256" "4 384 0"; do  # pruned[0-9]: the first alone
-        read -r n e sh <<< "$v"
-        run stsb "$s" --teacher "out/stsb-s$s/teacher" --num-experts "$n" --expert-dim "$e" --shared-dim "$sh" \
-          --out "out/stsb-n$n-e$e-sh$sh-s$s"
-      done ;;
+    pruned[0-9]) sized "${step#pruned}" 1 384 384 ;;  # after stsb-sN: the FFN pruned by importance to 384 neurons
+    sizes[0-9]) s=${step#sizes}  # one expert of 384 (the pruned FFN), 2 and 8 of 384 (256 shared), 4 sharing nothing
+      for v in "1 384 384" "2 384 256" "8 384 256" "4 384 0"; do sized "$s" $v; done ;;
     *-shallow-s[0-9]) t=${step%-shallow-s*} s=${step##*-s}  # the 3-layer dense student of TASK-sN's teacher
       run "$t" "$s" --teacher "out/$t-s$s/teacher" --student shallow --out "out/$t-shallow-s$s" ;;
     *-s[0-9]) run "${step%-s*}" "${step##*-s}" ;;          # one run, e.g. mrpc-s1
