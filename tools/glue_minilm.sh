@@ -7,7 +7,7 @@
 # routes again with Switch Transformer's load-balance weight 0.01), heavyN (the same at 0.1 and 1), sst2, sst2-short
 # (1 teacher epoch, 1 distillation epoch: what fits in an hour of CPU; sst2-short-sN for seed N), TASK-sN,
 # sizesN (after stsb-sN: one, 2 and 8 experts of 384, and 4 sharing no neuron), prunedN (the first of them:
-# the FFN pruned by importance to 384 neurons), TASK-shallow-sN (after TASK-sN: the 3-layer dense student of
+# the FFN pruned by importance to 384 neurons; TASK-pruned-sN the same after TASK-sN), TASK-shallow-sN (after TASK-sN: the 3-layer dense student of
 # the same cost per token, distilled from that run's teacher), sst2-short-shallow-sN (the same, short schedule).
 # MINILM: any MiniLM folder (config.json, model.safetensors, vocab.txt); default
 # ~/.cache/moebert/all-minilm-l6-v2, which any run of `train.py --bert all-minilm-l6-v2` fills.
@@ -32,9 +32,9 @@ ablate() {  # ablate TASK SEED: random split and no distillation, reusing that s
   run "$task" "$seed" --teacher "$teacher" --distill-lambda 0 --out "out/$task-nodistill-s$seed"
 }
 
-sized() {  # sized SEED EXPERTS EXPERT_DIM SHARED: STS-B with other expert sizes, reusing that seed's teacher
-  run stsb "$1" --teacher "out/stsb-s$1/teacher" --num-experts "$2" --expert-dim "$3" --shared-dim "$4" \
-    --out "out/stsb-n$2-e$3-sh$4-s$1"
+sized() {  # sized TASK SEED EXPERTS EXPERT_DIM SHARED: other expert sizes, reusing TASK-sSEED's teacher
+  run "$1" "$2" --teacher "out/$1-s$2/teacher" --num-experts "$3" --expert-dim "$4" --shared-dim "$5" \
+    --out "out/$1-n$3-e$4-sh$5-s$2"
 }
 
 steps=${*:-"seed0 seed1 seed2 ablation sst2"}
@@ -65,9 +65,10 @@ for step in $steps; do
             --out "out/stsb-$route-balance$w-s$s"
         done
       done ;;
-    pruned[0-9]) sized "${step#pruned}" 1 384 384 ;;  # after stsb-sN: the FFN pruned by importance to 384 neurons
+    pruned[0-9]) sized stsb "${step#pruned}" 1 384 384 ;;  # after stsb-sN: the FFN pruned by importance to 384 neurons
+    *-pruned-s[0-9]) sized "${step%-pruned-s*}" "${step##*-s}" 1 384 384 ;;  # the same after TASK-sN
     sizes[0-9]) s=${step#sizes}  # one expert of 384 (the pruned FFN), 2 and 8 of 384 (256 shared), 4 sharing nothing
-      for v in "1 384 384" "2 384 256" "8 384 256" "4 384 0"; do sized "$s" $v; done ;;
+      for v in "1 384 384" "2 384 256" "8 384 256" "4 384 0"; do sized stsb "$s" $v; done ;;
     *-shallow-s[0-9]) t=${step%-shallow-s*} s=${step##*-s}  # the 3-layer dense student of TASK-sN's teacher
       run "$t" "$s" --teacher "out/$t-s$s/teacher" --student shallow --out "out/$t-shallow-s$s" ;;
     *-s[0-9]) run "${step%-s*}" "${step##*-s}" ;;          # one run, e.g. mrpc-s1
