@@ -30,24 +30,38 @@ for name, rs in runs.items():
     secs = {k: np.mean([r["seconds"].get(k, 0) for r in rs]) for k in rs[0]["seconds"]}
     print(f"{'':<16} seconds  " + "  ".join(f"{k} {v:.0f}" for k, v in secs.items()))
 
-# MoEBERT against the dense student of the same cost (the paper's claim), over the seeds that ran both
-# (OUT/TASK-sN and OUT/TASK-shallow-sN share that seed's teacher): a Markdown table.
-rows = []
-for name, rs in runs.items():
-    by_seed = {r["config"]["seed"]: r for r in rs}
-    shallow = [r for r in runs.get(f"{name}-shallow", []) if r["config"]["seed"] in by_seed]
-    if not shallow:
-        continue
-    paired = [by_seed[r["config"]["seed"]] for r in shallow]  # the MoEBERT run (and teacher) of each seed
-    of = {"teacher": paired, "moebert": paired, "shallow": shallow}
-    metrics = list(paired[0]["moebert"])
-    score = {(who, m): 100 * np.array([r[who][m] for r in of[who]]) for who in of for m in metrics}
-    col = {who: " / ".join(cell(score[who, m]) for m in metrics) for who in of}
-    gap = " / ".join(f"{(score['moebert', m] - score['shallow', m]).mean():+.1f}" for m in metrics)
-    seeds = ", ".join(str(r["config"]["seed"]) for r in paired)
-    rows.append(f"| {name} ({' / '.join(metrics)}) | {seeds} | {col['teacher']} | {col['moebert']} | "
-                f"{col['shallow']} | {gap} |")
-if rows:
-    print("\n| task (metrics) | seeds | teacher | MoEBERT | dense student, half the layers | MoEBERT − student |")
-    print("|---|---|---|---|---|---|")
-    print("\n".join(rows))
+if not runs:
+    print(f"error: no runs under {root}/ (TASK-sN/results.json); pass the folder train.py wrote them to", file=sys.stderr)
+    sys.exit(2)
+
+
+def diff(d):  # mean ± std of per-seed differences
+    return f"{d.mean():+.1f} ± {d.std(ddof=1):.1f}" if len(d) > 1 else f"{d[0]:+.1f}"
+
+
+def versus(suffix, who, title):
+    """MoEBERT (OUT/TASK-sN) against the model of OUT/TASK{suffix}-sN (its results' `who`), over the seeds
+    that ran both (they share that seed's teacher): a Markdown table."""
+    rows = []
+    for name, rs in runs.items():
+        by_seed = {r["config"]["seed"]: r for r in rs}
+        other = [r for r in runs.get(name + suffix, []) if r["config"]["seed"] in by_seed]
+        if not other:
+            continue
+        paired = [by_seed[r["config"]["seed"]] for r in other]  # the MoEBERT run (and teacher) of each seed
+        of = {"teacher": (paired, "teacher"), "moebert": (paired, "moebert"), "other": (other, who)}
+        metrics = list(paired[0]["moebert"])
+        score = {(k, m): 100 * np.array([r[key][m] for r in of[k][0]]) for k, (_, key) in of.items() for m in metrics}
+        col = {k: " / ".join(cell(score[k, m]) for m in metrics) for k in of}
+        gap = " / ".join(diff(score["moebert", m] - score["other", m]) for m in metrics)  # paired by seed
+        seeds = ", ".join(str(r["config"]["seed"]) for r in paired)
+        rows.append(f"| {name} ({' / '.join(metrics)}) | {seeds} | {col['teacher']} | {col['moebert']} | "
+                    f"{col['other']} | {gap} |")
+    if rows:
+        print(f"\n| task (metrics) | seeds | teacher | MoEBERT | {title} | MoEBERT − it |")
+        print("|---|---|---|---|---|---|")
+        print("\n".join(rows))
+
+
+versus("-shallow", "shallow", "dense student, half the layers")  # the paper's claim: its Table 1
+versus("-n1-e384-sh384", "moebert", "the FFN pruned to one expert")  # TASK-pruned-sN (glue_minilm.sh)
