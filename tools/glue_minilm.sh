@@ -7,8 +7,9 @@
 # routes again with Switch Transformer's load-balance weight 0.01), heavyN (the same at 0.1 and 1), sst2, sst2-short
 # (1 teacher epoch, 1 distillation epoch: what fits in an hour of CPU; sst2-short-sN for seed N), TASK-sN,
 # sizesN (after stsb-sN: one, 2 and 8 experts of 384, and 4 sharing no neuron), prunedN (the first of them:
-# the FFN pruned by importance to 384 neurons; TASK-pruned-sN the same after TASK-sN), TASK-shallow-sN (after TASK-sN: the 3-layer dense student of
-# the same cost per token, distilled from that run's teacher), sst2-short-shallow-sN (the same, short schedule).
+# the FFN pruned by importance to 384 neurons), TASK-pruned-sN (the same after TASK-sN), TASK-shallow-sN (after
+# TASK-sN: the 3-layer dense student of the same cost per token, distilled from that run's teacher),
+# sst2-short-shallow-sN (the same, short schedule).
 # MINILM: any MiniLM folder (config.json, model.safetensors, vocab.txt); default
 # ~/.cache/moebert/all-minilm-l6-v2, which any run of `train.py --bert all-minilm-l6-v2` fills.
 # Teacher: lr 1e-4 for 5 epochs (the standard 2e-5 x 3 leaves this small model near chance on RTE);

@@ -18,6 +18,9 @@ for path in sorted(glob.glob(os.path.join(root, "*-s[0-9]*", "results.json"))):
     name = re.sub(r"-s\d+$", "", os.path.basename(os.path.dirname(path)))
     with open(path) as f:
         runs.setdefault(name, []).append(json.load(f))
+if not runs:
+    print(f"error: no runs under {root}/ (TASK-sN/results.json); pass the folder train.py wrote them to", file=sys.stderr)
+    sys.exit(2)
 for name, rs in runs.items():
     for who in ("teacher", "moebert", "shallow"):  # shallow: the dense student of the same cost
         if who not in rs[0]:
@@ -29,10 +32,6 @@ for name, rs in runs.items():
         print(f"{name:<16} {who:<8} n={len(rs)}  " + "  ".join(cells))
     secs = {k: np.mean([r["seconds"].get(k, 0) for r in rs]) for k in rs[0]["seconds"]}
     print(f"{'':<16} seconds  " + "  ".join(f"{k} {v:.0f}" for k, v in secs.items()))
-
-if not runs:
-    print(f"error: no runs under {root}/ (TASK-sN/results.json); pass the folder train.py wrote them to", file=sys.stderr)
-    sys.exit(2)
 
 
 def diff(d):  # mean ± std of per-seed differences
