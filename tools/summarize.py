@@ -8,8 +8,8 @@ import sys
 import numpy as np
 
 
-def cell(v):  # mean ± std of one metric over seeds, x100 already
-    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
+def cell(v, sign=""):  # mean ± std of one metric over seeds, x100 already; sign "+" for differences
+    return f"{v.mean():{sign}.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v[0]:{sign}.1f}"
 
 
 root = sys.argv[1] if len(sys.argv) > 1 else "out"
@@ -34,10 +34,6 @@ for name, rs in runs.items():
     print(f"{'':<16} seconds  " + "  ".join(f"{k} {v:.0f}" for k, v in secs.items()))
 
 
-def diff(d):  # mean ± std of per-seed differences
-    return f"{d.mean():+.1f} ± {d.std(ddof=1):.1f}" if len(d) > 1 else f"{d[0]:+.1f}"
-
-
 def versus(suffix, who, title):
     """MoEBERT (OUT/TASK-sN) against the model of OUT/TASK{suffix}-sN (its results' `who`), over the seeds
     that ran both (they share that seed's teacher): a Markdown table."""
@@ -52,7 +48,7 @@ def versus(suffix, who, title):
         metrics = list(paired[0]["moebert"])
         score = {(k, m): 100 * np.array([r[key][m] for r in of[k][0]]) for k, (_, key) in of.items() for m in metrics}
         col = {k: " / ".join(cell(score[k, m]) for m in metrics) for k in of}
-        gap = " / ".join(diff(score["moebert", m] - score["other", m]) for m in metrics)  # paired by seed
+        gap = " / ".join(cell(score["moebert", m] - score["other", m], "+") for m in metrics)  # paired by seed
         seeds = ", ".join(str(r["config"]["seed"]) for r in paired)
         rows.append(f"| {name} ({' / '.join(metrics)}) | {seeds} | {col['teacher']} | {col['moebert']} | "
                     f"{col['other']} | {gap} |")
