@@ -6,10 +6,16 @@ import re
 import sys
 
 import numpy as np
+from scipy import stats
 
 
 def cell(v, sign=""):  # mean ± std of one metric over seeds, x100 already; sign "+" for differences
     return f"{v.mean():{sign}.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v[0]:{sign}.1f}"
+
+
+def gap(a, b):  # a - b paired by seed: mean ± std, and the paired t-test's p from 3 seeds up
+    p = f" (p {stats.ttest_rel(a, b).pvalue:.2f})" if len(a) > 2 else ""
+    return cell(a - b, "+") + p
 
 
 root = sys.argv[1] if len(sys.argv) > 1 else "out"
@@ -48,10 +54,10 @@ def versus(suffix, who, title):
         metrics = list(paired[0]["moebert"])
         score = {(k, m): 100 * np.array([r[key][m] for r in of[k][0]]) for k, (_, key) in of.items() for m in metrics}
         col = {k: " / ".join(cell(score[k, m]) for m in metrics) for k in of}
-        gap = " / ".join(cell(score["moebert", m] - score["other", m], "+") for m in metrics)  # paired by seed
+        gaps = " / ".join(gap(score["moebert", m], score["other", m]) for m in metrics)
         seeds = ", ".join(str(r["config"]["seed"]) for r in paired)
         rows.append(f"| {name} ({' / '.join(metrics)}) | {seeds} | {col['teacher']} | {col['moebert']} | "
-                    f"{col['other']} | {gap} |")
+                    f"{col['other']} | {gaps} |")
     if rows:
         print(f"\n| task (metrics) | seeds | teacher | MoEBERT | {title} | MoEBERT − it |")
         print("|---|---|---|---|---|---|")
