@@ -20,6 +20,7 @@ MINILM=${MINILM:-$HOME/.cache/moebert/all-minilm-l6-v2}
 : "${GLUE:?set GLUE to the folder holding the GLUE task folders (RTE, MRPC, STS-B, CoLA, SST-2)}"
 declare -A DIR=([rte]=RTE [mrpc]=MRPC [stsb]=STS-B [cola]=CoLA [sst2]=SST-2)
 SHORT=(--teacher-epochs 1 --distill-epochs 1)  # SST-2 on a CPU-sized schedule (sst2-short...)
+PRUNED="1 384 384"  # experts, expert dim, shared dim: one expert of 384, all shared = the FFN pruned by importance
 
 run() {  # run TASK SEED [extra flags...]
   local task=$1 seed=$2; shift 2
@@ -66,10 +67,10 @@ for step in $steps; do
             --out "out/stsb-$route-balance$w-s$s"
         done
       done ;;
-    pruned[0-9]) sized stsb "${step#pruned}" 1 384 384 ;;  # after stsb-sN: the FFN pruned by importance to 384 neurons
-    *-pruned-s[0-9]) sized "${step%-pruned-s*}" "${step##*-s}" 1 384 384 ;;  # the same after TASK-sN
+    pruned[0-9]) sized stsb "${step#pruned}" $PRUNED ;;  # after stsb-sN: the FFN pruned by importance to 384 neurons
+    *-pruned-s[0-9]) sized "${step%-pruned-s*}" "${step##*-s}" $PRUNED ;;  # the same after TASK-sN
     sizes[0-9]) s=${step#sizes}  # one expert of 384 (the pruned FFN), 2 and 8 of 384 (256 shared), 4 sharing nothing
-      for v in "1 384 384" "2 384 256" "8 384 256" "4 384 0"; do sized stsb "$s" $v; done ;;
+      for v in "$PRUNED" "2 384 256" "8 384 256" "4 384 0"; do sized stsb "$s" $v; done ;;
     *-shallow-s[0-9]) t=${step%-shallow-s*} s=${step##*-s}  # the 3-layer dense student of TASK-sN's teacher
       run "$t" "$s" --teacher "out/$t-s$s/teacher" --student shallow --out "out/$t-shallow-s$s" ;;
     *-s[0-9]) run "${step%-s*}" "${step##*-s}" ;;          # one run, e.g. mrpc-s1
