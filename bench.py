@@ -23,7 +23,6 @@ routing; `--only profile` splits MoEBERT's time above the floor by op.
 """
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -36,7 +35,7 @@ import torch
 import experts
 import moebert
 from bert import BertConfig, BertForSequenceClassification
-from common import UserError
+from common import UserError, atomic_write_json
 from fast import FastInference
 from moebert import MoEConfig, moebert_from_dense
 from runtime import COUNT, POSITIVE, check_device, keep_freed_memory
@@ -581,7 +580,9 @@ def main():
     p.add_argument("--quick", action="store_true", help="a small 4-layer config, to check the script")
     p.add_argument("--out", default="bench.json", help="where to write the results")
     args = p.parse_args()
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):  # found now, not after the run
+    if os.path.isdir(args.out):  # found now, not after the run
+        p.error(f"--out {args.out} is a folder; pass a file path, e.g. {os.path.join(args.out, 'bench.json')}")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         p.error(f"--out {args.out}: its folder does not exist; make it or pass another path")
     if args.cuda_graphs and args.device != "cuda":
         p.error("--cuda-graphs needs --device cuda")
@@ -625,8 +626,7 @@ def main():
         if name in args.only:
             print(f"\n{title}")
             results[name] = run(args, cfg, device, autocast)
-            with open(args.out, "w") as f:  # after each part: a run cut short keeps what it measured
-                json.dump(results, f, indent=2)
+            atomic_write_json(args.out, results)  # after each part: a run cut short keeps what it measured
     print(f"\nwritten to {args.out}")
 
 

@@ -78,6 +78,7 @@ def test_unrouted_experts_are_the_experts_on_equal_runs_of_tokens(n):
     (["--threads", "0"], "--threads: '0' is not a whole number of at least 1"),
     (["--quick", "--student-layers", "5"], "--student-layers 5: the model has 4 layers"),
     (["--out", "no/such/folder/bench.json"], "its folder does not exist"),
+    (["--out", "."], "--out . is a folder; pass a file path, e.g. ./bench.json"),
 ])
 def test_bad_flags_are_one_error_line_before_any_work(argv, says, monkeypatch, capsys, tmp_path):
     """Each is refused by argparse (exit 2, one 'error:' line) before a model is built or a file written."""
