@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 import bench  # noqa: E402
 from bert import BertConfig  # noqa: E402
-from runtime import keep_freed_memory  # noqa: E402
+from runtime import COUNT, POSITIVE, keep_freed_memory  # noqa: E402
 
 
 def moebert_at(commit):
@@ -44,9 +44,9 @@ def comparison_args(doc, repeats, min_seconds, extra=lambda p: None):
     a tool's own."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     extra(p)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--repeats", type=int, default=repeats, help="alternating repeats; medians are reported")
-    p.add_argument("--min-seconds", type=float, default=min_seconds, help="least time per model and repeat")
+    p.add_argument("--batch-sizes", type=COUNT, nargs="+", default=[1, 8, 32])
+    p.add_argument("--repeats", type=COUNT, default=repeats, help="alternating repeats; medians are reported")
+    p.add_argument("--min-seconds", type=POSITIVE, default=min_seconds, help="least time per model and repeat")
     p.add_argument("--out", help="also write the numbers here as JSON")
     return p.parse_args()
 

@@ -17,6 +17,7 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 import moebert  # noqa: E402
+from runtime import COUNT  # noqa: E402
 import weights  # noqa: E402
 from common import UserError  # noqa: E402
 
@@ -53,7 +54,7 @@ def add_model_and_dev(p):
     p.add_argument("model", help="a finished MoEBERT folder (OUT/moebert)")
     p.add_argument("--task", required=True, choices=sorted(data.TASKS), help="the GLUE task of the dev set")
     p.add_argument("--data-dir", required=True, help="the task's GLUE folder (dev.tsv)")
-    p.add_argument("--max-seq-length", type=int, default=512, help="as the run's (train.py's default)")
+    p.add_argument("--max-seq-length", type=COUNT, default=512, help="as the run's (train.py's default)")
 
 
 def model_and_dev(folder, task, data_dir, max_seq_length):

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 import bench  # noqa: E402
 from bert import BertConfig  # noqa: E402
 from fast import FastInference, Reads  # noqa: E402
+from runtime import COUNT  # noqa: E402
 
 TARGETS = {1: 1.0, 32: 1.35, 128: 1.6}  # MoEBERT's speed-up over dense, graphed, by batch
 CAP_SHARE = 0.9  # of the quarter-FFN model's speed, from batch 32
@@ -56,7 +57,7 @@ def events_ms(fn, device, repeats):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="CPU, a small config, fp32: check the script")
-    p.add_argument("--repeats", type=int, default=5, help="alternating repeats of every model (the median)")
+    p.add_argument("--repeats", type=COUNT, default=5, help="alternating repeats of every model (the median)")
     args = p.parse_args()
     out_dir = os.environ.get("OUT") or "gpu_out"  # the device machine sets OUT: what lands there comes back
     os.makedirs(out_dir, exist_ok=True)
