@@ -17,9 +17,9 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 import moebert  # noqa: E402
-from runtime import COUNT  # noqa: E402
 import weights  # noqa: E402
 from common import UserError  # noqa: E402
+from runtime import COUNT  # noqa: E402
 
 
 def expert_shares(model, batches):

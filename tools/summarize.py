@@ -52,7 +52,7 @@ def versus(suffix, who, title):
         paired = [by_seed[r["config"]["seed"]] for r in other]  # the MoEBERT run (and teacher) of each seed
         of = {"teacher": (paired, "teacher"), "moebert": (paired, "moebert"), "other": (other, who)}
         metrics = list(paired[0]["moebert"])
-        score = {(k, m): 100 * np.array([r[key][m] for r in rs]) for k, (rs, key) in of.items() for m in metrics}
+        score = {(k, m): 100 * np.array([r[key][m] for r in group]) for k, (group, key) in of.items() for m in metrics}
         col = {k: " / ".join(cell(score[k, m]) for m in metrics) for k in of}
         gaps = " / ".join(gap(score["moebert", m], score["other", m]) for m in metrics)
         seeds = ", ".join(str(r["config"]["seed"]) for r in paired)
