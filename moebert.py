@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from bert import BertConfig, BertForQuestionAnswering, BertForSequenceClassification
 from common import BadFile
 from experts import Experts
-from weights import config_fields, find_config, read_checkpoint, read_config
+from weights import check_finite, config_fields, find_config, misfit, read_checkpoint, read_config
 
 ROUTES = ("hash-random", "hash-balance", "gate-token", "gate-sentence")
 SPLITS = ("importance", "random", "inverse")
@@ -308,11 +308,17 @@ class MoEBert:
             raise BadFile(f"{path}: {e}; restore it or pass the moebert folder of a finished run") from None
         if not all(isinstance(a, int) and a >= 1 for a in args):
             raise BadFile(f"{path}: num_labels must be a whole number of at least 1; restore it")
-        model = cls(config, moe, *args)
-        try:
-            model.load_state_dict(read_checkpoint(folder), strict=True)
-        except RuntimeError as e:  # torch names the missing, unexpected and misshapen keys
-            raise BadFile(f"{folder}: the weights do not fit its config.json ({e})") from None
+        model, tensors = cls(config, moe, *args), read_checkpoint(folder)
+        problems = misfit(model.state_dict(), tensors)
+        if problems:
+            raise BadFile(f"{folder}: the weights do not fit its config.json:\n{problems}\nRestore the folder, or "
+                          f"pass the moebert folder of a finished run")
+        check_finite(tensors, folder)
+        model.load_state_dict(tensors, strict=True)
+        for name, table in model.state_dict().items():  # an expert past the last would fail deep in a forward
+            if name.endswith("hash_table") and not ((table >= 0) & (table < moe.num_experts)).all():
+                raise BadFile(f"{folder}: {name} sends tokens to experts outside 0 .. {moe.num_experts - 1}; "
+                              f"restore the folder, or pass the moebert folder of a finished run")
         return model
 
 

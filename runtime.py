@@ -316,11 +316,18 @@ def holds_work(folder):
                for f in ("model.safetensors", "importance.safetensors", CHECKPOINT))
 
 
-def check_chain(folders):
+def check_chain(folders, force):
     """Each stage is built from the one before it: a finished stage whose source is gone would be
-    reused beside a source made anew. `folders`: the stages this run builds, in order."""
+    reused beside a source made anew (unless `force` redoes them all). `folders`: the stages this run
+    builds, in order. A file in a stage's place would fail its last step, the rename: said now."""
     gone = None
     for folder in folders:
+        for path in (folder, folder + ".partial"):
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise UserError(f"{path} is a file, where this run keeps a stage's folder: move it away, or use "
+                                f"another --out")
+        if force:
+            continue
         if not os.path.isdir(folder):
             gone = gone or folder
         elif gone:
@@ -347,11 +354,14 @@ class Log:
 
 
 def read_json(path):
-    """A JSON file the run wrote; a damaged one is an error that names it."""
+    """A JSON object the run wrote; a damaged one is an error that names it."""
     try:
         with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            d = json.load(f)
+        if not isinstance(d, dict):  # valid JSON, but not what this code writes
+            raise ValueError("it holds no JSON object")
+        return d
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise UserError(f"{path} is damaged ({e}): restore it or delete it (a finished stage without its settings.json "
                         f"is then redone with --force), or use another --out") from None
 
@@ -364,23 +374,44 @@ def read_tensor(path, name):
         raise UserError(f"{path} is missing or damaged ({e}); restore it, or run with --force to redo the stages") from None
 
 
-def read_run(args, given, keep):
+def read_run(args, given, keep, flags):
     """OUT/run.json records a run's task, student and settings. One --out holds one run, of one task
     and one student: refuse to mix another into it. --eval-only takes the recorded settings, but for
-    the flags given again and those in `keep`."""
+    the flags given again and those in `keep`, each checked as `flags` (the argparse parser) would."""
     path = os.path.join(args.out, "run.json")
     run = read_json(path) if os.path.exists(path) else None
     if os.path.exists(os.path.join(args.out, "results.json")):  # damaged: said now, not after the run
         read_json(os.path.join(args.out, "results.json"))
+    if run is not None and not (isinstance(run.get("task"), str) and isinstance(run.get("args", {}), dict)):
+        raise UserError(f"{path} is damaged (no task, or args that are not an object): restore it, or use another --out")
     if run and args.eval_only:
-        for k, v in run.get("args", {}).items():
-            if k not in given and k not in keep:
-                setattr(args, k, v)
+        recorded = run.get("args", {})
+        for action in flags._actions:  # flags this code does not have (any more) are passed over
+            k = action.dest
+            if k in recorded and k not in given and k not in keep:
+                setattr(args, k, recorded_flag(path, action, recorded[k]))
     if run and run["task"] != args.task:
         raise UserError(f"{args.out} holds a run of task {run['task']}; use another --out for {args.task}")
     if run and run.get("student", "moebert") != args.student:  # run.json of older runs: MoEBERT's
         raise UserError(f"{args.out} holds a run with --student {run.get('student', 'moebert')}; use another "
                         f"--out for --student {args.student} (--teacher {args.out}/teacher reuses its teacher)")
+
+
+def recorded_flag(path, action, value):
+    """A setting run.json recorded, checked as if it were typed again: the flag's type and choices."""
+    if value is None and action.default is None:  # the flag was not given: its default
+        return value
+    try:
+        if action.type is not None:
+            value = action.type(str(value))  # recorded as parsed: a number reads back as itself
+        elif not isinstance(value, str):
+            raise ValueError
+        if action.choices is not None and value not in action.choices:
+            raise ValueError
+        return value
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        raise UserError(f"{path} records {value!r} for {action.option_strings[0]}, which it does not take: restore "
+                        f"the file, or give {action.option_strings[0]} again") from None
 
 
 def write_run(args):

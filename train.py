@@ -70,8 +70,8 @@ SHALLOW_EVERY = 2  # the shallow student keeps one teacher layer in 2
 NOT_RECORDED = {"task", "out", "force", "eval_only", "predict", "device", "log_every", "save_every"}
 
 
-def get_args(argv=None):
-    """The flags, and the set of those given on the command line (--eval-only takes the rest from run.json)."""
+def parser():
+    """train.py's flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, choices=sorted(data.TASKS) + list(SQUAD),
                    help="a GLUE task, or squad (SQuAD v1.1) or squad2 (v2.0)")
@@ -130,6 +130,12 @@ def get_args(argv=None):
     m.add_argument("--distill-lr", type=POSITIVE, help="distillation learning rate")
     m.add_argument("--distill-batch-size", type=COUNT, help="distillation batch size")
     m.add_argument("--distill-weight-decay", type=AT_LEAST_0, help="distillation weight decay")
+    return p
+
+
+def get_args(argv=None):
+    """The flags, and the set of those given on the command line (--eval-only takes the rest from run.json)."""
+    p = parser()
     args = p.parse_args(argv)
     args.out = args.out or os.path.join("out", args.task)
     for action in p._actions:  # parsed again without defaults: what remains was given
@@ -309,7 +315,7 @@ def student_loss(model, b, share, teacher, lam, regression, layers, balance_weig
 def setup(args, given, device):
     """Everything the stages need, checked before anything is written: the recorded settings (for
     --eval-only), the teacher's class and source, the tokenizer, the data, each stage's settings."""
-    runtime.read_run(args, given, keep=NOT_RECORDED)  # --eval-only: the recorded settings; one run per --out
+    runtime.read_run(args, given, NOT_RECORDED, parser())  # --eval-only: the recorded settings; one run per --out
     if args.task in SQUAD and args.predict:
         raise UserError("--predict writes GLUE's test-set files; SQuAD's test sets are not public (the dev "
                         "predictions are in OUT/teacher/predictions.json and OUT/moebert/predictions.json)")
@@ -362,9 +368,9 @@ def setup(args, given, device):
     else:  # the student's kind and depth are settings too
         c.student_settings = dict(c.imp_settings, student=args.student, every=SHALLOW_EVERY, **distill)
     c.stage = "distill" if args.student == "moebert" else f"distill-{args.student}"  # its name in logs
-    if not (args.force or args.eval_only):
+    if not args.eval_only:
         runtime.check_chain([d for d, built in ((c.teacher_dir, not args.teacher), (os.path.join(args.out, "importance"),
-                             args.student == "moebert"), (c.student_dir, True)) if built])
+                             args.student == "moebert"), (c.student_dir, True)) if built], args.force)
     c.cost = 1.0 if args.student == "moebert" else 0.75  # a distillation example, in teacher steps (later_work)
     c.later = later_work(c)
     return c
@@ -461,7 +467,16 @@ def compute_importance(c, teacher):
         c.times["importance"] = time.time() - t0
         if runtime.MASTER:
             print(f"importance: {len(c.train)} training examples in {c.times['importance']:.1f}s")
-    return None if args.eval_only else runtime.read_tensor(os.path.join(folder, "importance.safetensors"), "importance")
+    if args.eval_only:
+        return None
+    path = os.path.join(folder, "importance.safetensors")
+    scores = runtime.read_tensor(path, "importance")  # [num_layers, intermediate_size]
+    want = (teacher.config.num_hidden_layers, teacher.config.intermediate_size)
+    finite = bool(torch.isfinite(scores).all())
+    if tuple(scores.shape) != want or not finite:  # another teacher's, or damaged
+        raise UserError(f"{path} holds {'' if finite else 'non-finite '}scores of shape {tuple(scores.shape)}, the "
+                        f"teacher has {want} neurons: restore it, or run with --force to redo the stages")
+    return scores
 
 
 def distill(c, teacher, importance):

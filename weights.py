@@ -35,6 +35,27 @@ GOOGLE_HEADS = {"cls/squad/output_weights": "qa_outputs.weight", "cls/squad/outp
                 "output_weights": "classifier.weight", "output_bias": "classifier.bias"}
 
 
+def misfit(own, tensors, optional=()):
+    """What keeps `tensors` from loading into a model whose state_dict is `own`, a line for each kind
+    of key: missing (but the `optional`, initialised anew), unexpected, wrong shape; '' if they fit."""
+    missing = sorted(set(own) - set(tensors) - set(optional))
+    unexpected = sorted(set(tensors) - set(own))
+    wrong_shape = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+                   for k in sorted(set(own) & set(tensors)) if tuple(tensors[k].shape) != tuple(own[k].shape)]
+    return "\n".join(f"  {what} ({len(keys)}): {', '.join(keys[:20])}{' ...' if len(keys) > 20 else ''}"
+                     for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
+                     if keys)
+
+
+def check_finite(tensors, source):
+    """NaN or inf in a checkpoint (a diverged run, a damaged file) would evaluate to a silent, meaningless score."""
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise BadFile(f"{source} holds NaN or infinite values in {', '.join(bad[:3])}"
+                      f"{f' and {len(bad) - 3} more tensors' if len(bad) > 3 else ''}: the file is damaged or its "
+                      f"training diverged; restore it, or pass another model")
+
+
 def load_weights(model, tensors, source="the checkpoint"):
     """Copy a {name: tensor} dict into `model`, failing loudly on anything that does not fit.
 
@@ -59,20 +80,14 @@ def load_weights(model, tensors, source="the checkpoint"):
     if not any(POOLER_KEYS.match(k) for k in own):
         tensors = {k: v for k, v in tensors.items() if not POOLER_KEYS.match(k)}
 
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    fresh_head = [k for k in missing if model.head_module and k.startswith(model.head_module + ".")]
-    missing = [k for k in missing if k not in fresh_head]
-    wrong_shape = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
-                   for k in sorted(set(own) & set(tensors)) if tuple(tensors[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong_shape:
+    fresh_head = sorted(k for k in own if k not in tensors and model.head_module and k.startswith(model.head_module + "."))
+    problems = misfit(own, tensors, optional=fresh_head)
+    if problems:
         # The usual causes: weights of another architecture, a config that does not belong to them,
         # or a fine-tuned head with another number of labels; the user fixes it by the folder passed.
-        raise BadFile(f"{source} does not fit the model:\n" + "\n".join(
-            f"  {what} ({len(keys)}): {', '.join(keys[:20])}{' ...' if len(keys) > 20 else ''}"
-            for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
-            if keys) + "\nPass a BERT folder whose config matches its weights (and, for a fine-tuned model, "
-            "one made for this task's labels).")
+        raise BadFile(f"{source} does not fit the model:\n{problems}\nPass a BERT folder whose config matches its "
+                      f"weights (and, for a fine-tuned model, one made for this task's labels).")
+    check_finite(tensors, source)
     if fresh_head:
         print(f"loading: no {model.head} head in the checkpoint, initialised fresh ({', '.join(fresh_head)})")
     with torch.no_grad():

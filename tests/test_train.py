@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from safetensors.torch import load_file
 
@@ -153,6 +154,24 @@ def test_eval_only_takes_the_recorded_settings(tiny_run, monkeypatch):
     assert recorded["recipe"] == "small" and recorded["lr"] == 2e-3  # the tiny BERT is narrow; --lr given
     fewer = train.main(base + ["--max-eval-examples", "8"])
     assert fewer["config"]["max_eval_examples"] == 8 and fewer["config"]["data_dir"] == recorded["data_dir"]
+
+
+@pytest.mark.parametrize("key,value", [("max_seq_length", "x"), ("route", "nope"), ("lr", [1]), ("seed", -1)])
+def test_eval_only_refuses_a_recorded_setting_its_flag_would_not_take(tiny_run, tmp_path, key, value):
+    """run.json recording a value that its flag refuses: --eval-only names the file and the flag, as
+    argparse would (not a TypeError deep in the run), and changes nothing; the flag given again wins."""
+    train = tiny_run["train"]
+    out = tmp_path / "out"
+    shutil.copytree(tiny_run["out"], out)
+    run = json.loads((out / "run.json").read_text())
+    kept, run["args"][key] = run["args"][key], value
+    write_json(out / "run.json", run)
+    before, flag = snapshot(out), "--" + key.replace("_", "-")
+    base = ["--task", "rte", "--out", str(out), "--device", "cpu", "--eval-only"]
+    with pytest.raises(common.UserError, match=re.escape(f"run.json records {value!r} for {flag}, which it does not take")):
+        train.main(base)
+    assert snapshot(out) == before
+    assert train.main(base + [flag, str(kept)])["moebert"] == tiny_run["results"]["moebert"]
 
 
 def test_recipe_follows_the_width_of_the_model():
@@ -882,6 +901,11 @@ def test_squad_length_must_leave_room_for_the_context(tmp_path):
         tasks.check_lengths(args, 512)
 
 
+def edit_tensors(path, fn):
+    """Rewrite a safetensors file with each tensor t named k replaced by fn(k, t)."""
+    safetensors.torch.save_file({k: fn(k, t) for k, t in load_file(path).items()}, path)
+
+
 def snapshot(folder):
     """Every file under folder -> its bytes, but for what each run writes: the lock, the log, and
     run.json, the record of the last command (a damaged one stops the run before it is written)."""
@@ -903,6 +927,25 @@ def snapshot(folder):
     (lambda o: (o / "teacher" / "model.safetensors").write_bytes(b"cut"), "teacher/model.safetensors is corrupt"),
     (lambda o: shutil.rmtree(o / "teacher"), "importance was built from"),
     (lambda o: shutil.rmtree(o / "importance"), "moebert was built from"),
+    # Valid JSON, safetensors of the wrong content, files where folders go: each named, no traceback.
+    (lambda o: (o / "teacher" / "settings.json").write_text("[1]"), "teacher/settings.json is damaged (it holds no JSON"),
+    (lambda o: (o / "results.json").write_text("[]"), "results.json is damaged (it holds no JSON object)"),
+    (lambda o: (o / "run.json").write_text('{"task": "rte", "args": []}'), "run.json is damaged (no task, or args"),
+    (lambda o: edit_tensors(o / "importance" / "importance.safetensors", lambda k, t: t[:, :3].contiguous()),
+     "importance.safetensors holds scores of shape (3, 3), the teacher has (3, 37)"),
+    (lambda o: edit_tensors(o / "importance" / "importance.safetensors", lambda k, t: t * float("nan")),
+     "importance.safetensors holds non-finite scores"),
+    (lambda o: edit_tensors(o / "moebert" / "model.safetensors", lambda k, t: t + 3 if k.endswith("hash_table") else t),
+     "moebert: bert.encoder.layer.0.moe.hash_table sends tokens to experts outside 0 .. 2"),
+    (lambda o: edit_tensors(o / "moebert" / "model.safetensors", lambda k, t: t[:1] if k == "classifier.weight" else t),
+     "the weights do not fit its config.json:\n  wrong shape (1): classifier.weight: checkpoint (1, 32) vs model (2, 32)"),
+    (lambda o: edit_tensors(o / "teacher" / "model.safetensors", lambda k, t: t / 0 if k == "classifier.bias" else t),
+     "teacher holds NaN or infinite values in classifier.bias: the file is damaged"),
+    (lambda o: edit_tensors(o / "moebert" / "model.safetensors", lambda k, t: t * float("nan") if "value" in k else t),
+     "moebert holds NaN or infinite values in bert.encoder.layer.0.attention.self.value.bias, "
+     "bert.encoder.layer.0.attention.self.value.weight, bert.encoder.layer.1.attention.self.value.bias and 3 more"),
+    (lambda o: (shutil.rmtree(o / "moebert"), (o / "moebert").write_text("x")), "moebert is a file, where this run keeps"),
+    (lambda o: (o / "moebert.partial").write_text("x"), "moebert.partial is a file, where this run keeps"),
 ])
 def test_damaged_or_missing_stage_files_are_named_and_nothing_is_redone(never_stopped, tmp_path, damage, phrase):
     """A finished run with one file damaged or gone: the same command stops with an error that names
@@ -935,7 +978,6 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_says_the_command_resumes(neve
     """A full disk as safetensors meets it: the file comes out short, and nothing is raised. The short
     checkpoint is caught before it replaces the last one; the run stops with an error that says what
     was kept; with space again the same command resumes and ends as a run never stopped."""
-    import safetensors.torch
     import train
     out, save_file, kept = tmp_path / "out", safetensors.torch.save_file, []
 
