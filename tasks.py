@@ -139,10 +139,17 @@ def check_teacher(path, task, num_labels):
     if num_labels is None and cfg.get("head") != "qa":
         raise UserError(f"--teacher {path} is not a question-answering model (config.json's head: "
                         f"{cfg.get('head', 'classification')!r}); {task} needs one, e.g. out/{task}/teacher")
-    if num_labels is not None and cfg.get("num_labels") != num_labels:
-        raise UserError(f"--teacher {path} has {cfg.get('num_labels')} labels; {task} needs {num_labels}")
-    with open(find_vocab(path), encoding="utf-8") as f:
-        n = sum(1 for _ in f)
+    if num_labels is not None and "num_labels" not in cfg:
+        raise UserError(f"--teacher {path}: config.json names no num_labels, so it is no fine-tuned classifier (a "
+                        f"pretrained BERT goes to --bert); pass a teacher fine-tuned for {task}, e.g. out/{task}/teacher")
+    if num_labels is not None and cfg["num_labels"] != num_labels:
+        raise UserError(f"--teacher {path} has {cfg['num_labels']!r} labels; {task} needs {num_labels}")
+    vocab = find_vocab(path)
+    try:
+        with open(vocab, encoding="utf-8") as f:
+            n = sum(1 for _ in f)
+    except UnicodeDecodeError:
+        raise data.utf8_error(vocab, data.VOCAB_FIX) from None
     if n != cfg.get("vocab_size"):
         raise UserError(f"--teacher {path}: vocab.txt has {n} tokens but the model has {cfg.get('vocab_size')}")
 

@@ -216,6 +216,12 @@ def test_teacher_that_does_not_fit_is_refused(tiny_run, tmp_path):
         run(short)
     with pytest.raises(common.UserError, match="moebert is a MoEBERT .* not a dense teacher; pass the teacher folder"):
         run(tiny_run["out"] / "moebert")  # a run's student, passed for its teacher
+    with pytest.raises(common.UserError, match="config.json names no num_labels, so it is no fine-tuned classifier"):
+        run(tiny_run["root"] / "bert")  # the pretrained BERT, passed for a teacher
+    (short / "vocab.txt").write_bytes(b"[PAD]\n\xff\xfe\n")
+    with pytest.raises(common.UserError, match=r"vocab.txt, line 2: not UTF-8 text \(byte 0xff"):
+        run(short)
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_vocabulary_larger_than_the_models_embeddings_is_refused(tiny_run, tmp_path):
