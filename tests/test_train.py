@@ -26,7 +26,7 @@ import runtime
 import shallow
 import squad
 import tasks
-from bert import BertConfig, BertForSequenceClassification, BertModel
+from bert import BertConfig, BertForQuestionAnswering, BertForSequenceClassification, BertModel
 from moebert import MoEConfig, moebert_from_dense
 
 from helpers import (DEVICES, GOOGLE_TINY, ROOT, TINY, TINY4, assert_close, fixture_json, free_port, tiny_model,
@@ -218,6 +218,11 @@ def test_teacher_that_does_not_fit_is_refused(tiny_run, tmp_path):
         run(tiny_run["out"] / "moebert")  # a run's student, passed for its teacher
     with pytest.raises(common.UserError, match="config.json names no num_labels, so it is no fine-tuned classifier"):
         run(tiny_run["root"] / "bert")  # the pretrained BERT, passed for a teacher
+    qa = tmp_path / "teacher_qa"
+    BertForQuestionAnswering(BertConfig(**TINY)).save_pretrained(qa)
+    shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), qa)
+    with pytest.raises(common.UserError, match="teacher_qa is a question-answering model; rte needs a classifier"):
+        run(qa)
     (short / "vocab.txt").write_bytes(b"[PAD]\n\xff\xfe\n")
     with pytest.raises(common.UserError, match=r"vocab.txt, line 2: not UTF-8 text \(byte 0xff"):
         run(short)
