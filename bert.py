@@ -206,7 +206,12 @@ class PreTrained(nn.Module):
     def from_pretrained(cls, path_or_name, **kwargs):
         """Load a Google release folder, a Hugging Face folder, or a release name (downloaded)."""
         folder = weights.resolve_pretrained(path_or_name)
-        model = cls(BertConfig.from_json(weights.find_config(folder)), **kwargs)
+        path = weights.find_config(folder)
+        d = weights.read_config(path)
+        if "moe" in d:  # its FFNs are experts: the dense loader would list every FFN weight as missing
+            raise BadFile(f"{folder} holds a MoEBERT, not a dense BERT: load it with moebert.load, or pass a dense "
+                          f"BERT folder")
+        model = cls(BertConfig.from_dict(d, path), **kwargs)
         weights.load_weights(model, weights.read_checkpoint(folder), source=folder)
         return model
 

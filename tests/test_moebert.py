@@ -745,6 +745,8 @@ def test_saved_moebert_that_is_damaged_or_not_one_is_a_user_error(tmp_path):
     teacher.save_pretrained(tmp_path / "dense")
     assert_user_error(raised(moebert.MoEBertForSequenceClassification.from_pretrained, tmp_path / "dense"),
                       BadFile, ValueError, "not a saved MoEBERT")
+    assert_user_error(raised(BertForSequenceClassification.from_pretrained, tmp_path / "moe", num_labels=2),
+                      BadFile, ValueError, "moe holds a MoEBERT, not a dense BERT: load it with moebert.load")
     config = json.loads((tmp_path / "moe" / "config.json").read_text())
     for edit, phrase in (({"moe": []}, "not a saved MoEBERT"), ({"moe": dict(config["moe"], route="hash")},
                          "route 'hash' is not one of"), ({"moe": dict(config["moe"], expert_dim="11")},
