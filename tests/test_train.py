@@ -971,6 +971,20 @@ def test_damaged_or_missing_stage_files_are_named_and_nothing_is_redone(never_st
     assert snapshot(out) == before
 
 
+def test_force_names_a_file_where_a_stage_folder_goes_before_redoing_anything(never_stopped, tmp_path):
+    """--force redoes every stage, and the last step of each is a rename onto its folder: a file there
+    is named at the start, not after the stages before it were redone."""
+    import train
+    out = tmp_path / "out"
+    shutil.copytree(never_stopped["ref"], out)
+    shutil.rmtree(out / "moebert")
+    (out / "moebert").write_text("mine")
+    before = snapshot(out)
+    with pytest.raises(common.UserError, match="moebert is a file, where this run keeps a stage's folder"):
+        train.main(never_stopped["args"] + ["--out", str(out), "--force"])
+    assert snapshot(out) == before
+
+
 @pytest.mark.parametrize("where", ["a file", "under a file", "read-only"])
 def test_an_out_folder_that_cannot_be_written(tmp_path, where, monkeypatch):
     import train
