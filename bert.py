@@ -207,8 +207,7 @@ class PreTrained(nn.Module):
         """Load a Google release folder, a Hugging Face folder, or a release name (downloaded)."""
         folder = weights.resolve_pretrained(path_or_name)
         path = weights.find_config(folder)
-        d = weights.read_config(path)
-        if "moe" in d:  # its FFNs are experts: the dense loader would list every FFN weight as missing
+        if "moe" in (d := weights.read_config(path)):  # experts, not FFNs: every FFN weight would be "missing"
             raise BadFile(f"{folder} holds a MoEBERT, not a dense BERT: load it with moebert.load, or pass a dense "
                           f"BERT folder")
         model = cls(BertConfig.from_dict(d, path), **kwargs)

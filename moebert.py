@@ -314,11 +314,11 @@ class MoEBert:
             raise BadFile(f"{folder}: the weights do not fit its config.json:\n{problems}\nRestore the folder, or "
                           f"pass the moebert folder of a finished run")
         check_finite(tensors, folder)
-        model.load_state_dict(tensors, strict=True)
-        for name, table in model.state_dict().items():  # an expert past the last would fail deep in a forward
+        for name, table in tensors.items():  # an expert past the last would fail deep in a forward
             if name.endswith("hash_table") and not ((table >= 0) & (table < moe.num_experts)).all():
                 raise BadFile(f"{folder}: {name} sends tokens to experts outside 0 .. {moe.num_experts - 1}; "
                               f"restore the folder, or pass the moebert folder of a finished run")
+        model.load_state_dict(tensors, strict=True)
         return model
 
 

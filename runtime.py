@@ -366,12 +366,18 @@ def read_json(path):
                         f"is then redone with --force), or use another --out") from None
 
 
-def read_tensor(path, name):
-    """One tensor of a safetensors file a stage wrote; a missing or damaged file is an error that names it."""
+def read_importance(path, shape):
+    """The importance scores stage 2 wrote, of `shape` (the teacher's [num_layers, intermediate_size]);
+    a file missing, damaged, of another teacher or not finite is an error that names it."""
     try:
-        return load_file(path)[name]
+        scores = load_file(path)["importance"]
     except (OSError, SafetensorError, KeyError) as e:
         raise UserError(f"{path} is missing or damaged ({e}); restore it, or run with --force to redo the stages") from None
+    finite = bool(torch.isfinite(scores).all())
+    if tuple(scores.shape) != shape or not finite:
+        raise UserError(f"{path} holds {'' if finite else 'non-finite '}scores of shape {tuple(scores.shape)}, the "
+                        f"teacher has {shape} neurons: restore it, or run with --force to redo the stages")
+    return scores
 
 
 def read_run(args, given, keep, flags):

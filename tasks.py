@@ -139,14 +139,16 @@ def check_teacher(path, task, num_labels):
     if num_labels is None and cfg.get("head") != "qa":
         raise UserError(f"--teacher {path} is not a question-answering model (config.json's head: "
                         f"{cfg.get('head', 'classification')!r}); {task} needs one, e.g. out/{task}/teacher")
-    if num_labels is not None and cfg.get("head") == "qa":
-        raise UserError(f"--teacher {path} is a question-answering model; {task} needs a classifier, e.g. "
-                        f"out/{task}/teacher")
-    if num_labels is not None and "num_labels" not in cfg:
-        raise UserError(f"--teacher {path}: config.json names no num_labels, so it is no fine-tuned classifier (a "
-                        f"pretrained BERT goes to --bert); pass a teacher fine-tuned for {task}, e.g. out/{task}/teacher")
-    if num_labels is not None and cfg["num_labels"] != num_labels:
-        raise UserError(f"--teacher {path} has {cfg['num_labels']!r} labels; {task} needs {num_labels}")
+    if num_labels is not None:  # a classifier of the task's labels
+        if cfg.get("head") == "qa":
+            raise UserError(f"--teacher {path} is a question-answering model; {task} needs a classifier, e.g. "
+                            f"out/{task}/teacher")
+        if "num_labels" not in cfg:
+            raise UserError(f"--teacher {path}: config.json names no num_labels, so it is no fine-tuned classifier (a "
+                            f"pretrained BERT goes to --bert); pass a teacher fine-tuned for {task}, e.g. "
+                            f"out/{task}/teacher")
+        if cfg["num_labels"] != num_labels:
+            raise UserError(f"--teacher {path} has {cfg['num_labels']!r} labels; {task} needs {num_labels}")
     vocab = find_vocab(path)
     try:
         with open(vocab, encoding="utf-8") as f:

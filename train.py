@@ -467,16 +467,8 @@ def compute_importance(c, teacher):
         c.times["importance"] = time.time() - t0
         if runtime.MASTER:
             print(f"importance: {len(c.train)} training examples in {c.times['importance']:.1f}s")
-    if args.eval_only:
-        return None
-    path = os.path.join(folder, "importance.safetensors")
-    scores = runtime.read_tensor(path, "importance")  # [num_layers, intermediate_size]
-    want = (teacher.config.num_hidden_layers, teacher.config.intermediate_size)
-    finite = bool(torch.isfinite(scores).all())
-    if tuple(scores.shape) != want or not finite:  # another teacher's, or damaged
-        raise UserError(f"{path} holds {'' if finite else 'non-finite '}scores of shape {tuple(scores.shape)}, the "
-                        f"teacher has {want} neurons: restore it, or run with --force to redo the stages")
-    return scores
+    shape = (teacher.config.num_hidden_layers, teacher.config.intermediate_size)
+    return None if args.eval_only else runtime.read_importance(os.path.join(folder, "importance.safetensors"), shape)
 
 
 def distill(c, teacher, importance):
