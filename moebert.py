@@ -38,6 +38,7 @@ class MoEConfig:
                 (self.route not in ROUTES, f"route {self.route!r} is not one of {', '.join(ROUTES)}"),
                 (self.split not in SPLITS, f"split {self.split!r} is not one of {', '.join(SPLITS)}"),
                 (self.num_experts < 1, f"num_experts must be at least 1, got {self.num_experts}"),
+                (self.expert_dim < 1, f"expert_dim must be at least 1, got {self.expert_dim} (the default: neurons // N)"),
                 (not 0 <= self.shared_dim <= self.expert_dim,
                  f"shared_dim {self.shared_dim} must be between 0 and expert_dim {self.expert_dim}"),
                 (self.expert_dim > intermediate_size,

@@ -118,7 +118,7 @@ def parser():
     m = p.add_argument_group("MoEBERT (stages 2-4; the --distill flags also train --student shallow); defaults: "
                              "the paper's Table 7 for the task")
     m.add_argument("--num-experts", type=COUNT, default=4, help="experts per layer")
-    m.add_argument("--expert-dim", type=COUNT, help="neurons per expert (default: intermediate size / 4)")
+    m.add_argument("--expert-dim", type=COUNT, help="neurons per expert (default: intermediate size / num-experts)")
     m.add_argument("--shared-dim", type=COUNT_OR_0, help="most important neurons shared by all experts (default: 2/3 "
                    "of expert-dim; 768 and 512 for BERT-base)")
     m.add_argument("--route", default="hash-random", choices=moebert.ROUTES, help="routing")

@@ -171,6 +171,7 @@ def test_invalid_moe_configs_are_refused():
     for kwargs, msg in [(dict(shared_dim=12, expert_dim=11), "shared_dim"),
                         (dict(expert_dim=38, shared_dim=0), "exceeds"),
                         (dict(num_experts=4, expert_dim=20, shared_dim=5), "too few neurons"),
+                        (dict(num_experts=40, expert_dim=0, shared_dim=0), "expert_dim must be at least 1"),
                         (dict(route="hash"), "route")]:
         with pytest.raises(ValueError, match=msg):
             MoEConfig(**kwargs).check(37)

@@ -892,6 +892,7 @@ def test_bad_flag_in_a_real_process_is_one_error_line(tmp_path):
     (["--expert-dim", "38"], "expert_dim 38 exceeds the FFN's 37 neurons"),
     (["--expert-dim", "11", "--shared-dim", "12"], "shared_dim 12 must be between 0 and expert_dim 11"),
     (["--num-experts", "9", "--expert-dim", "11", "--shared-dim", "5"], "too few neurons"),
+    (["--num-experts", "40"], "expert_dim must be at least 1, got 0"),  # the default, 37 // 40: experts of nothing
 ])
 def test_settings_that_do_not_fit_the_model_stop_before_stage_1(never_stopped, tmp_path, extra, phrase):
     import train
