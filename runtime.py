@@ -316,18 +316,25 @@ def holds_work(folder):
                for f in ("model.safetensors", "importance.safetensors", CHECKPOINT))
 
 
-def check_chain(folders, force):
-    """Each stage is built from the one before it: a finished stage whose source is gone would be
-    reused beside a source made anew (unless `force` redoes them all). `folders`: the stages this run
-    builds, in order. A file in a stage's place would fail its last step, the rename: said now."""
+def check_chain(stages, force):
+    """`stages`: the (folder, settings) of each stage this run builds, in order, checked before anything is
+    written. A finished stage, or a stopped one's checkpoint, made with other settings is refused (as
+    `finished` would refuse it later, after run.json was rewritten). Each stage is built from the one
+    before it: a finished stage whose source is gone would be reused beside a source made anew (unless
+    `force` redoes them all). A file in a stage's place would fail its last step, the rename: said now."""
     gone = None
-    for folder in folders:
+    for folder, settings in stages:
         for path in (folder, folder + ".partial"):
             if os.path.exists(path) and not os.path.isdir(path):
                 raise UserError(f"{path} is a file, where this run keeps a stage's folder: move it away, or use "
                                 f"another --out")
         if force:
             continue
+        done = differs(folder, settings)
+        stopped = done == "" and os.path.exists(os.path.join(folder + ".partial", CHECKPOINT)) and differs(
+            folder + ".partial", settings)
+        if done or stopped:
+            raise UserError(f"{done or stopped}.\nUse another --out, or --force to redo it.")
         if not os.path.isdir(folder):
             gone = gone or folder
         elif gone:
@@ -380,22 +387,34 @@ def read_importance(path, shape):
     return scores
 
 
-def read_run(args, given, keep, flags):
+def read_run(args, given, keep, free, flags):
     """OUT/run.json records a run's task, student and settings. One --out holds one run, of one task
-    and one student: refuse to mix another into it. --eval-only takes the recorded settings, but for
-    the flags given again and those in `keep`, each checked as `flags` (the argparse parser) would."""
+    and one student: refuse to mix another into it. --eval-only takes the recorded settings, each checked
+    as `flags` (the argparse parser) would, but those in `keep`; of the flags given again, those in `free`
+    (they shape the evaluation alone) win, the others must be what trained the models."""
     path = os.path.join(args.out, "run.json")
     run = read_json(path) if os.path.exists(path) else None
     if os.path.exists(os.path.join(args.out, "results.json")):  # damaged: said now, not after the run
         read_json(os.path.join(args.out, "results.json"))
     if run is not None and not (isinstance(run.get("task"), str) and isinstance(run.get("args", {}), dict)):
         raise UserError(f"{path} is damaged (no task, or args that are not an object): restore it, or use another --out")
-    if run and args.eval_only:
-        recorded = run.get("args", {})
-        for action in flags._actions:  # flags this code does not have (any more) are passed over
-            k = action.dest
-            if k in recorded and k not in given and k not in keep:
-                setattr(args, k, recorded_flag(path, action, recorded[k]))
+    recorded = run.get("args", {}) if run and args.eval_only else {}
+    for action in flags._actions:  # flags this code does not have (any more) are passed over
+        k, flag = action.dest, action.option_strings[0]
+        if k not in recorded or k in keep or k in free and k in given:
+            continue
+        try:
+            value = recorded_flag(path, action, recorded[k])
+        except UserError:
+            if k in given:  # a damaged record: the flag given again stands in for it
+                continue
+            raise
+        if k not in given:
+            setattr(args, k, value)
+        elif getattr(args, k) != value:
+            raise UserError(f"--eval-only evaluates the models in {args.out} as they were trained, with {flag} "
+                            f"{'(its default)' if value is None else value} (run.json), not {getattr(args, k)}: drop "
+                            f"{flag}, or train with it into another --out")
     if run and run["task"] != args.task:
         raise UserError(f"{args.out} holds a run of task {run['task']}; use another --out for {args.task}")
     if run and run.get("student", "moebert") != args.student:  # run.json of older runs: MoEBERT's
@@ -421,7 +440,7 @@ def recorded_flag(path, action, value):
 
 
 def write_run(args):
-    if MASTER:
+    if MASTER and not args.eval_only:  # the record of what trained the models: an evaluation changes none
         atomic_write_json(os.path.join(args.out, "run.json"), {"task": args.task, "student": args.student,
                                                                "args": vars(args)})
 

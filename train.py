@@ -68,6 +68,9 @@ STUDENTS = ("moebert", "shallow")
 SHALLOW_EVERY = 2  # the shallow student keeps one teacher layer in 2
 # What --eval-only does not take from the run's record (run.json): what and where to run, not how.
 NOT_RECORDED = {"task", "out", "force", "eval_only", "predict", "device", "log_every", "save_every"}
+# What --eval-only may set anew, as they shape the evaluation alone; the other flags made the models.
+EVAL_SETTINGS = {"data_dir", "max_eval_examples", "eval_batch_size", "dtype", "max_seq_length", "doc_stride",
+                 "max_query_length"}
 
 
 def parser():
@@ -315,7 +318,7 @@ def student_loss(model, b, share, teacher, lam, regression, layers, balance_weig
 def setup(args, given, device):
     """Everything the stages need, checked before anything is written: the recorded settings (for
     --eval-only), the teacher's class and source, the tokenizer, the data, each stage's settings."""
-    runtime.read_run(args, given, NOT_RECORDED, parser())  # --eval-only: the recorded settings; one run per --out
+    runtime.read_run(args, given, NOT_RECORDED, EVAL_SETTINGS, parser())  # --eval-only: the record; one run per --out
     if args.task in SQUAD and args.predict:
         raise UserError("--predict writes GLUE's test-set files; SQuAD's test sets are not public (the dev "
                         "predictions are in OUT/teacher/predictions.json and OUT/moebert/predictions.json)")
@@ -368,9 +371,10 @@ def setup(args, given, device):
     else:  # the student's kind and depth are settings too
         c.student_settings = dict(c.imp_settings, student=args.student, every=SHALLOW_EVERY, **distill)
     c.stage = "distill" if args.student == "moebert" else f"distill-{args.student}"  # its name in logs
-    if not args.eval_only:
-        runtime.check_chain([d for d, built in ((c.teacher_dir, not args.teacher), (os.path.join(args.out, "importance"),
-                             args.student == "moebert"), (c.student_dir, True)) if built], args.force)
+    if not args.eval_only:  # what OUT holds against these settings, before run.json is written
+        runtime.check_chain([(d, s) for d, s, built in ((c.teacher_dir, c.teacher_settings, not args.teacher),
+                             (os.path.join(args.out, "importance"), c.imp_settings, args.student == "moebert"),
+                             (c.student_dir, c.student_settings, True)) if built], args.force)
     c.cost = 1.0 if args.student == "moebert" else 0.75  # a distillation example, in teacher steps (later_work)
     c.later = later_work(c)
     return c

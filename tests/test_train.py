@@ -174,6 +174,39 @@ def test_eval_only_refuses_a_recorded_setting_its_flag_would_not_take(tiny_run, 
     assert train.main(base + [flag, str(kept)])["moebert"] == tiny_run["results"]["moebert"]
 
 
+@pytest.mark.parametrize("flag,value,phrase", [("--route", "gate-token", "with --route hash-random (run.json), not gate-token"),
+                                             ("--seed", "3", "with --seed 0 (run.json), not 3"),
+                                             ("--expert-dim", "12", "with --expert-dim 11 (run.json), not 12")])
+def test_eval_only_refuses_a_flag_that_made_the_models(tiny_run, tmp_path, flag, value, phrase):
+    """--eval-only evaluates the models OUT holds: a flag that made them, given with another value, is refused
+    (it would change the record alone); given with its value it is taken, as an evaluation flag is, and
+    run.json, the record of what trained the models, is not rewritten."""
+    train = tiny_run["train"]
+    out = tmp_path / "out"
+    shutil.copytree(tiny_run["out"], out)
+    base = ["--task", "rte", "--out", str(out), "--device", "cpu", "--eval-only"]
+    before, record = snapshot(out), (out / "run.json").read_bytes()
+    with pytest.raises(common.UserError, match=re.escape(phrase)):
+        train.main(base + [flag, value])
+    assert snapshot(out) == before
+    same = str(json.loads(record)["args"][flag[2:].replace("-", "_")])
+    assert train.main(base + [flag, same, "--max-eval-examples", "8"])["config"]["max_eval_examples"] == 8
+    assert (out / "run.json").read_bytes() == record
+
+
+@pytest.mark.parametrize("change", [["--seed", "3"], ["--route", "gate-token"], ["--distill-lr", "1e-3"]])
+def test_a_rerun_with_other_settings_is_refused_before_it_writes(tiny_run, tmp_path, change):
+    """Settings other than a finished stage's are refused at set-up, before run.json is written: it still
+    records what made the models (a later --eval-only reads it), and every other file is as it was."""
+    train = tiny_run["train"]
+    out = tmp_path / "out"
+    shutil.copytree(tiny_run["out"], out)
+    before, record = snapshot(out), (out / "run.json").read_bytes()
+    with pytest.raises(common.UserError, match="was made with other settings"):
+        train.main(tiny_run["args"] + ["--out", str(out)] + change)
+    assert snapshot(out) == before and (out / "run.json").read_bytes() == record
+
+
 def test_recipe_follows_the_width_of_the_model():
     """--recipe auto: BERT's teacher recipe from BERT-base's width up, the small one below; a flag given wins."""
     import train
