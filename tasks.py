@@ -149,6 +149,11 @@ def check_teacher(path, task, num_labels):
                             f"out/{task}/teacher")
         if cfg["num_labels"] != num_labels:
             raise UserError(f"--teacher {path} has {cfg['num_labels']!r} labels; {task} needs {num_labels}")
+    made = os.path.join(path, "settings.json")  # what train.py records beside a teacher it fine-tuned
+    trained_on = runtime.read_json(made).get("task") if os.path.exists(made) else task
+    if trained_on != task:  # the same labels, another task: no error would follow, only a meaningless score
+        raise UserError(f"--teacher {path} was fine-tuned on {trained_on} (its settings.json), not {task}: pass a "
+                        f"teacher of {task}, e.g. out/{task}/teacher, or leave out --teacher to fine-tune one")
     vocab = find_vocab(path)
     try:
         with open(vocab, encoding="utf-8") as f:

@@ -259,6 +259,10 @@ def test_teacher_that_does_not_fit_is_refused(tiny_run, tmp_path):
     (short / "vocab.txt").write_bytes(b"[PAD]\n\xff\xfe\n")
     with pytest.raises(common.UserError, match=r"vocab.txt, line 2: not UTF-8 text \(byte 0xff"):
         run(short)
+    wnli = shutil.copytree(tiny_run["out"] / "teacher", tmp_path / "teacher_wnli")  # two labels, as RTE's
+    write_json(wnli / "settings.json", dict(json.loads((wnli / "settings.json").read_text()), task="wnli"))
+    with pytest.raises(common.UserError, match="teacher_wnli was fine-tuned on wnli .its settings.json., not rte"):
+        run(wnli)
     assert not (tmp_path / "o").exists()
 
 
