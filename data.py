@@ -114,6 +114,13 @@ TASKS = {
     "rte": Task("RTE", ["entailment", "not_entailment"], (1, 2, -1), (1, 2), True, ("accuracy",)),
     "wnli": Task("WNLI", ["0", "1"], (1, 2, -1), (1, 2), True, ("accuracy",)),
 }
+# The header's names of the columns read (text_a, text_b, label), as in GLUE's files (CoLA's train and dev
+# have no header): another task's file, given by mistake, is refused rather than read from wrong columns.
+COLUMNS = {"cola": ("sentence", None, None), "sst2": ("sentence", None, "label"),
+           "mrpc": ("#1 String", "#2 String", "Quality"), "stsb": ("sentence1", "sentence2", "score"),
+           "qqp": ("question1", "question2", "is_duplicate"), "mnli": ("sentence1", "sentence2", "gold_label"),
+           "qnli": ("question", "sentence", "label"), "rte": ("sentence1", "sentence2", "label"),
+           "wnli": ("sentence1", "sentence2", "label")}
 
 
 class Example(NamedTuple):
@@ -157,6 +164,11 @@ def read_glue(task, data_dir, split):
     width = len(first[1])  # every row must have as many fields as the header (or CoLA's first row)
     if width <= max(abs(c) for c in (a, b, y) if c is not None):
         raise BadFile(f"{path}, line 1: {width} fields, too few for a {t.folder} {split} file; {FORMAT_HELP}")
+    wrong = [(first[1][c], name) for c, name in zip((a, b, y), COLUMNS[task])
+             if (test or t.header) and c is not None and name and first[1][c].strip() != name]
+    if wrong:
+        raise BadFile(f"{path}, line 1: the header has {', '.join(repr(w) for w, _ in wrong)} where {t.folder}'s "
+                      f"{split} file has {', '.join(repr(n) for _, n in wrong)}: another task's file? " + data_dir_help(task))
     for line, row in rows if test or t.header else itertools.chain([first], rows):
         where = f"{path}, line {line}"
         if len(row) != width:

@@ -310,6 +310,19 @@ def test_train_refuses_a_glue_file_not_utf8(tmp_path, glue):
     assert "train.tsv, line 2: not UTF-8 text" in err
 
 
+@pytest.mark.parametrize("task, folder, split, where, what", [
+    ("sst2", "CoLA", "train", "line 1", "the header has 'gj04', '1' where SST-2's train file has 'sentence', 'label'"),
+    ("qnli", "RTE", "dev", "line 1", "the header has 'sentence1', 'sentence2' where QNLI's dev file has 'question', 'sentence'"),
+    ("rte", "QNLI", "test", "line 1", "the header has 'question', 'sentence' where RTE's test file has 'sentence1', 'sentence2'"),
+    ("rte", "WNLI", "train", "line 2", "unknown label '1'"),  # the same header: the labels tell them apart
+])
+def test_another_tasks_file_is_refused_not_misread(glue, task, folder, split, where, what):
+    """A task's folder given for another task whose files have as many columns: the header (or the labels)
+    tell them apart, where the rows would have read as examples, from the wrong columns."""
+    e = raised(data.read_glue, task, glue / folder, split)
+    assert_user_error(e, BadFile, ValueError, f"{folder}/{split}.tsv, {where}: {what}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Metrics, against scikit-learn and scipy
 
