@@ -11,6 +11,7 @@ import functools
 import http.server
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -260,3 +261,15 @@ def train_refuses(tmp_path, *args):
     assert p.returncode == 2 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr, p.stderr
     assert not out.exists()
     return p.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# The README's snippets (test_train.py: classification, test_squad.py: a question answered)
+
+
+def readme_snippet(default, folder):
+    """The README's one ```python block that loads `default` (out/rte/moebert, ...), pointed at `folder`."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        blocks = [b for b in re.findall(r"```python\n(.*?)```", f.read(), flags=re.S) if f'"{default}"' in b]
+    assert len(blocks) == 1, f"the README should hold one python block that loads {default}"
+    return blocks[0].replace(f'"{default}"', repr(str(folder)))

@@ -22,7 +22,7 @@ import data
 import squad
 from common import BadFile, MissingFile, Offline
 
-from helpers import (CAFE, LONG, NORMANS, assert_user_error, closed_port_url, fixture_json, minilm_dir, raised, serve,
+from helpers import (CAFE, LONG, NORMANS, GOOGLE_TINY, assert_user_error, closed_port_url, fixture_json, minilm_dir, raised, serve,
                      train_refuses, write_json)
 
 
@@ -635,3 +635,36 @@ def test_score_from_postprocess_agrees_with_official(official, tokenizer, tmp_pa
         # the threshold flags exactly the questions predicted "" (no extra "no answer" from na_probs)
         assert ours == squad.evaluate_v2(dataset, preds, diffs, na_prob_thresh=float("inf")) | {
             k: v for k, v in ours.items() if k.startswith("best")}
+
+
+# ----------------------------------------------------------------------------------------------
+# The README's snippet: a finished SQuAD MoEBERT answers a question
+
+
+def test_readme_snippet_answers_with_a_saved_squad_moebert(tmp_path, capsys):
+    """The snippet's answer is the best span the saved model gives, found here by brute force over every
+    (start, end) of the context's tokens in the plain pair encoding, not through make_features/postprocess."""
+    import re
+    import moebert
+    from helpers import readme_snippet, tiny_qa
+    folder = tmp_path / "squad" / "moebert"
+    code = readme_snippet("out/squad/moebert", folder)
+    q, context = re.search(r'squad.Example\("q1", "(.*?)", "(.*?)"', code).groups()
+    tok = data.load_tokenizer(os.path.join(GOOGLE_TINY, "vocab.txt"))  # the tiny vocabulary is uncased
+    enc = tok.encode(q, context)
+    answers = set()
+    for seed in range(4):
+        moe = moebert.moebert_from_dense(tiny_qa(seed), torch.rand(3, 37, generator=torch.Generator().manual_seed(seed)),
+                                         moebert.MoEConfig(num_experts=3, expert_dim=11, shared_dim=5)).eval()
+        assert len(enc.ids) <= moe.config.max_position_embeddings  # one window: the pair encoding is the feature
+        moe.save_pretrained(folder)
+        shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), folder / "vocab.txt")  # as train.py does
+        with torch.no_grad():
+            logits = moe(torch.tensor([enc.ids]), torch.tensor([enc.type_ids])).logits[0].double()  # [T, 2]
+        ctx = [i for i, t in enumerate(enc.type_ids) if t == 1][:-1]  # the context's tokens, not the last [SEP]
+        s, e = max(((s, e) for s in ctx for e in ctx if s <= e < s + 30), key=lambda p: logits[p[0], 0] + logits[p[1], 1])
+        expected = context[enc.offsets[s][0]:enc.offsets[e][1]]
+        exec(compile(code, "README.md", "exec"), {})
+        assert capsys.readouterr().out == expected + "\n"
+        answers.add(expected)
+    assert len(answers) > 1, "the printed answer must follow the saved model"

@@ -29,8 +29,8 @@ import tasks
 from bert import BertConfig, BertForQuestionAnswering, BertForSequenceClassification, BertModel
 from moebert import MoEConfig, moebert_from_dense
 
-from helpers import (DEVICES, GOOGLE_TINY, ROOT, TINY, TINY4, assert_close, fixture_json, free_port, tiny_model,
-                     write_json)
+from helpers import (DEVICES, GOOGLE_TINY, ROOT, TINY, TINY4, assert_close, fixture_json, free_port, readme_snippet,
+                     tiny_model, write_json)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -600,18 +600,6 @@ def test_predict_writes_the_leaderboard_files(never_stopped):
 # ----------------------------------------------------------------------------------------------
 # The README snippet: load a finished MoEBERT and classify a sentence pair
 
-SNIPPET = os.path.join(ROOT, "README.md")
-
-
-def snippet_code(folder):
-    """The README's ```python block that uses a finished MoEBERT, pointed at `folder` instead of out/rte/moebert."""
-    with open(SNIPPET, encoding="utf-8") as f:
-        blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
-    blocks = [b for b in blocks if '"out/rte/moebert"' in b]
-    assert len(blocks) == 1, "the README should hold one python block that loads out/rte/moebert"
-    return blocks[0].replace('"out/rte/moebert"', repr(str(folder)))
-
-
 def test_readme_snippet_classifies_with_a_saved_moebert(tmp_path, capsys):
     torch.manual_seed(0)
     teacher = tiny_model(num_labels=2)
@@ -620,7 +608,7 @@ def test_readme_snippet_classifies_with_a_saved_moebert(tmp_path, capsys):
     folder = tmp_path / "rte" / "moebert"
     moe.save_pretrained(folder)
     shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), folder / "vocab.txt")  # as train.py does
-    code = snippet_code(folder)
+    code = readme_snippet("out/rte/moebert", folder)
 
     # What the model says, computed here without the snippet: the pair through the tokenizer directly.
     a, b = "A man is playing with his dog.", "A man plays with a dog."
@@ -635,14 +623,14 @@ def test_readme_snippet_classifies_with_a_saved_moebert(tmp_path, capsys):
         return data.TASKS["rte"].labels[logits.argmax(-1).item()]
 
     first = expected()
-    exec(compile(code, SNIPPET, "exec"), {})
+    exec(compile(code, "README.md", "exec"), {})
     assert capsys.readouterr().out == first + "\n"
     # The same head negated picks the other label: the printed label does come from the saved model.
     with torch.no_grad():
         moe.classifier.weight.neg_()
         moe.classifier.bias.neg_()
     moe.save_pretrained(folder)
-    exec(compile(code, SNIPPET, "exec"), {})
+    exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert printed == expected() + "\n" and expected() != first
 
