@@ -291,11 +291,19 @@ def differs(folder, settings):
             raise UserError(f"{folder} holds a stage's work but no settings.json, so what it was made with is "
                             f"unknown: restore the file, or run with --force to redo this stage and the ones after it")
         return ""
-    old = read_json(path)
-    diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+    old, now = flat(read_json(path)), flat(settings)
+    diff = {k: (old.get(k), v) for k, v in now.items() if old.get(k) != v}
     if not diff:
         return None
     return f"{folder} was made with other settings ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())})"
+
+
+def flat(settings, prefix=""):
+    """{"moe": {"route": ...}} -> {"moe.route": ...}: a difference is named down to its field."""
+    out = {}
+    for k, v in settings.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
 
 
 def publish(partial, folder):

@@ -194,15 +194,17 @@ def test_eval_only_refuses_a_flag_that_made_the_models(tiny_run, tmp_path, flag,
     assert (out / "run.json").read_bytes() == record
 
 
-@pytest.mark.parametrize("change", [["--seed", "3"], ["--route", "gate-token"], ["--distill-lr", "1e-3"]])
-def test_a_rerun_with_other_settings_is_refused_before_it_writes(tiny_run, tmp_path, change):
+@pytest.mark.parametrize("change,diff", [(["--seed", "3"], "seed: 0 there, 3 now"),
+                                         (["--route", "gate-token"], "moe.route: 'hash-random' there, 'gate-token' now)"),
+                                         (["--distill-lr", "1e-3"], "lr: 0.0002 there, 0.001 now")])
+def test_a_rerun_with_other_settings_is_refused_before_it_writes(tiny_run, tmp_path, change, diff):
     """Settings other than a finished stage's are refused at set-up, before run.json is written: it still
     records what made the models (a later --eval-only reads it), and every other file is as it was."""
     train = tiny_run["train"]
     out = tmp_path / "out"
     shutil.copytree(tiny_run["out"], out)
     before, record = snapshot(out), (out / "run.json").read_bytes()
-    with pytest.raises(common.UserError, match="was made with other settings"):
+    with pytest.raises(common.UserError, match=re.escape(f"was made with other settings ({diff}")):
         train.main(tiny_run["args"] + ["--out", str(out)] + change)
     assert snapshot(out) == before and (out / "run.json").read_bytes() == record
 
