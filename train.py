@@ -68,9 +68,10 @@ STUDENTS = ("moebert", "shallow")
 SHALLOW_EVERY = 2  # the shallow student keeps one teacher layer in 2
 # What --eval-only does not take from the run's record (run.json): what and where to run, not how.
 NOT_RECORDED = {"task", "out", "force", "eval_only", "predict", "device", "log_every", "save_every"}
-# What --eval-only may set anew, as they shape the evaluation alone; the other flags made the models.
+# What --eval-only may set anew: they shape the evaluation alone, or (bert, recipe) what training would start
+# from; the other flags made the models.
 EVAL_SETTINGS = {"data_dir", "max_eval_examples", "eval_batch_size", "dtype", "max_seq_length", "doc_stride",
-                 "max_query_length"}
+                 "max_query_length", "bert", "recipe"}
 
 
 def parser():

@@ -154,6 +154,8 @@ def test_eval_only_takes_the_recorded_settings(tiny_run, monkeypatch):
     assert recorded["recipe"] == "small" and recorded["lr"] == 2e-3  # the tiny BERT is narrow; --lr given
     fewer = train.main(base + ["--max-eval-examples", "8"])
     assert fewer["config"]["max_eval_examples"] == 8 and fewer["config"]["data_dir"] == recorded["data_dir"]
+    # The training command again, its BERT by name where the record holds the folder: nothing is fetched.
+    assert train.main(base + ["--bert", "all-minilm-l6-v2", "--recipe", "auto"])["moebert"] == only["moebert"]
 
 
 @pytest.mark.parametrize("key,value", [("max_seq_length", "x"), ("route", "nope"), ("lr", [1]), ("seed", -1)])
