@@ -419,7 +419,7 @@ def read_run(args, given, keep, free, flags):
             raise
         if k not in given:
             setattr(args, k, value)
-        elif getattr(args, k) != value:
+        elif getattr(args, k) != value and not same_path(getattr(args, k), value):
             raise UserError(f"--eval-only evaluates the models in {args.out} as they were trained, with {flag} "
                             f"{'(its default)' if value is None else value} (run.json), not {getattr(args, k)}: drop "
                             f"{flag}, or train with it into another --out")
@@ -428,6 +428,14 @@ def read_run(args, given, keep, free, flags):
     if run and run.get("student", "moebert") != args.student:  # run.json of older runs: MoEBERT's
         raise UserError(f"{args.out} holds a run with --student {run.get('student', 'moebert')}; use another "
                         f"--out for --student {args.student} (--teacher {args.out}/teacher reuses its teacher)")
+
+
+def same_path(a, b):
+    """Whether a and b spell one file or folder (relative and absolute, through a link)."""
+    try:
+        return isinstance(a, str) and isinstance(b, str) and os.path.samefile(a, b)
+    except OSError:  # one of them is not there
+        return False
 
 
 def recorded_flag(path, action, value):

@@ -795,6 +795,11 @@ def test_one_out_holds_one_student_and_a_teacher_is_shared_by_path(shallow_run, 
     moved = args[:args.index("--out")] + ["--out", str(moe_out)] + args[args.index("--out") + 2:]
     results = train.main(moved + ["--teacher", str(out / "teacher")])
     assert results["teacher"] == shallow_run["results"]["teacher"]  # the same teacher, evaluated alike
+    # --eval-only with the same teacher spelled another way: taken; another teacher: refused.
+    again = ["--task", moved[moved.index("--task") + 1], "--out", str(moe_out), "--device", "cpu", "--eval-only"]
+    assert train.main(again + ["--teacher", os.path.relpath(out / "teacher")])["teacher"] == results["teacher"]
+    with pytest.raises(common.UserError, match="as they were trained, with --teacher"):
+        train.main(again + ["--teacher", str(moe_out / "moebert")])
     assert {f: (out / "teacher" / f).read_bytes() for f in os.listdir(out / "teacher")} == teacher_files
     assert set(results["macs_per_token"]) == {"seq_len", "teacher", "moebert"}
     assert results["macs_per_token"]["moebert"]["weights"] < results["macs_per_token"]["teacher"]["weights"]
