@@ -168,7 +168,8 @@ def read_glue(task, data_dir, split):
              if (test or t.header) and c is not None and name and first[1][c].strip() != name]
     if wrong:
         raise BadFile(f"{path}, line 1: the header has {', '.join(repr(w) for w, _ in wrong)} where {t.folder}'s "
-                      f"{split} file has {', '.join(repr(n) for _, n in wrong)}: another task's file? " + data_dir_help(task))
+                      f"{split} file has {', '.join(repr(n) for _, n in wrong)}: another task's file? "
+                      + data_dir_help(task))
     for line, row in rows if test or t.header else itertools.chain([first], rows):
         where = f"{path}, line {line}"
         if len(row) != width:

@@ -408,7 +408,7 @@ def read_run(args, given, keep, free, flags):
         raise UserError(f"{path} is damaged (no task, or args that are not an object): restore it, or use another --out")
     recorded = run.get("args", {}) if run and args.eval_only else {}
     for action in flags._actions:  # flags this code does not have (any more) are passed over
-        k, flag = action.dest, action.option_strings[0]
+        k, flag = action.dest, (action.option_strings or [action.dest])[0]
         if k not in recorded or k in keep or k in free and k in given:
             continue
         try:

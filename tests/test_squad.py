@@ -22,8 +22,8 @@ import data
 import squad
 from common import BadFile, MissingFile, Offline
 
-from helpers import (CAFE, LONG, NORMANS, GOOGLE_TINY, assert_user_error, closed_port_url, fixture_json, minilm_dir, raised, serve,
-                     train_refuses, write_json)
+from helpers import (CAFE, GOOGLE_TINY, LONG, NORMANS, assert_user_error, closed_port_url, fixture_json, minilm_dir,
+                     raised, serve, train_refuses, write_json)
 
 
 # ----------------------------------------------------------------------------------------------

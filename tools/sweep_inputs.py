@@ -1,0 +1,192 @@
+"""train.py against odd and wrong input, on tiny models and data: every run must either finish (exit 0) or
+stop with one `error:` line (exit 2) that leaves the files it found as they were. A traceback, another exit
+code, or a refused run that changed a file is a finding.
+
+    python tools/sweep_inputs.py                  # all parts, about 20 minutes on 2 cores; JSON in sweep.json
+    python tools/sweep_inputs.py --parts cross    # one part: flags, eval-only, cross, tasks
+
+Parts: `flags`, MoE sizes, routes, students, lengths, batch sizes and schedules on five tasks (RTE, STS-B,
+CoLA, SQuAD v1.1 and v2.0); `eval-only`, each finished run of `flags` again with --eval-only (GLUE: and
+--predict); `cross`, one run's folders given to another (a teacher of another task, a MoEBERT for a BERT,
+another task's data, a run's --out for another task or student, flags changed on a finished run);
+`tasks`, all nine GLUE tasks, with --predict, the shallow student and bf16, then --eval-only --predict.
+"""
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from helpers import GOOGLE_TINY, TINY4, fixture_json, tiny_model, write_json  # noqa: E402
+
+VARIANTS = {  # name: flags added to a task's base command
+    "default": [], "gate-token": ["--route", "gate-token"], "gate-sentence": ["--route", "gate-sentence"],
+    "hash-balance": ["--route", "hash-balance"], "split-random": ["--split", "random"],
+    "split-inverse": ["--split", "inverse"], "shallow-odd-depth": ["--student", "shallow"], "predict": ["--predict"],
+    "bf16": ["--dtype", "bf16"], "one-expert-of-all": ["--num-experts", "1", "--expert-dim", "37", "--shared-dim", "37"],
+    "none-shared": ["--shared-dim", "0"], "8-experts": ["--num-experts", "8"], "20-experts": ["--num-experts", "20"],
+    "40-experts": ["--num-experts", "40"], "expert-over-ffn": ["--expert-dim", "40"],
+    "shared-over-expert": ["--expert-dim", "11", "--shared-dim", "12"],
+    "too-few-neurons": ["--num-experts", "4", "--expert-dim", "37", "--shared-dim", "0"],
+    "lambda-0": ["--distill-lambda", "0"], "balance": ["--route", "gate-token", "--balance-weight", "0.1"],
+    "length-8": ["--max-seq-length", "8"], "length-over-positions": ["--max-seq-length", "65"],
+    "batch-1": ["--batch-size", "1", "--eval-batch-size", "1", "--distill-batch-size", "1", "--max-train-examples", "5"],
+    "one-example": ["--max-train-examples", "1"], "save-every-step": ["--save-every", "1"],
+    "warmup-all": ["--warmup", "1"], "warmup-none": ["--warmup", "0"], "expert-dropout": ["--expert-dropout", "0.5"],
+    "half-epoch": ["--distill-epochs", "0.5"], "doc-stride-over": ["--doc-stride", "500"],
+    "query-1": ["--max-query-length", "1"], "eval-batch-over": ["--eval-batch-size", "1000"],
+}
+
+
+def fixtures(w):
+    """Tiny BERTs (3 and 4 layers, hidden 32, FFN 37, 64 positions), RTE-, STS-B- and CoLA-shaped tasks, the
+    SQuAD fixture of the tests in both versions, and every GLUE task's format (tests/conftest.py)."""
+    from conftest import glue
+    from test_train import write_rte_like
+    import torch
+    from bert import BertConfig, BertModel
+    tiny_model(num_labels=2).bert.save_pretrained(w / "bert")
+    torch.manual_seed(0)
+    BertModel(BertConfig(**TINY4)).save_pretrained(w / "bert4")
+    for b in ("bert", "bert4"):
+        shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), w / b)
+    write_rte_like(w / "RTE")
+    for split in ("train", "dev", "test"):  # the RTE-shaped pairs as STS-B (scores) and CoLA (one sentence)
+        rows = [line.rstrip("\n").split("\t") for line in open(w / "RTE" / f"{split}.tsv")][1:]
+        score = lambda r: "" if split == "test" else "\t%.3f" % (5.0 if r[3] == "entailment" else 1.0)
+        (w / "STS-B").mkdir(exist_ok=True)
+        (w / "STS-B" / f"{split}.tsv").write_text(
+            "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2"
+            + ("" if split == "test" else "\tscore") + "\n"
+            + "".join(f"{i}\tg\tf\ty\t{i}\tn\tn\t{r[1]}\t{r[2]}{score(r)}\n" for i, r in enumerate(rows)))
+        (w / "CoLA").mkdir(exist_ok=True)
+        (w / "CoLA" / f"{split}.tsv").write_text(
+            "index\tsentence\n" + "".join(f"{i}\t{r[1]}\n" for i, r in enumerate(rows)) if split == "test"
+            else "\n".join(f"x\t{int(r[3] == 'entailment')}\t\t{r[1]}" for r in rows))
+    for version, folder in (("1.1", "SQ1"), ("2.0", "SQ2")):
+        (w / folder).mkdir()
+        for split in ("train", "dev"):
+            write_json(w / folder / f"{split}-v{version}.json", fixture_json(version))
+    fn = getattr(glue, "__wrapped__", None) or glue._get_wrapped_function()  # a pytest fixture, called plainly
+    fn(w)
+    shutil.copytree(w / "RTE", w / "RTE-notest")
+    os.remove(w / "RTE-notest" / "test.tsv")
+    (w / "afile").write_text("x")
+
+
+def base(w, task, data=None):
+    folder = data or {"rte": "RTE", "stsb": "STS-B", "cola": "CoLA", "squad": "SQ1", "squad2": "SQ2"}[task]
+    return ["--task", task, "--data-dir", str(w / folder), "--bert", str(w / "bert"), "--device", "cpu",
+            "--epochs", "1", "--batch-size", "8", "--max-train-examples", "40", "--max-eval-examples", "20",
+            "--log-every", "1000"] + (["--max-query-length", "16"] if task.startswith("squad") else [])
+
+
+def files(folder):
+    """Every file under folder -> its hash, but the lock and the log that every run touches."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(folder).rglob("*")
+            if p.is_file() and p.name not in ("run.lock", "log.jsonl")} if os.path.isdir(folder) else None
+
+
+def run(name, args):
+    out = Path(args[args.index("--out") + 1]) if "--out" in args else None
+    before = files(out) if out else None
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                       cwd=tempfile.gettempdir(), timeout=1800)
+    changed = p.returncode == 2 and out is not None and files(out) != before  # a refusal must change nothing
+    finding = "Traceback" in p.stderr or p.returncode not in (0, 2) or changed
+    last = (p.stderr.strip().splitlines() or [""])[-1]
+    return dict(name=name, args=args, rc=p.returncode, finding=finding, changed=changed, said=last[:500])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="flags,eval-only,cross,tasks", help="comma-separated parts to run")
+    p.add_argument("--work", help="folder for the fixtures and the runs (default: a new temporary one)")
+    p.add_argument("--out", default="sweep.json", help="the results, JSON")
+    a = p.parse_args()
+    w = Path(a.work or tempfile.mkdtemp(prefix="sweep-")).resolve()
+    if not (w / "bert").exists():
+        w.mkdir(parents=True, exist_ok=True)
+        fixtures(w)
+    o, results = w / "outs", []
+
+    def batch(cases, what):
+        with ThreadPoolExecutor(2) as ex:
+            for r in ex.map(lambda c: run(*c), cases):
+                results.append(dict(r, part=what))
+                print(f"{what:9} {r['name']:40} exit {r['rc']}{'  FINDING' if r['finding'] else ''}  {r['said'][:150]}",
+                      flush=True)
+        with open(a.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+    parts = a.parts.split(",")
+    tasks = ("rte", "stsb", "cola", "squad", "squad2")
+    if "flags" in parts or "eval-only" in parts:
+        batch([(f"{t}-{v}", base(w, t) + extra + ["--out", str(o / f"{t}-{v}")]) for t in tasks
+               for v, extra in VARIANTS.items() if not (o / f"{t}-{v}" / "results.json").exists()], "flags")
+    if "eval-only" in parts:
+        done = [(f"{t}-{v}", base(w, t) + extra + ["--out", str(o / f"{t}-{v}")]) for t in tasks
+                for v, extra in VARIANTS.items() if (o / f"{t}-{v}" / "results.json").exists()]
+        batch([(n, c + ["--eval-only"]) for n, c in done]
+              + [(n + " predict", c + ["--eval-only", "--predict"]) for n, c in done if "squad" not in n], "eval-only")
+    if "cross" in parts:
+        for t in ("rte", "stsb", "squad"):  # the runs the cases lean on
+            if not (o / f"{t}-default" / "results.json").exists():
+                batch([(f"{t}-default", base(w, t) + ["--out", str(o / f"{t}-default")])], "flags")
+        rte, sts, sq, r = base(w, "rte"), base(w, "stsb"), base(w, "squad"), o / "rte-default"
+        x = w / "cross"
+        cases = {
+            "rerun, another route": rte + ["--out", str(r), "--route", "gate-token"],
+            "rerun, another seed": rte + ["--out", str(r), "--seed", "3"],
+            "rerun, another task": sts + ["--out", str(r)],
+            "rerun, another student": rte + ["--out", str(r), "--student", "shallow"],
+            "eval-only, another route": ["--task", "rte", "--out", str(r), "--eval-only", "--route", "gate-token"],
+            "eval-only, another student": ["--task", "rte", "--out", str(r), "--eval-only", "--student", "shallow"],
+            "eval-only, another task": ["--task", "stsb", "--out", str(r), "--eval-only"],
+            "eval-only, nothing there": rte + ["--out", str(x / "nothing"), "--eval-only"],
+            "teacher of rte for stsb": sts + ["--teacher", str(r / "teacher"), "--out", str(x / "1")],
+            "teacher of rte for cola": base(w, "cola") + ["--teacher", str(r / "teacher"), "--out", str(x / "2")],
+            "teacher of squad for rte": rte + ["--teacher", str(o / "squad-default" / "teacher"), "--out", str(x / "3")],
+            "teacher of rte for squad": sq + ["--teacher", str(r / "teacher"), "--out", str(x / "4")],
+            "a moebert for the teacher": rte + ["--teacher", str(r / "moebert"), "--out", str(x / "5")],
+            "a run's out for the teacher": rte + ["--teacher", str(r), "--out", str(x / "6")],
+            "a moebert for the bert": rte + ["--bert", str(r / "moebert"), "--out", str(x / "7")],
+            "a data folder for the bert": rte + ["--bert", str(w / "RTE"), "--out", str(x / "8")],
+            "a file for the bert": rte + ["--bert", str(w / "afile"), "--out", str(x / "9")],
+            "the GLUE folder for the data": base(w, "rte", "glue") + ["--out", str(x / "10")],
+            "stsb data for rte": base(w, "rte", "STS-B") + ["--out", str(x / "11")],
+            "cola data for sst2": base(w, "sst2", "CoLA") + ["--out", str(x / "12")],
+            "rte data for qnli": base(w, "qnli", "RTE") + ["--out", str(x / "13")],
+            "rte data for wnli": base(w, "wnli", "RTE") + ["--out", str(x / "14")],
+            "rte data for mnli": base(w, "mnli", "RTE") + ["--out", str(x / "15")],
+            "squad 1.1 data for 2.0": base(w, "squad2", "SQ1") + ["--out", str(x / "16")],
+            "a file for the out": rte + ["--out", str(w / "afile")],
+            "predict without a test split": base(w, "rte", "RTE-notest") + ["--predict", "--out", str(x / "17")],
+            "a device this machine lacks": rte + ["--device", "cuda", "--out", str(x / "18")],
+        }
+        batch(list(cases.items()), "cross")
+    if "tasks" in parts:
+        extras = {"": [], "predict": ["--predict"], "shallow": ["--student", "shallow", "--bert", str(w / "bert4")],
+                  "bf16 predict": ["--dtype", "bf16", "--predict"]}
+        glue_tasks = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
+        cases = [(f"{t} {k}".strip(), base(w, "rte", "glue")[2:] + e + ["--task", t, "--out", str(o / f"all-{t}-{k}")])
+                 for t in glue_tasks for k, e in extras.items()]
+        batch(cases, "tasks")
+        batch([(n, ["--task", c[c.index("--task") + 1], "--out", c[c.index("--out") + 1], "--eval-only", "--predict"])
+               for n, c in cases], "tasks")
+    bad = [r for r in results if r["finding"]]
+    print(f"{len(results)} runs: {sum(r['rc'] == 0 for r in results)} finished, {sum(r['rc'] == 2 for r in results)} "
+          f"refused with an error line, {len(bad)} findings; results in {a.out}")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
