@@ -31,8 +31,16 @@ class Offline(UserError, ConnectionError):
 
 
 def cache_dir():
-    """Where downloads go: $MOEBERT_CACHE, else ~/.cache/moebert."""
-    return os.environ.get("MOEBERT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "moebert"))
+    """Where downloads go: $MOEBERT_CACHE (set and not empty), else ~/.cache/moebert; made if missing."""
+    folder = os.environ.get("MOEBERT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "moebert")
+    try:
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise NotADirectoryError(0, "it is a file")
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"the download cache {folder} ($MOEBERT_CACHE, else ~/.cache/moebert) cannot be a folder "
+                        f"({e.strerror}): set MOEBERT_CACHE to a folder you can write to") from None
+    return folder
 
 
 def download(url, path, what="file"):

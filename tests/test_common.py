@@ -151,6 +151,21 @@ def test_broken_zips_and_non_bert_vocab(tmp_path, monkeypatch):
     assert_user_error(e, BadFile, ValueError, "not a BERT vocabulary", "use the vocab.txt that came with")
 
 
+def test_download_cache_that_cannot_be_a_folder(tmp_path, monkeypatch):
+    """$MOEBERT_CACHE naming a file, or a place no folder can be made, is named with what to do (it was a
+    NotADirectoryError deep in a download); set but empty, it is unset (it put the cache in the working folder)."""
+    import common
+    write(tmp_path / "afile", "x")
+    for where, why in ((tmp_path / "afile", "it is a file"), (tmp_path / "afile" / "sub", "Not a directory")):
+        monkeypatch.setenv("MOEBERT_CACHE", str(where))
+        e = raised(weights.resolve_pretrained, "all-minilm-l6-v2")
+        assert_user_error(e, UserError, Exception, f"the download cache {where} ($MOEBERT_CACHE, else ~/.cache/moebert) "
+                          f"cannot be a folder ({why}): set MOEBERT_CACHE to a folder you can write to")
+    monkeypatch.setenv("MOEBERT_CACHE", "")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert common.cache_dir() == str(tmp_path / "home" / ".cache" / "moebert") and os.path.isdir(common.cache_dir())
+
+
 def test_programming_errors_stay_plain():
     # Wrong arguments from code, not from the user: a traceback is what helps there.
     e = raised(data.split_file, "rte", "dev_matched")
