@@ -335,10 +335,11 @@ MRPC_URLS = {
 }
 
 
-def glue_dir(task, data_dir=None):
-    """The folder with a task's TSV files: `data_dir` checked, or the cache, downloaded on first use."""
+def glue_dir(task, data_dir=None, train=True):
+    """The folder with a task's TSV files: `data_dir` checked (its training split only if `train`), or the
+    cache, downloaded on first use."""
     needed = [split_file(task, s) for s in (("train", "dev_matched", "dev_mismatched") if task == "mnli"
-                                             else ("train", "dev"))]
+                                             else ("train", "dev")) if train or s != "train"]
     if data_dir is not None:
         folder = task_folder(task, data_dir)
         for name in needed:

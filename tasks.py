@@ -34,8 +34,9 @@ def load(args, tokenizer, device):
     t0 = time.time()
     loaded = (squad_data if args.task in SQUAD else glue_data)(args, tokenizer, device)
     if runtime.MASTER:
-        print(f"data: {len(loaded[0])} training {'windows' if args.task in SQUAD else 'examples'} and "
-              f"{loaded[3]} dev examples, tokenized in {time.time() - t0:.1f}s")
+        unit = "windows" if args.task in SQUAD else "examples"
+        train = "" if args.eval_only else f"{len(loaded[0])} training {unit} and "
+        print(f"data: {train}{loaded[3]} dev examples, tokenized in {time.time() - t0:.1f}s")
     return loaded
 
 
@@ -50,11 +51,13 @@ def check_lengths(args, positions):
 
 
 def glue_data(args, tokenizer, device):
-    folder = data.glue_dir(args.task, args.data_dir)
+    folder = data.glue_dir(args.task, args.data_dir, train=not args.eval_only)
     encode = lambda examples, n=None: data.encode(examples[:n], tokenizer, args.max_seq_length)
     if runtime.MASTER:
         print(f"data: reading and tokenizing {data.TASKS[args.task].folder} from {folder}", flush=True)
-    train_features = encode(data.read_glue(args.task, folder, "train"), args.max_train_examples)
+    # --eval-only trains nothing: its training split is neither read nor needed (MNLI's holds 393k pairs).
+    train_features = [] if args.eval_only else encode(data.read_glue(args.task, folder, "train"),
+                                                      args.max_train_examples)
     dev_sets = {"": encode(data.read_glue(args.task, folder, "dev"), args.max_eval_examples)}
     if args.task == "mnli":
         dev_sets["_mm"] = encode(data.read_glue(args.task, folder, "dev_mismatched"), args.max_eval_examples)
@@ -72,7 +75,8 @@ def squad_data(args, tokenizer, device):
         print(f"data: reading and tokenizing SQuAD {version}", flush=True)
     featurize = lambda examples: squad.make_features(examples, tokenizer, args.max_seq_length, args.doc_stride,
                                                      args.max_query_length)
-    train_examples, _ = squad.load_squad(version, "train", args.data_dir, args.max_train_examples)
+    train_examples = [] if args.eval_only else squad.load_squad(version, "train", args.data_dir,
+                                                                 args.max_train_examples)[0]
     examples, dataset = squad.load_squad(version, "dev", args.data_dir, args.max_eval_examples)
     features = featurize(examples)
     dev = lambda model: squad_dev(model, examples, features, dataset, args, device)

@@ -156,6 +156,10 @@ def test_eval_only_takes_the_recorded_settings(tiny_run, monkeypatch):
     assert fewer["config"]["max_eval_examples"] == 8 and fewer["config"]["data_dir"] == recorded["data_dir"]
     # The training command again, its BERT by name where the record holds the folder: nothing is fetched.
     assert train.main(base + ["--bert", "all-minilm-l6-v2", "--recipe", "auto"])["moebert"] == only["moebert"]
+    # No training split needed: it is neither read nor tokenized.
+    dev_only = shutil.copytree(recorded["data_dir"], tiny_run["root"] / "RTE-dev-only")
+    os.remove(dev_only / "train.tsv")
+    assert train.main(base + ["--data-dir", str(dev_only)])["moebert"] == only["moebert"]
 
 
 @pytest.mark.parametrize("key,value", [("max_seq_length", "x"), ("route", "nope"), ("lr", [1]), ("seed", -1)])
@@ -722,6 +726,10 @@ def test_squad_pipeline_end_to_end(tmp_path, task, version):
     log = read_log(out)
     assert any("distill" in r for r in log if r.get("stage") == "distill")
     assert load_file(out / "importance" / "importance.safetensors")["importance"].shape == (3, 37)
+    # --eval-only reads no training file: the same results with the dev file alone.
+    os.remove(root / "SQuAD" / train_name)
+    again = train.main(["--task", task, "--out", str(out), "--device", "cpu", "--eval-only"])
+    assert (again["teacher"], again["moebert"]) == (results["teacher"], results["moebert"])
     # A classifier is not a SQuAD teacher, and SQuAD has no public test set for --predict.
     classifier = root / "classifier"
     tiny_model(num_labels=2).save_pretrained(classifier)
