@@ -1,6 +1,7 @@
 """train.py against odd and wrong input, on tiny models and data: every run must either finish (exit 0) or
 stop with one `error:` line (exit 2) that leaves the files it found as they were. A traceback, another exit
-code, a refused run that changed a file, or a `cross` case that finishes (a wrong folder taken) is a finding.
+code, a refused run that changed a file, a file left in the working folder, or a `cross` case that finishes (a
+wrong folder taken) is a finding.
 
     python tools/sweep_inputs.py                  # all parts, about 20 minutes on 2 cores; JSON in sweep.json
     python tools/sweep_inputs.py --parts cross    # one part: flags, eval-only, cross, tasks
@@ -9,7 +10,8 @@ Parts: `flags`, MoE sizes, routes, students, lengths, batch sizes and schedules 
 CoLA, SQuAD v1.1 and v2.0); `eval-only`, each finished run of `flags` again with --eval-only (GLUE: and
 --predict); `cross`, one run's folders given to another (a teacher of another task, a MoEBERT for a BERT,
 another task's data, a run's --out for another task or student, flags changed on a finished run);
-`tasks`, all nine GLUE tasks, with --predict, the shallow student and bf16, then --eval-only --predict.
+`tasks`, all nine GLUE tasks, with --predict, the shallow student and bf16, then --eval-only --predict; `env`,
+$MOEBERT_CACHE naming a file, a place no folder can be made, or nothing.
 """
 import argparse
 import hashlib
@@ -95,22 +97,26 @@ def files(folder):
             if p.is_file() and p.name not in ("run.lock", "log.jsonl")} if os.path.isdir(folder) else None
 
 
-def run(name, args, expect=None):
-    """train.py with args; a finding: a traceback, an exit code but 0 and 2 (or not `expect`), a refusal that
-    changed a file in the --out it found."""
+def run(name, args, expect=None, env=None):
+    """train.py with args (and `env`) in an empty working folder; a finding: a traceback, an exit code but 0 and
+    2 (or not `expect`), a refusal that changed a file in the --out it found, a file left in the working folder."""
     out = Path(args[args.index("--out") + 1]) if "--out" in args else None
     before = files(out) if out else None
+    cwd = tempfile.mkdtemp(prefix="cwd-")  # every path given is absolute: nothing may land in the working folder
     p = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
-                       cwd=tempfile.gettempdir(), timeout=1800)
+                       cwd=cwd, timeout=1800, env=dict(os.environ, **(env or {})))
     changed = p.returncode == 2 and out is not None and files(out) != before  # a refusal must change nothing
-    finding = "Traceback" in p.stderr or p.returncode not in ((0, 2) if expect is None else (expect,)) or changed
+    stray = os.listdir(cwd)
+    shutil.rmtree(cwd)
+    finding = ("Traceback" in p.stderr or p.returncode not in ((0, 2) if expect is None else (expect,)) or changed
+               or bool(stray))
     last = (p.stderr.strip().splitlines() or [""])[-1]
-    return dict(name=name, args=args, rc=p.returncode, finding=finding, changed=changed, said=last[:500])
+    return dict(name=name, args=args, rc=p.returncode, finding=finding, changed=changed, stray=stray, said=last[:500])
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="flags,eval-only,cross,tasks", help="comma-separated parts to run")
+    p.add_argument("--parts", default="flags,eval-only,cross,tasks,env", help="comma-separated parts to run")
     p.add_argument("--work", help="folder for the fixtures and the runs (default: a new temporary one)")
     p.add_argument("--out", default="sweep.json", help="the results, JSON")
     a = p.parse_args()
@@ -185,6 +191,11 @@ def main():
         batch(cases, "tasks")
         batch([(n, ["--task", c[c.index("--task") + 1], "--out", c[c.index("--out") + 1], "--eval-only", "--predict"])
                for n, c in cases], "tasks")
+    if "env" in parts:  # the download cache: a file, a place no folder can be made, set but empty
+        name = ["--bert", "all-minilm-l6-v2"]  # a release name: resolved through the cache
+        batch([(f"MOEBERT_CACHE={c!r}", base(w, "rte") + name + ["--out", str(w / "env" / str(i))], rc, {"MOEBERT_CACHE": c})
+               for i, (c, rc) in enumerate(((str(w / "afile"), 2), (str(w / "afile" / "sub"), 2), ("", 0)))],
+              "env", workers=1)
     bad = [r for r in results if r["finding"]]
     print(f"{len(results)} runs: {sum(r['rc'] == 0 for r in results)} finished, {sum(r['rc'] == 2 for r in results)} "
           f"refused with an error line, {len(bad)} findings; results in {a.out}")
