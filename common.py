@@ -34,12 +34,11 @@ def cache_dir():
     """Where downloads go: $MOEBERT_CACHE (set and not empty), else ~/.cache/moebert; made if missing."""
     folder = os.environ.get("MOEBERT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "moebert")
     try:
-        if os.path.exists(folder) and not os.path.isdir(folder):
-            raise NotADirectoryError(0, "it is a file")
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(folder, exist_ok=True)  # a file there is a FileExistsError
     except OSError as e:
         raise UserError(f"the download cache {folder} ($MOEBERT_CACHE, else ~/.cache/moebert) cannot be a folder "
-                        f"({e.strerror}): set MOEBERT_CACHE to a folder you can write to") from None
+                        f"({'it is a file' if os.path.isfile(folder) else e.strerror}): set MOEBERT_CACHE to a folder "
+                        f"you can write to") from None
     return folder
 
 

@@ -259,19 +259,15 @@ def finished(folder, settings, force):
     run: from its checkpoint when an earlier run stopped in it with the same settings (fit resumes
     it), else from the start. Other settings are refused, so no result is silently replaced."""
     partial = folder + ".partial"
-    done = not force and differs(folder, settings)  # None: finished with these settings
+    done, stopped = stage_state(folder, settings) if not force else ("", False)
     if done is None:
         if MASTER:
             print(f"{folder}: done already, reused")
         return True
-    stopped = not force and os.path.exists(os.path.join(partial, CHECKPOINT)) and differs(partial, settings)
     if stopped is None:
         if MASTER:
             print(f"{folder}: an earlier run stopped during this stage; it continues from its checkpoint")
         return False
-    for diff in (done, stopped):
-        if diff:
-            raise UserError(f"{diff}.\nUse another --out, or --force to redo it.")
     barrier()  # every process has looked before the master changes the folders
     if MASTER:
         if os.path.exists(partial):
@@ -281,6 +277,19 @@ def finished(folder, settings, force):
         atomic_write_json(os.path.join(makedirs(partial), "settings.json"), settings)
     barrier()
     return False
+
+
+def stage_state(folder, settings):
+    """(done, stopped): differs() of a stage's folder (None: finished with these settings) and, where it is not,
+    of the checkpoint of a run stopped in it (False: none). Either made with other settings is refused, so no
+    result is silently replaced."""
+    done = differs(folder, settings)
+    stopped = done is not None and os.path.exists(os.path.join(folder + ".partial", CHECKPOINT)) and differs(
+        folder + ".partial", settings)
+    for diff in (done, stopped):
+        if diff:
+            raise UserError(f"{diff}.\nUse another --out, or --force to redo it.")
+    return done, stopped
 
 
 def differs(folder, settings):
@@ -338,11 +347,7 @@ def check_chain(stages, force):
                                 f"another --out")
         if force:
             continue
-        done = differs(folder, settings)
-        stopped = done == "" and os.path.exists(os.path.join(folder + ".partial", CHECKPOINT)) and differs(
-            folder + ".partial", settings)
-        if done or stopped:
-            raise UserError(f"{done or stopped}.\nUse another --out, or --force to redo it.")
+        stage_state(folder, settings)  # other settings: refused now, before run.json is written
         if not os.path.isdir(folder):
             gone = gone or folder
         elif gone:
@@ -409,7 +414,7 @@ def read_run(args, given, keep, free, flags):
     recorded = run.get("args", {}) if run and args.eval_only else {}
     for action in flags._actions:  # flags this code does not have (any more) are passed over
         k, flag = action.dest, (action.option_strings or [action.dest])[0]
-        if k not in recorded or k in keep or k in free and k in given:
+        if k not in recorded or k in keep or (k in free and k in given):
             continue
         try:
             value = recorded_flag(path, action, recorded[k])

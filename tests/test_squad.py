@@ -7,6 +7,7 @@ import json
 import importlib.util
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -19,11 +20,12 @@ import torch
 
 import common
 import data
+import moebert
 import squad
 from common import BadFile, MissingFile, Offline
 
 from helpers import (CAFE, GOOGLE_TINY, LONG, NORMANS, assert_user_error, closed_port_url, fixture_json, minilm_dir,
-                     raised, serve, train_refuses, write_json)
+                     raised, readme_snippet, serve, tiny_qa, train_refuses, write_json)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -644,9 +646,6 @@ def test_score_from_postprocess_agrees_with_official(official, tokenizer, tmp_pa
 def test_readme_snippet_answers_with_a_saved_squad_moebert(tmp_path, capsys):
     """The snippet's answer is the best span the saved model gives, found here by brute force over every
     (start, end) of the context's tokens in the plain pair encoding, not through make_features/postprocess."""
-    import re
-    import moebert
-    from helpers import readme_snippet, tiny_qa
     folder = tmp_path / "squad" / "moebert"
     code = readme_snippet("out/squad/moebert", folder)
     q, context = re.search(r'squad.Example\("q1", "(.*?)", "(.*?)"', code).groups()
