@@ -39,6 +39,13 @@ def keep_freed_memory():
         return False
 
 
+def default_dtype(device):
+    """--dtype's default: bf16 on GPUs that compute in it, CUDA compute capability 8.0 (Ampere) and up; fp32 on
+    older ones (V100, T4: no bf16 tensor cores, their bf16 emulated) and on the CPU."""
+    device = torch.device(device)
+    return "bf16" if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
+
+
 def autocast(device, dtype):
     """bf16 autocast (matmuls in bf16, weights and reductions in fp32), or plain fp32."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()

@@ -96,7 +96,7 @@ def parser():
     p.add_argument("--seed", type=SEED, default=0, help="seeds data order, dropout, hash tables")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="compute dtype: bf16 autocast (weights stay fp32) "
-                   "or plain fp32 (default: bf16 on CUDA, fp32 on CPU)")
+                   "or plain fp32 (default: bf16 on CUDA from Ampere up, else fp32)")
     p.add_argument("--max-seq-length", type=COUNT, help="truncate pairs to this many tokens (default: the paper's, "
                    "512, or 128 for MNLI and QQP, 384 for SQuAD)")
     p.add_argument("--doc-stride", type=COUNT, default=128, help="SQuAD: tokens between the starts of a context's windows")
@@ -156,7 +156,7 @@ def settle(args, hidden_size, positions=512):
     if args.recipe == "auto":
         args.recipe = "small" if hidden_size < SMALL_BELOW else "bert"
     teacher_lr, teacher_epochs = TEACHER[args.recipe][kind]
-    args.dtype = pick(args.dtype, "bf16" if args.device.startswith("cuda") else "fp32")
+    args.dtype = pick(args.dtype, runtime.default_dtype(args.device))
     args.max_seq_length = pick(args.max_seq_length, min(max_len, positions))
     args.teacher_epochs = pick(args.teacher_epochs, pick(args.epochs, teacher_epochs))
     args.lr = pick(args.lr, teacher_lr)

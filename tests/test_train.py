@@ -231,6 +231,23 @@ def test_recipe_follows_the_width_of_the_model():
     assert settled(["--task", "mrpc", "--teacher-epochs", "4"], 384)[2] == 4.0
 
 
+def test_dtype_follows_the_device(monkeypatch):
+    """--dtype's default: bf16 on GPUs with bf16 tensor cores (compute capability 8 and up), fp32 on older
+    GPUs and the CPU; a --dtype given wins. The GPU's capability is torch's answer, faked here."""
+    import train
+    def settled(argv, device, capability):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
+        args, _ = train.get_args(["--task", "rte"] + argv)
+        args.device = device  # after get_args, which would refuse a GPU this machine has not
+        train.settle(args, 384)
+        return args.dtype
+    assert [settled([], "cuda", c) for c in ((7, 0), (7, 5), (8, 0), (8, 9), (9, 0), (10, 0))] == \
+        ["fp32", "fp32", "bf16", "bf16", "bf16", "bf16"]
+    assert settled([], "cuda:1", (8, 6)) == "bf16" and settled([], "cpu", (9, 0)) == "fp32"
+    assert settled(["--dtype", "bf16"], "cuda", (7, 5)) == "bf16" and settled(["--dtype", "fp32"], "cuda", (9, 0)) == "fp32"
+    assert settled(["--dtype", "bf16"], "cpu", None) == "bf16"
+
+
 def test_pipeline_refuses_mixed_results(tiny_run):
     train, args = tiny_run["train"], tiny_run["args"]
     with pytest.raises(common.UserError, match="lr: 0.002 there, 0.003 now"):
