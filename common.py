@@ -6,6 +6,7 @@ import os
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,28 +73,39 @@ def makedirs(path):
     return path
 
 
+@contextmanager
+def written_beside(path):
+    """with written_beside(path) as tmp: write tmp. Renamed over `path` when the block ends, so `path` is
+    whole or as it was; if the block or the rename fails, tmp is removed (a refused run leaves no file)."""
+    tmp = os.fspath(path) + ".partial"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        raise
+
+
 def atomic_write_json(path, obj):
-    tmp = path + ".partial"
-    with open(tmp, "w") as f:
+    with written_beside(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def save_safetensors(tensors, path, metadata=None):
     """Write {name: tensor} to `path` whole or not at all: written beside, checked complete (safetensors
     reports no full disk: its file just comes out short), flushed to disk, then renamed over `path`."""
     from safetensors.torch import save_file
-    tmp = path + ".partial"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    size = os.path.getsize(tmp)
-    with open(tmp, "rb+") as f:
-        n = int.from_bytes(f.read(8), "little")  # the file: header length, JSON header, the tensors' bytes
-        try:
-            header = json.loads(f.read(n)) if 0 < n <= size else {}
-        except ValueError:
-            header = {}
-        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-        if not header or size != 8 + n + max(ends, default=0):
-            raise OSError(errno.ENOSPC, f"{path} came out short ({size} bytes written)", path)
-        os.fsync(f.fileno())  # on disk before the rename, so a crash of the machine cannot half-write it
-    os.replace(tmp, path)
+    with written_beside(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        size = os.path.getsize(tmp)
+        with open(tmp, "rb+") as f:
+            n = int.from_bytes(f.read(8), "little")  # the file: header length, JSON header, the tensors' bytes
+            try:
+                header = json.loads(f.read(n)) if 0 < n <= size else {}
+            except ValueError:
+                header = {}
+            ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+            if not header or size != 8 + n + max(ends, default=0):
+                raise OSError(errno.ENOSPC, f"{path} came out short ({size} bytes written)", path)
+            os.fsync(f.fileno())  # on disk before the rename, so a crash of the machine cannot half-write it

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from common import BadFile, MissingFile, Offline, cache_dir, download
+from common import BadFile, MissingFile, Offline, cache_dir, download, written_beside
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
@@ -307,11 +307,10 @@ def write_predictions(task, preds, path):
         rows = [labels[int(p)] for p in preds]
     path = os.fspath(path)  # a str or a pathlib.Path
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".partial"  # written whole, then renamed: an interrupted run leaves no half file
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+    # Written whole, then renamed: an interrupted run leaves no half file.
+    with written_beside(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
         f.write("index\tprediction\n")
         f.writelines(f"{i}\t{r}\n" for i, r in enumerate(rows))
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------

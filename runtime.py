@@ -14,6 +14,7 @@ import shutil
 import signal
 import time
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -340,6 +341,18 @@ def holds_work(folder):
                for f in ("model.safetensors", "importance.safetensors", CHECKPOINT))
 
 
+def same_copies(vocab, folders):
+    """`vocab`, the vocabulary path, once each finished model of `folders` that keeps a copy of it (vocab.txt)
+    holds the same: a copy cut short or edited still loads, and would silently tokenize into other ids."""
+    for folder in folders:
+        copy = os.path.join(folder, "vocab.txt")
+        if os.path.isfile(copy) and os.path.isfile(os.path.join(folder, "model.safetensors")) \
+                and not os.path.samefile(copy, vocab) and Path(copy).read_bytes() != Path(vocab).read_bytes():
+            raise UserError(f"{vocab} and {copy} differ, where one was copied from the other: one is damaged. Restore "
+                            f"it (the vocab.txt of the BERT the run started from), or use another --out")
+    return vocab
+
+
 def check_chain(stages, force):
     """`stages`: the (folder, settings) of each stage this run builds, in order, checked before anything is
     written. A finished stage, or a stopped one's checkpoint, made with other settings is refused (as
@@ -474,7 +487,8 @@ def write_run(args):
 
 
 DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-               errno.EROFS: "the file system is read-only", errno.EACCES: "no permission", errno.EPERM: "no permission"}
+               errno.EROFS: "the file system is read-only", errno.EACCES: "no permission", errno.EPERM: "no permission",
+               errno.EISDIR: "a folder is where this run reads or writes a file"}
 
 
 def claim(out):
@@ -509,10 +523,14 @@ def release():
 
 
 def disk_error(e):
-    """A write that failed for want of space or permission: what was kept, and what to do."""
+    """A write that failed for want of space or permission, or a folder where a file goes: what was kept, and
+    what to do."""
+    path = e.filename2 or e.filename or "a file"  # os.replace(written, path): path is the one that failed
+    if e.errno == errno.EISDIR:
+        return f"{path} is a folder, where this run reads or writes a file: move it away, then run the same command again"
     kept = "the finished stages and the last checkpoint are kept (files are written beside, then renamed)"
     fix = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable, or use another --out"
-    return f"cannot write {e.filename or 'a file'}: {DISK_ERRORS[e.errno]}; {kept}. {fix}, then run the same command again to go on"
+    return f"cannot write {path}: {DISK_ERRORS[e.errno]}; {kept}. {fix}, then run the same command again to go on"
 
 
 def discard_if_empty(out):

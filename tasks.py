@@ -64,6 +64,13 @@ def glue_data(args, tokenizer, device):
     # Read now, so a missing test file stops the run before training, not after it.
     test_sets = {name: encode(examples) for name, examples in data.test_sets(args.task, folder).items()} \
         if args.predict else {}
+    for who in ("teacher", args.student) if args.predict else ():  # a file where a folder of them goes, or
+        where = os.path.join(args.out, "predictions", who)  # a folder where one goes, stops the run now too
+        for path, folder in [(os.path.dirname(where), True), (where, True)] + [(os.path.join(where, n), False)
+                                                                               for n in test_sets]:
+            if os.path.exists(path) and os.path.isdir(path) != folder:
+                raise UserError(f"{path} is a {'file' if folder else 'folder'}, where --predict writes a "
+                                f"{'folder' if folder else 'file'}: move it away, or use another --out")
     dev = lambda model: (evaluate(model, dev_sets, args, device), {})
     return train_features, dev, data.TASKS[args.task].metric, len(dev_sets[""]), test_sets
 

@@ -342,7 +342,7 @@ def setup(args, given, device):
         raise UserError(f"--student shallow keeps one teacher layer in {SHALLOW_EVERY}, so the last is the "
                         f"teacher's last; {c.source} has {config.num_hidden_layers} layers: use a BERT with an even number")
     tasks.check_lengths(args, config.max_position_embeddings)
-    c.vocab = find_vocab(c.source)
+    c.vocab = runtime.same_copies(find_vocab(c.source), () if args.force else (c.teacher_dir, c.student_dir))
     tokenizer = data.load_tokenizer(c.vocab, lowercase=data.is_uncased(c.vocab))
     if tokenizer.get_vocab_size() > config.vocab_size:  # ids past the embedding table: an IndexError mid-run
         raise UserError(f"{c.vocab} has {tokenizer.get_vocab_size()} tokens, the model's embeddings {config.vocab_size}: "

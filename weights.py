@@ -125,7 +125,7 @@ def read_checkpoint(folder):
         from safetensors.torch import load_file
         try:
             return load_file(st)
-        except SafetensorError as e:  # truncated or garbled: most often an interrupted download or copy
+        except (SafetensorError, OSError) as e:  # truncated or garbled (an interrupted download or copy), a folder
             raise BadFile(f"{st} is corrupt or incomplete ({e}); re-download or re-save the model") from None
     if os.path.exists(pt):
         return torch.load(pt, map_location="cpu", weights_only=True)  # no pickle code execution

@@ -172,3 +172,28 @@ def test_programming_errors_stay_plain():
     assert type(e) is ValueError
     e = raised(lambda: next(data.batches([], 1, shuffle=True, sort_by_length=True)))
     assert type(e) is ValueError
+
+
+@pytest.mark.parametrize("write", ["json", "safetensors", "predictions"])
+def test_a_write_that_fails_leaves_the_file_as_it_was_and_nothing_beside(tmp_path, write):
+    """Each of the three writers goes through written_beside: a failed rename (a folder where the file goes)
+    or a failure while writing leaves the target as it was and no .partial file."""
+    import torch
+    from common import atomic_write_json, save_safetensors, written_beside
+    writers = {"json": lambda p: atomic_write_json(str(p), {"a": 1}),
+               "safetensors": lambda p: save_safetensors({"w": torch.ones(2)}, str(p)),
+               "predictions": lambda p: data.write_predictions("rte", [0, 1], p)}
+    target = tmp_path / "in_the_way"
+    target.mkdir()
+    (target / "mine").write_text("kept")
+    with pytest.raises(IsADirectoryError):
+        writers[write](target)
+    assert os.listdir(tmp_path) == ["in_the_way"] and (target / "mine").read_text() == "kept"
+    done = tmp_path / "done"
+    writers[write](done)  # and where nothing is in the way, the file is there, whole, alone
+    assert sorted(os.listdir(tmp_path)) == ["done", "in_the_way"] and done.stat().st_size > 0
+    with pytest.raises(ZeroDivisionError):
+        with written_beside(tmp_path / "x") as tmp:
+            open(tmp, "w").write("half")
+            1 / 0
+    assert sorted(os.listdir(tmp_path)) == ["done", "in_the_way"]

@@ -622,6 +622,30 @@ def test_predict_writes_the_leaderboard_files(never_stopped):
         assert rows == ["index\tprediction"] + [f"{i}\t{data.TASKS['rte'].labels[p]}" for i, p in enumerate(expected)]
 
 
+@pytest.mark.parametrize("eval_only", [False, True])
+@pytest.mark.parametrize("blocked,phrase", [
+    ("predictions/moebert/RTE.tsv", "predictions/moebert/RTE.tsv is a folder, where --predict writes a file"),
+    ("predictions/teacher/RTE.tsv", "predictions/teacher/RTE.tsv is a folder, where --predict writes a file"),
+    ("predictions/teacher", "predictions/teacher is a file, where --predict writes a folder"),
+    ("predictions", "predictions is a file, where --predict writes a folder"),
+])
+def test_predict_into_something_in_the_way_is_refused_before_anything_is_written(never_stopped, tmp_path, blocked,
+                                                                                  phrase, eval_only):
+    """A folder where a prediction file goes, or a file where their folder goes: refused at the start, so
+    results.json is not rewritten first (nor a stage trained, on a new run) and nothing is left beside."""
+    import train
+    out = tmp_path / "out"
+    shutil.copytree(never_stopped["ref"], out)
+    shutil.rmtree(out / "predictions", ignore_errors=True)
+    path = out / blocked
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir() if blocked.endswith(".tsv") else path.write_text("mine")
+    before = snapshot(out)
+    with pytest.raises(common.UserError, match=re.escape(phrase)):
+        train.main(never_stopped["args"] + ["--out", str(out), "--predict"] + (["--eval-only"] if eval_only else []))
+    assert snapshot(out) == before
+
+
 # ----------------------------------------------------------------------------------------------
 # The README snippet: load a finished MoEBERT and classify a sentence pair
 
@@ -1017,6 +1041,16 @@ def snapshot(folder):
      "bert.encoder.layer.0.attention.self.value.weight, bert.encoder.layer.1.attention.self.value.bias and 3 more"),
     (lambda o: (shutil.rmtree(o / "moebert"), (o / "moebert").write_text("x")), "moebert is a file, where this run keeps"),
     (lambda o: (o / "moebert.partial").write_text("x"), "moebert.partial is a file, where this run keeps"),
+    # A folder where a file goes, and a vocabulary copy cut short or edited (it would load, into other ids).
+    (lambda o: (os.remove(o / "results.json"), (o / "results.json").mkdir()), "results.json is a folder, where this run"),
+    (lambda o: (os.remove(o / "log.jsonl"), (o / "log.jsonl").mkdir()), "log.jsonl is a folder, where this run"),
+    (lambda o: (os.remove(o / "teacher" / "config.json"), (o / "teacher" / "config.json").mkdir()),
+     "teacher/config.json is a folder, where this run"),
+    (lambda o: (os.remove(o / "moebert" / "model.safetensors"), (o / "moebert" / "model.safetensors").mkdir()),
+     "moebert/model.safetensors is corrupt or incomplete"),
+    (lambda o: cut_in_half(o / "teacher" / "vocab.txt"), "moebert/vocab.txt differ, where one was copied from the other"),
+    (lambda o: (o / "moebert" / "vocab.txt").write_text((o / "moebert" / "vocab.txt").read_text().replace("the", "a")),
+     "moebert/vocab.txt differ, where one was copied from the other"),
 ])
 def test_damaged_or_missing_stage_files_are_named_and_nothing_is_redone(never_stopped, tmp_path, damage, phrase):
     """A finished run with one file damaged or gone: the same command stops with an error that names
@@ -1029,6 +1063,29 @@ def test_damaged_or_missing_stage_files_are_named_and_nothing_is_redone(never_st
     with pytest.raises(common.UserError, match=re.escape(phrase)):
         train.main(never_stopped["args"] + ["--out", str(out)])
     assert snapshot(out) == before
+
+
+def cut_in_half(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def test_eval_only_refuses_a_damaged_vocabulary_and_takes_a_missing_copy(never_stopped, tmp_path):
+    """--eval-only tokenizes with the teacher's vocab.txt: cut short, it still loads and would score other
+    ids, so it is refused against the MoEBERT's copy. A MoEBERT saved without a copy (runs before the
+    copy was kept) is evaluated as before: the same scores as the finished run's."""
+    import train
+    out = tmp_path / "out"
+    shutil.copytree(never_stopped["ref"], out)
+    cut_in_half(out / "teacher" / "vocab.txt")
+    before = snapshot(out)
+    with pytest.raises(common.UserError, match=re.escape(f"{out}/teacher/vocab.txt and {out}/moebert/vocab.txt differ")):
+        train.main(never_stopped["args"] + ["--out", str(out), "--eval-only"])
+    assert snapshot(out) == before
+    shutil.copy(never_stopped["ref"] / "teacher" / "vocab.txt", out / "teacher")
+    os.remove(out / "moebert" / "vocab.txt")
+    results = train.main(never_stopped["args"] + ["--out", str(out), "--eval-only"])
+    assert {k: results[k] for k in ("teacher", "moebert")} == \
+        {k: never_stopped["results"][k] for k in ("teacher", "moebert")}
 
 
 def test_force_names_a_file_where_a_stage_folder_goes_before_redoing_anything(never_stopped, tmp_path):

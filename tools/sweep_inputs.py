@@ -3,15 +3,18 @@ stop with one `error:` line (exit 2) that leaves the files it found as they were
 code, a refused run that changed a file, a file left in the working folder, or a `cross` case that finishes (a
 wrong folder taken) is a finding.
 
-    python tools/sweep_inputs.py                  # all parts, about 20 minutes on 2 cores; JSON in sweep.json
-    python tools/sweep_inputs.py --parts cross    # one part: flags, eval-only, cross, tasks
+    python tools/sweep_inputs.py                  # all parts, about 45 minutes on 2 cores; JSON in sweep.json
+    python tools/sweep_inputs.py --parts damage   # one part: flags, eval-only, cross, tasks, env, damage
 
 Parts: `flags`, MoE sizes, routes, students, lengths, batch sizes and schedules on five tasks (RTE, STS-B,
 CoLA, SQuAD v1.1 and v2.0); `eval-only`, each finished run of `flags` again with --eval-only (GLUE: and
 --predict); `cross`, one run's folders given to another (a teacher of another task, a MoEBERT for a BERT,
 another task's data, a run's --out for another task or student, flags changed on a finished run);
 `tasks`, all nine GLUE tasks, with --predict, the shallow student and bf16, then --eval-only --predict; `env`,
-$MOEBERT_CACHE naming a file, a place no folder can be made, or nothing.
+$MOEBERT_CACHE naming a file, a place no folder can be made, or nothing; `damage`, a finished RTE run (with
+--predict) and a SQuAD one, each file in turn gone, empty, cut in half, garbage, a folder or (JSON) of another
+shape, then the same command, --eval-only (and --predict): here a run that finishes must also report the
+results of the undamaged run, to the last digit (a damaged file silently used is a finding).
 """
 import argparse
 import hashlib
@@ -97,9 +100,27 @@ def files(folder):
             if p.is_file() and p.name not in ("run.lock", "log.jsonl")} if os.path.isdir(folder) else None
 
 
-def run(name, args, expect=None, env=None):
+DAMAGES = {  # what is done to one file of a finished run
+    "gone": lambda p: p.unlink(), "empty": lambda p: p.write_bytes(b""),
+    "half": lambda p: p.write_bytes(p.read_bytes()[:p.stat().st_size // 2]),
+    "garbage": lambda p: p.write_bytes(bytes(range(256)) * 8), "a folder": lambda p: (p.unlink(), p.mkdir()),
+    "json of another shape": lambda p: p.write_text("[]" if p.read_text().lstrip().startswith("{") else "{}"),
+}
+
+
+def scores(out):
+    """The dev scores in a run's results.json (None if it has none)."""
+    try:
+        r = json.loads((Path(out) / "results.json").read_text())
+        return {k: r[k] for k in ("teacher", "moebert", "shallow") if k in r}
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def run(name, args, expect=None, env=None, same_as=None):
     """train.py with args (and `env`) in an empty working folder; a finding: a traceback, an exit code but 0 and
-    2 (or not `expect`), a refusal that changed a file in the --out it found, a file left in the working folder."""
+    2 (or not `expect`), a refusal that changed a file in the --out it found, a file left in the working folder,
+    and with `same_as` (the scores of the run undamaged) a run that finishes with other scores."""
     out = Path(args[args.index("--out") + 1]) if "--out" in args else None
     before = files(out) if out else None
     cwd = tempfile.mkdtemp(prefix="cwd-")  # every path given is absolute: nothing may land in the working folder
@@ -108,15 +129,17 @@ def run(name, args, expect=None, env=None):
     changed = p.returncode == 2 and out is not None and files(out) != before  # a refusal must change nothing
     stray = os.listdir(cwd)
     shutil.rmtree(cwd)
+    other = same_as is not None and p.returncode == 0 and scores(out) != same_as  # a damaged file silently used
     finding = ("Traceback" in p.stderr or p.returncode not in ((0, 2) if expect is None else (expect,)) or changed
-               or bool(stray))
+               or bool(stray) or other)
     last = (p.stderr.strip().splitlines() or [""])[-1]
-    return dict(name=name, args=args, rc=p.returncode, finding=finding, changed=changed, stray=stray, said=last[:500])
+    return dict(name=name, args=args, rc=p.returncode, finding=finding, changed=changed, stray=stray, other=other,
+                said=last[:500])
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="flags,eval-only,cross,tasks,env", help="comma-separated parts to run")
+    p.add_argument("--parts", default="flags,eval-only,cross,tasks,env,damage", help="comma-separated parts to run")
     p.add_argument("--work", help="folder for the fixtures and the runs (default: a new temporary one)")
     p.add_argument("--out", default="sweep.json", help="the results, JSON")
     a = p.parse_args()
@@ -196,6 +219,33 @@ def main():
         batch([(f"MOEBERT_CACHE={c!r}", base(w, "rte") + name + ["--out", str(w / "env" / str(i))], rc, {"MOEBERT_CACHE": c})
                for i, (c, rc) in enumerate(((str(w / "afile"), 2), (str(w / "afile" / "sub"), 2), ("", 0)))],
               "env", workers=1)
+    if "damage" in parts:  # each file of a finished run damaged in turn, each case on its own copy of the run
+        cases = []
+        for t, extra in (("rte", ["--predict"]), ("squad", [])):
+            ref, cmd = o / f"{t}-damage", base(w, t)
+            if not (ref / "results.json").exists():
+                batch([(f"{t}-damage", cmd + extra + ["--out", str(ref)])], "damage")
+            for f in sorted(q.relative_to(ref) for q in ref.rglob("*") if q.is_file() and q.name != "run.lock"):
+                for d, harm in DAMAGES.items():
+                    if d == "json of another shape" and f.suffix != ".json":
+                        continue
+                    copy = w / "damaged" / f"{t}-{len(cases)}"
+                    shutil.rmtree(copy, ignore_errors=True)
+                    shutil.copytree(ref, copy)
+                    record = json.loads((copy / "run.json").read_text())  # the copy's own --out, as a run there writes
+                    record["args"]["out"] = str(copy)
+                    (copy / "run.json").write_text(json.dumps(record, indent=2))
+                    harm(copy / f)
+                    for how, more in (("rerun", extra), ("eval-only", ["--eval-only"]),
+                                      ("eval-only predict", ["--eval-only"] + extra))[:3 if extra else 2]:
+                        c = w / "damaged" / f"{t}-{len(cases)}"
+                        if not c.exists():
+                            shutil.copytree(copy, c)
+                            if (c / "run.json").is_file() and f != Path("run.json"):
+                                record["args"]["out"] = str(c)
+                                (c / "run.json").write_text(json.dumps(record, indent=2))
+                        cases.append((f"{t} {f} {d}, {how}", cmd + more + ["--out", str(c)], None, None, scores(ref)))
+        batch(cases, "damage")
     bad = [r for r in results if r["finding"]]
     print(f"{len(results)} runs: {sum(r['rc'] == 0 for r in results)} finished, {sum(r['rc'] == 2 for r in results)} "
           f"refused with an error line, {len(bad)} findings; results in {a.out}")
