@@ -14,7 +14,8 @@ another task's data, a run's --out for another task or student, flags changed on
 $MOEBERT_CACHE naming a file, a place no folder can be made, or nothing; `damage`, a finished RTE run (with
 --predict) and a SQuAD one, each file in turn gone, empty, cut in half, garbage, a folder or (JSON) of another
 shape, then the same command, --eval-only (and --predict): here a run that finishes must also report the
-results of the undamaged run, to the last digit (a damaged file silently used is a finding).
+results of the undamaged run, to the last digit (a damaged file silently used is a finding); then each data
+file of RTE and SQuAD v2.0 damaged alike, for a new run.
 """
 import argparse
 import hashlib
@@ -245,6 +246,18 @@ def main():
                                 record["args"]["out"] = str(c)
                                 (c / "run.json").write_text(json.dumps(record, indent=2))
                         cases.append((f"{t} {f} {d}, {how}", cmd + more + ["--out", str(c)], None, None, scores(ref)))
+        # The data too, each file of RTE (with test.tsv) and SQuAD v2.0 in turn, for a new run: one with less
+        # data may finish, with other scores.
+        for t, folder, extra in (("rte", "RTE", ["--predict"]), ("squad2", "SQ2", [])):
+            for f in sorted(os.listdir(w / folder)):
+                for d, harm in DAMAGES.items():
+                    if d == "json of another shape" and not f.endswith(".json"):
+                        continue
+                    copy = w / "damaged" / f"{t}-data-{len(cases)}"
+                    shutil.rmtree(copy, ignore_errors=True)
+                    shutil.copytree(w / folder, copy / "data")
+                    harm(copy / "data" / f)
+                    cases.append((f"{t} data {f} {d}", base(w, t, copy / "data") + extra + ["--out", str(copy / "out")]))
         batch(cases, "damage")
     bad = [r for r in results if r["finding"]]
     print(f"{len(results)} runs: {sum(r['rc'] == 0 for r in results)} finished, {sum(r['rc'] == 2 for r in results)} "
