@@ -23,6 +23,7 @@ import os
 import re
 import string
 import sys
+import unicodedata
 from typing import NamedTuple
 
 import numpy as np
@@ -302,7 +303,7 @@ def postprocess(examples, features, start_logits, end_logits, version="1.1", n_b
                 best_score = scores.flat[k]
                 s, t = starts[k // len(ends)], ends[k % len(ends)]
                 best = (f["offsets"][s][0], f["offsets"][t][1], start[s], end[t])
-        text = "" if best is None else e.context[best[0]:best[1]]
+        text = "" if best is None else e.context[best[0]:with_marks(e.context, best[1])]
         if squad2:
             # run_squad's order of operations (null - start - end), so diffs match it to the bit
             diff = float("inf") if best is None else float(null_score - best[2] - best[3])
@@ -310,6 +311,14 @@ def postprocess(examples, features, start_logits, end_logits, version="1.1", n_b
             text = "" if diff > null_threshold else text
         predictions[e.id] = text
     return predictions, score_diffs
+
+
+def with_marks(text, end):
+    """`end` moved past the combining marks that follow it (an uncased vocabulary strips accents, so a
+    word's last token ends before them): a mark belongs to the letter before it."""
+    while end < len(text) and unicodedata.combining(text[end]):
+        end += 1
+    return end
 
 
 # ----------------------------------------------------------------------------------------------

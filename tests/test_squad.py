@@ -356,6 +356,23 @@ def test_postprocess_picks_the_best_valid_span(tokenizer):
     assert squad.postprocess([e], [f], s[None], t[None])[0] == preds
 
 
+def test_an_answer_keeps_the_accents_an_uncased_vocabulary_strips(tokenizer):
+    """Decomposed accents (e + U+0301 COMBINING ACUTE): an uncased tokenizer drops the mark, so the offsets
+    of a word's last token end before it. The answer keeps it, as the mark belongs to the letter before
+    it (run_squad.py answers with the whole word); a precomposed é, or a mark inside the span, was kept already."""
+    context = "Le cafe\u0301 de Ame\u0301lie est ferme\u0301, le café aussi."
+    e = squad.Example("q", "Which cafe?", context, [], False)
+    [f] = squad.make_features([e], tokenizer)
+    w = lambda word, nth=0: token_index(f, context, word, nth)
+    answer = lambda a, b: squad.postprocess([e], [f], *(x[None] for x in logits_for(f, {a: 9.0}, {b: 9.0})))[0]["q"]
+    assert context[slice(*f["offsets"][w("cafe")])] == "cafe"  # the mark is outside the token
+    assert answer(w("cafe"), w("cafe")) == "cafe\u0301"
+    assert answer(w("Le"), w("cafe")) == "Le cafe\u0301"
+    assert answer(w("cafe"), w("de")) == "cafe\u0301 de"  # the mark inside the span, as before
+    assert answer(w("est"), w("e")) == "est ferme\u0301"  # "e": ferme's last piece; up to the comma, not past it
+    assert answer(w("café"), w("café")) == "café"  # precomposed: one character, in the offsets
+
+
 def test_postprocess_v2_null_score(tokenizer):
     e = squad.Example("q", "Which is the capital?", CAPITALS, [], False)
     [f] = squad.make_features([e], tokenizer)
