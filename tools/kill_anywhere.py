@@ -1,0 +1,99 @@
+"""Resume after a kill at any moment, not only inside a training stage: tiny runs of train.py (a checkpoint every
+step) stopped at evenly spread times over a whole run (start-up, teacher, importance, distillation, the
+evaluations, the files written at the end) by SIGKILL, SIGTERM or SIGINT, then the same command run to its end.
+Each must end as the run never stopped: the same dev scores, every model, importance and prediction file
+bitwise; the stopped run must exit by the signal or with its resume line, and the rerun with 0 and no traceback.
+
+    python tools/kill_anywhere.py                       # RTE with --predict and SQuAD v2.0, 24 kills each, ~15 min
+    python tools/kill_anywhere.py --tasks rte --kills 8 --out kills.json
+"""
+import argparse
+import hashlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "tools"), str(ROOT / "tests")]
+
+from sweep_inputs import base, fixtures  # noqa: E402
+
+SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT)
+KEPT = (".safetensors", ".tsv", "predictions.json", "null_odds.json")  # what must come out bitwise equal
+
+
+def outputs(out):
+    """The run's models, importance and prediction files (path -> hash) and its dev scores."""
+    files = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(out).rglob("*")
+             if p.is_file() and p.name.endswith(KEPT) and ".partial" not in str(p.relative_to(out))}
+    results = json.loads((Path(out) / "results.json").read_text())
+    return files, {k: results[k] for k in ("teacher", "moebert")}
+
+
+def run(cmd, out, log, stop_at=None, sig=None):
+    """train.py; with stop_at, `sig` that many seconds after its start. (exit code, seconds, its output)."""
+    t0 = time.time()
+    with open(log, "a") as f:
+        p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *cmd, "--out", str(out)], stdout=f,
+                             stderr=subprocess.STDOUT, cwd=tempfile.gettempdir())
+        if stop_at is not None:
+            try:
+                p.wait(timeout=stop_at)
+            except subprocess.TimeoutExpired:
+                p.send_signal(sig)
+        code = p.wait(timeout=600)
+    return code, time.time() - t0
+
+
+def main():
+    a = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("--tasks", default="rte,squad2", help="comma-separated: rte (with --predict), squad2")
+    a.add_argument("--kills", type=int, default=24, help="stopped runs per task, spread evenly over a whole run")
+    a.add_argument("--work", help="folder for the fixtures and runs (default: a new temporary one)")
+    a.add_argument("--out", default="kills.json", help="the results, JSON")
+    args = a.parse_args()
+    w = Path(args.work or tempfile.mkdtemp(prefix="kills-")).resolve()
+    if not (w / "bert").exists():
+        w.mkdir(parents=True, exist_ok=True)
+        fixtures(w)
+    report, bad = [], 0
+    for task in args.tasks.split(","):
+        cmd = base(w, task) + ["--epochs", "3", "--save-every", "1"] + (["--predict"] if task == "rte" else [])
+        ref = w / f"{task}-ref"
+        shutil.rmtree(ref, ignore_errors=True)
+        code, whole = run(cmd, ref, w / f"{task}-ref.log")
+        assert code == 0, f"the reference run failed: {w}/{task}-ref.log"
+        want = outputs(ref)
+        for k in range(args.kills):
+            at, sig = whole * (k + 0.5) / args.kills, SIGNALS[k % len(SIGNALS)]  # the middle of each k-th of a run
+            out, log = w / f"{task}-kill{k}", w / f"{task}-kill{k}.log"
+            shutil.rmtree(out, ignore_errors=True)
+            log.unlink(missing_ok=True)
+            stopped, _ = run(cmd, out, log, at, sig)
+            said = log.read_text()
+            # Stopped by the signal itself (SIGKILL, or SIGTERM/SIGINT before train.py's handler is set), by its
+            # handler (130: "run the same command again"), or finished before the signal came (0). Ctrl-C while
+            # Python imports torch shows Python's own KeyboardInterrupt traceback, before train.py's code runs.
+            at_import = sig == signal.SIGINT and said.rstrip().endswith("KeyboardInterrupt") and ", in main" not in said
+            stop_ok = stopped in (0, -sig, 130, 128 + sig) and ("Traceback" not in said or at_import)
+            resumed, _ = run(cmd, out, log)
+            said = log.read_text()[len(said):]  # the rerun's own output
+            same = resumed == 0 and outputs(out) == want
+            row = dict(task=task, at_s=round(at, 2), signal=sig.name, stopped_exit=stopped, resumed_exit=resumed,
+                       stop_ok=stop_ok, same=same, traceback="Traceback" in said)  # in the rerun
+            bad += not (stop_ok and same and not row["traceback"])
+            report.append(row)
+            print(json.dumps(row), flush=True)
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1)
+    print(f"{len(report)} stopped runs, {bad} findings (a stop or rerun that failed, or other results); {args.out}")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
