@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tools"), str(ROOT / "tests")]
 
-from sweep_inputs import base, fixtures  # noqa: E402
+from sweep_inputs import base, workspace  # noqa: E402
 
 SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT)
 KEPT = (".safetensors", ".tsv", "predictions.json", "null_odds.json")  # what must come out bitwise equal
@@ -57,11 +57,7 @@ def main():
     a.add_argument("--work", help="folder for the fixtures and runs (default: a new temporary one)")
     a.add_argument("--out", default="kills.json", help="the results, JSON")
     args = a.parse_args()
-    w = Path(args.work or tempfile.mkdtemp(prefix="kills-")).resolve()
-    if not (w / "bert").exists():
-        w.mkdir(parents=True, exist_ok=True)
-        fixtures(w)
-    report, bad = [], 0
+    w, report, bad = workspace(args.work, "kills-"), [], 0
     for task in args.tasks.split(","):
         cmd = base(w, task) + ["--epochs", "3", "--save-every", "1"] + (["--predict"] if task == "rte" else [])
         ref = w / f"{task}-ref"
@@ -78,9 +74,11 @@ def main():
             said = log.read_text()
             # Stopped by the signal itself (SIGKILL, or SIGTERM/SIGINT before train.py's handler is set), by its
             # handler (130: "run the same command again"), or finished before the signal came (0). Ctrl-C while
-            # Python imports torch shows Python's own KeyboardInterrupt traceback, before train.py's code runs.
-            at_import = sig == signal.SIGINT and said.rstrip().endswith("KeyboardInterrupt") and ", in main" not in said
-            stop_ok = stopped in (0, -sig, 130, 128 + sig) and ("Traceback" not in said or at_import)
+            # Python imports torch, or runs torch's exit callbacks after the run, shows Python's own KeyboardInterrupt
+            # traceback, outside train.py's code.
+            python_own = sig == signal.SIGINT and said.rstrip().rstrip(":").endswith("KeyboardInterrupt") \
+                and ", in main" not in said
+            stop_ok = stopped in (0, -sig, 130, 128 + sig) and ("Traceback" not in said or python_own)
             resumed, _ = run(cmd, out, log)
             said = log.read_text()[len(said):]  # the rerun's own output
             same = resumed == 0 and outputs(out) == want

@@ -88,6 +88,15 @@ def fixtures(w):
     (w / "afile").write_text("x")
 
 
+def workspace(folder, prefix):
+    """`folder` (else a new temporary one) with the fixtures, made if they are not there yet."""
+    w = Path(folder or tempfile.mkdtemp(prefix=prefix)).resolve()
+    if not (w / "bert").exists():
+        w.mkdir(parents=True, exist_ok=True)
+        fixtures(w)
+    return w
+
+
 def base(w, task, data=None):
     folder = data or {"rte": "RTE", "stsb": "STS-B", "cola": "CoLA", "squad": "SQ1", "squad2": "SQ2"}[task]
     return ["--task", task, "--data-dir", str(w / folder), "--bert", str(w / "bert"), "--device", "cpu",
@@ -144,10 +153,7 @@ def main():
     p.add_argument("--work", help="folder for the fixtures and the runs (default: a new temporary one)")
     p.add_argument("--out", default="sweep.json", help="the results, JSON")
     a = p.parse_args()
-    w = Path(a.work or tempfile.mkdtemp(prefix="sweep-")).resolve()
-    if not (w / "bert").exists():
-        w.mkdir(parents=True, exist_ok=True)
-        fixtures(w)
+    w = workspace(a.work, "sweep-")
     o, results = w / "outs", []
 
     def batch(cases, what, workers=2):
