@@ -5,11 +5,12 @@ Each must end as the run never stopped: the same dev scores, every model, import
 bitwise; the stopped run must exit by the signal or with its resume line, and the rerun with 0 and no traceback.
 
     python tools/kill_anywhere.py                       # RTE with --predict and SQuAD v2.0, 24 kills each, ~15 min
-    python tools/kill_anywhere.py --tasks rte --kills 8 --out kills.json
+    python tools/kill_anywhere.py --tasks rte --kills 8 --flags "--route gate-token" --out kills.json
 """
 import argparse
 import hashlib
 import json
+import shlex
 import shutil
 import signal
 import subprocess
@@ -54,12 +55,14 @@ def main():
     a = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a.add_argument("--tasks", default="rte,squad2", help="comma-separated: rte (with --predict), squad2")
     a.add_argument("--kills", type=int, default=24, help="stopped runs per task, spread evenly over a whole run")
+    a.add_argument("--flags", default="", help='more train.py flags for every run, e.g. "--route gate-token"')
     a.add_argument("--work", help="folder for the fixtures and runs (default: a new temporary one)")
     a.add_argument("--out", default="kills.json", help="the results, JSON")
     args = a.parse_args()
     w, report, bad = workspace(args.work, "kills-"), [], 0
     for task in args.tasks.split(","):
-        cmd = base(w, task) + ["--epochs", "3", "--save-every", "1"] + (["--predict"] if task == "rte" else [])
+        cmd = base(w, task) + ["--epochs", "3", "--save-every", "1"] + (["--predict"] if task == "rte" else []) \
+            + shlex.split(args.flags)
         ref = w / f"{task}-ref"
         shutil.rmtree(ref, ignore_errors=True)
         code, whole = run(cmd, ref, w / f"{task}-ref.log")
