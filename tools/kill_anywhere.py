@@ -33,7 +33,7 @@ def outputs(out):
     files = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(out).rglob("*")
              if p.is_file() and p.name.endswith(KEPT) and ".partial" not in str(p.relative_to(out))}
     results = json.loads((Path(out) / "results.json").read_text())
-    return files, {k: results[k] for k in ("teacher", "moebert")}
+    return files, {k: results[k] for k in ("teacher", "moebert", "shallow") if k in results}
 
 
 def run(cmd, out, log, stop_at=None, sig=None):
