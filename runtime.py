@@ -202,6 +202,7 @@ def load_checkpoint(path, model, opt, sched, device):
     except Exception as e:  # safetensors raises its own error types on a damaged file
         raise UserError(f"{path} is damaged ({e}). Delete it to redo this stage from its start.") from None
     state = meta["state"]
+    check_best(os.path.dirname(path), state["best"])
     if state["processes"] != WORLD:  # each process's dropout stream continues only in the same layout
         raise UserError(f"{path} was written by {state['processes']} processes, this run has {WORLD}: resume "
                         f"with the same number (torchrun --nproc_per_node), or --force to start over")
@@ -219,6 +220,22 @@ def load_checkpoint(path, model, opt, sched, device):
     if device.type == "cuda":
         torch.cuda.set_rng_state(tensors[f"rng.cuda.{RANK}"], device)
     return state
+
+
+def check_best(folder, best):
+    """The stage's best model so far, saved beside its checkpoint (config.json, model.safetensors): the model
+    the stage will publish unless a later epoch beats it, so a damaged one is refused before training goes on."""
+    if best is None:
+        return
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            if not isinstance(json.load(f), dict):
+                raise ValueError("config.json holds no JSON object")
+        with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:  # its header, checked against its size
+            f.keys()
+    except Exception as e:  # safetensors raises its own error types on a damaged file
+        raise UserError(f"{folder} holds the best model of this stage so far (epoch {best.get('epoch')}), damaged or "
+                        f"gone ({e}): restore it, or delete {folder} to redo this stage from its start") from None
 
 
 @contextmanager

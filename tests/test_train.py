@@ -463,6 +463,39 @@ def test_checkpoint_holds_everything_and_a_damaged_one_is_refused(never_stopped,
     assert ckpt.exists()  # never deleted behind the user's back
 
 
+@pytest.mark.parametrize("damage", ["model cut in half", "config gone"])
+def test_a_damaged_best_model_beside_a_checkpoint_is_refused_before_training_goes_on(never_stopped, tmp_path, damage):
+    """A stage stopped after its first epoch keeps its best model so far beside its checkpoint; the stage
+    publishes it unless a later epoch beats it. Damaged, it is refused at the resume, before any step and
+    with the checkpoint kept (it was published, and the checkpoint removed, then the report failed on it)."""
+    import train
+    out = tmp_path / "out"
+    args = never_stopped["args"] + ["--out", str(out)]
+    from safetensors import safe_open
+    partial = out / "moebert.partial"
+
+    def best_saved():  # a checkpoint that records a best model (written beside, then renamed: whole when there)
+        if not (partial / "checkpoint.safetensors").exists():
+            return False
+        with safe_open(partial / "checkpoint.safetensors", "pt") as f:
+            return json.loads(f.metadata()["state"])["best"] is not None
+    p = subprocess.Popen([sys.executable, TRAIN, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not best_saved():
+        assert p.poll() is None, "the run ended before distillation's first epoch"
+        time.sleep(0.001)
+    p.kill()
+    p.wait()
+    assert not (out / "moebert").exists(), "distillation finished before the kill"
+    if damage == "model cut in half":
+        cut_in_half(partial / "model.safetensors")
+    else:
+        os.remove(partial / "config.json")
+    before = snapshot(out)
+    with pytest.raises(common.UserError, match="moebert.partial holds the best model of this stage so far"):
+        train.main(args)
+    assert snapshot(out) == before
+
+
 def test_non_finite_loss_stops_with_a_clear_error(never_stopped, tmp_path):
     """A learning rate that diverges: exit 2 at the first non-finite loss, one error line, the last
     checkpoint and the finished teacher untouched."""

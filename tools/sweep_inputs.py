@@ -14,17 +14,20 @@ another task's data, a run's --out for another task or student, flags changed on
 $MOEBERT_CACHE naming a file, a place no folder can be made, or nothing; `damage`, a finished RTE run (with
 --predict) and a SQuAD one, each file in turn gone, empty, cut in half, garbage, a folder or (JSON) of another
 shape, then the same command, --eval-only (and --predict): here a run that finishes must also report the
-results of the undamaged run, to the last digit (a damaged file silently used is a finding); then each data
-file of RTE and SQuAD v2.0 damaged alike, for a new run.
+results of the undamaged run, to the last digit (a damaged file silently used is a finding); an RTE run stopped
+by SIGTERM in distillation alike, then the same command (it must end as a run never stopped); each data file
+of RTE and SQuAD v2.0 damaged alike, for a new run.
 """
 import argparse
 import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -95,6 +98,21 @@ def workspace(folder, prefix):
         w.mkdir(parents=True, exist_ok=True)
         fixtures(w)
     return w
+
+
+def stop_in_distillation(cmd, out):
+    """train.py with cmd into `out`, stopped by SIGTERM in distillation once it has saved its best model so far
+    (after its first epoch) beside its checkpoint."""
+    shutil.rmtree(out, ignore_errors=True)
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *cmd, "--out", str(out)], cwd=tempfile.gettempdir(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not all((out / "moebert.partial" / f).exists() for f in ("checkpoint.safetensors", "model.safetensors")):
+        if p.poll() is not None:
+            sys.exit(f"{out}: the run ended before distillation's first epoch")
+        time.sleep(0.001)
+    p.send_signal(signal.SIGTERM)
+    if p.wait() != 128 + signal.SIGTERM or (out / "moebert").exists():
+        sys.exit(f"{out}: not stopped inside distillation")
 
 
 def base(w, task, data=None):
@@ -226,12 +244,22 @@ def main():
         batch([(f"MOEBERT_CACHE={c!r}", base(w, "rte") + name + ["--out", str(w / "env" / str(i))], rc, {"MOEBERT_CACHE": c})
                for i, (c, rc) in enumerate(((str(w / "afile"), 2), (str(w / "afile" / "sub"), 2), ("", 0)))],
               "env", workers=1)
-    if "damage" in parts:  # each file of a finished run damaged in turn, each case on its own copy of the run
-        cases = []
+    if "damage" in parts:  # each file of a run damaged in turn, each case on its own copy of the run
+        cases, sources = [], []  # sources: (name, the run, the commands after the damage, the scores to end with)
         for t, extra in (("rte", ["--predict"]), ("squad", [])):
             ref, cmd = o / f"{t}-damage", base(w, t)
             if not (ref / "results.json").exists():
                 batch([(f"{t}-damage", cmd + extra + ["--out", str(ref)])], "damage")
+            sources.append((t, ref, [("rerun", cmd + extra), ("eval-only", cmd + ["--eval-only"])]
+                            + ([("eval-only predict", cmd + ["--eval-only"] + extra)] if extra else []), scores(ref)))
+        # A run stopped by SIGTERM in distillation, then the same command: it must end as a run never stopped.
+        cmd, ref, stopped = base(w, "rte") + ["--epochs", "3", "--save-every", "1"], o / "rte-ref", o / "rte-stopped"
+        if not (ref / "results.json").exists():
+            batch([("rte-ref", cmd + ["--out", str(ref)])], "damage")
+        if not (stopped / "moebert.partial").exists():
+            stop_in_distillation(cmd, stopped)
+        sources.append(("rte stopped", stopped, [("rerun", cmd)], scores(ref)))
+        for t, ref, hows, want in sources:
             for f in sorted(q.relative_to(ref) for q in ref.rglob("*") if q.is_file() and q.name != "run.lock"):
                 for d, harm in DAMAGES.items():
                     if d == "json of another shape" and f.suffix != ".json":
@@ -243,15 +271,14 @@ def main():
                     record["args"]["out"] = str(copy)
                     (copy / "run.json").write_text(json.dumps(record, indent=2))
                     harm(copy / f)
-                    for how, more in (("rerun", extra), ("eval-only", ["--eval-only"]),
-                                      ("eval-only predict", ["--eval-only"] + extra))[:3 if extra else 2]:
+                    for how, args in hows:
                         c = w / "damaged" / f"{t}-{len(cases)}"
                         if not c.exists():
                             shutil.copytree(copy, c)
                             if (c / "run.json").is_file() and f != Path("run.json"):
                                 record["args"]["out"] = str(c)
                                 (c / "run.json").write_text(json.dumps(record, indent=2))
-                        cases.append((f"{t} {f} {d}, {how}", cmd + more + ["--out", str(c)], None, None, scores(ref)))
+                        cases.append((f"{t} {f} {d}, {how}", args + ["--out", str(c)], None, None, want))
         # The data too, each file of RTE (with test.tsv) and SQuAD v2.0 in turn, for a new run: one with less
         # data may finish, with other scores.
         for t, folder, extra in (("rte", "RTE", ["--predict"]), ("squad2", "SQ2", [])):
