@@ -505,7 +505,7 @@ def write_run(args):
 
 DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
                errno.EROFS: "the file system is read-only", errno.EACCES: "no permission", errno.EPERM: "no permission",
-               errno.EISDIR: "a folder is where this run reads or writes a file"}
+               errno.EISDIR: "where this run reads or writes a file"}
 
 
 def claim(out):
@@ -544,7 +544,7 @@ def disk_error(e):
     what to do."""
     path = e.filename2 or e.filename or "a file"  # os.replace(written, path): path is the one that failed
     if e.errno == errno.EISDIR:
-        return f"{path} is a folder, where this run reads or writes a file: move it away, then run the same command again"
+        return f"{path} is a folder, {DISK_ERRORS[e.errno]}: move it away, then run the same command again"
     kept = "the finished stages and the last checkpoint are kept (files are written beside, then renamed)"
     fix = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable, or use another --out"
     return f"cannot write {path}: {DISK_ERRORS[e.errno]}; {kept}. {fix}, then run the same command again to go on"

@@ -50,6 +50,18 @@ def check_lengths(args, positions):
             else "") + f" and {positions}, the longest sequence the model's position table covers")
 
 
+def check_prediction_paths(out, models, names):
+    """Where --predict will write (OUT/predictions/MODEL/NAME): a file where one of its folders goes, or a folder
+    where one of its files goes, stops the run now, not after training."""
+    for who in models:
+        where = os.path.join(out, "predictions", who)
+        wanted = [(os.path.dirname(where), True), (where, True)] + [(os.path.join(where, n), False) for n in names]
+        for path, is_folder in wanted:
+            if os.path.exists(path) and os.path.isdir(path) != is_folder:
+                raise UserError(f"{path} is a {'file' if is_folder else 'folder'}, where --predict writes a "
+                                f"{'folder' if is_folder else 'file'}: move it away, or use another --out")
+
+
 def glue_data(args, tokenizer, device):
     folder = data.glue_dir(args.task, args.data_dir, train=not args.eval_only)
     encode = lambda examples, n=None: data.encode(examples[:n], tokenizer, args.max_seq_length)
@@ -64,13 +76,8 @@ def glue_data(args, tokenizer, device):
     # Read now, so a missing test file stops the run before training, not after it.
     test_sets = {name: encode(examples) for name, examples in data.test_sets(args.task, folder).items()} \
         if args.predict else {}
-    for who in ("teacher", args.student) if args.predict else ():  # a file where a folder of them goes, or
-        where = os.path.join(args.out, "predictions", who)  # a folder where one goes, stops the run now too
-        for path, folder in [(os.path.dirname(where), True), (where, True)] + [(os.path.join(where, n), False)
-                                                                               for n in test_sets]:
-            if os.path.exists(path) and os.path.isdir(path) != folder:
-                raise UserError(f"{path} is a {'file' if folder else 'folder'}, where --predict writes a "
-                                f"{'folder' if folder else 'file'}: move it away, or use another --out")
+    if args.predict:
+        check_prediction_paths(args.out, ("teacher", args.student), test_sets)
     dev = lambda model: (evaluate(model, dev_sets, args, device), {})
     return train_features, dev, data.TASKS[args.task].metric, len(dev_sets[""]), test_sets
 
