@@ -238,17 +238,22 @@ def check_best(folder, best):
                         f"gone ({e}): restore it, or delete {folder} to redo this stage from its start") from None
 
 
+COPY_S = 1.0  # a signal again within this is the same one: Slurm signals every process, and torchrun passes its on
+
+
 @contextmanager
 def deferred_signals():
     """While training: Ctrl-C (SIGINT) and SIGTERM (preemption, kill, torchrun passing either on)
     only set a flag, which fit() reads after each step to save a checkpoint and stop there.
-    A second signal stops at once."""
-    got = []
+    A second signal, later than COPY_S, stops at once."""
+    got, at = [], []
 
     def handler(signum, frame):
-        if got:
+        if not got:
+            got.append(signum)
+            at.append(time.monotonic())
+        elif time.monotonic() - at[0] > COPY_S:
             raise KeyboardInterrupt
-        got.append(signum)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -11,6 +11,7 @@ import functools
 import http.server
 import json
 import os
+import pathlib
 import re
 import shutil
 import socket
@@ -106,6 +107,18 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def children(pid):
+    """The processes whose parent is `pid` (Linux's /proc)."""
+    kids = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:  # "pid (name) state ppid ..."
+                kids.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):  # a process that ended meanwhile
+            pass
+    return kids
 
 
 def closed_port_url():

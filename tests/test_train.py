@@ -29,8 +29,8 @@ import tasks
 from bert import BertConfig, BertForQuestionAnswering, BertForSequenceClassification, BertModel
 from moebert import MoEConfig, moebert_from_dense
 
-from helpers import (DEVICES, GOOGLE_TINY, ROOT, TINY, TINY4, assert_close, fixture_json, free_port, readme_snippet,
-                     tiny_model, write_json)
+from helpers import (DEVICES, GOOGLE_TINY, ROOT, TINY, TINY4, assert_close, children, fixture_json, free_port,
+                     readme_snippet, tiny_model, write_json)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,8 +382,9 @@ def never_stopped(tmp_path_factory):
     return dict(root=root, args=args, results=results, ref=root / "ref")
 
 
-def stop_midway(cmd, stage_dir, sig, timeout=120, env=None):
-    """Start `cmd`, wait for the stage's first checkpoint, send `sig`; (return code, output)."""
+def stop_midway(cmd, stage_dir, sig, timeout=120, env=None, every=False):
+    """Start `cmd`, wait for the stage's first checkpoint, send `sig` (with every, to its child processes too,
+    as a job scheduler does to a job's every process); (return code, output)."""
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     ckpt = stage_dir.parent / (stage_dir.name + ".partial") / "checkpoint.safetensors"
     t0 = time.time()
@@ -391,7 +392,8 @@ def stop_midway(cmd, stage_dir, sig, timeout=120, env=None):
         assert p.poll() is None, f"ended before its first checkpoint:\n{p.communicate()[0]}"
         assert time.time() - t0 < timeout, "no checkpoint appeared"
         time.sleep(0.001)
-    p.send_signal(sig)
+    for pid in [p.pid] + (children(p.pid) if every else []):
+        os.kill(pid, sig)
     out = p.communicate(timeout=timeout)[0]
     assert not stage_dir.exists(), f"the stage finished before the signal arrived:\n{out}"
     return p.returncode, out
@@ -440,6 +442,22 @@ def test_stopped_run_resumes_bitwise(never_stopped, tmp_path, stage, sig, capsys
     assert results["teacher"] == never_stopped["results"]["teacher"]
     assert results["moebert"] == never_stopped["results"]["moebert"]
     assert not (out / stage / "checkpoint.safetensors").exists()  # a finished stage keeps its best model only
+
+
+def test_a_signal_and_its_copy_stop_once_a_later_one_at_once(monkeypatch):
+    """runtime.deferred_signals: SIGTERM twice in a moment (Slurm's to every process, and torchrun's copy) asks
+    for one stop at the step's end; a second signal later than COPY_S stops at once; the old handlers come back."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with runtime.deferred_signals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)  # the handlers run in between
+        assert stop == [signal.SIGTERM]
+        monkeypatch.setattr(runtime, "COPY_S", 0.0)  # what comes next is later than the copies' moment
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert {s: signal.getsignal(s) for s in before} == before
 
 
 def test_checkpoint_holds_everything_and_a_damaged_one_is_refused(never_stopped, tmp_path):
@@ -925,14 +943,17 @@ def test_squad_pipeline_with_the_shallow_student(tmp_path):
 # torchrun: two processes stopped and resumed; the process group's end (runtime.py)
 
 
-def test_two_processes_stopped_and_resumed_bitwise(tmp_path):
-    """torchrun with 2 gloo processes, dropout on: SIGTERM to torchrun inside distillation (it passes
-    the signal on; both processes stop at the same step and the master writes every process's RNG
-    state), then the same command again: bitwise the weights of a 2-process run never stopped."""
+@pytest.mark.parametrize("every", [False, True], ids=["to torchrun", "to every process"])
+def test_two_processes_stopped_and_resumed_bitwise(tmp_path, every):
+    """torchrun with 2 gloo processes, dropout on: SIGTERM inside distillation, to torchrun, which passes it on,
+    or to every process, as Slurm at a time limit or preemption (each worker then gets it twice, from there and
+    from torchrun: still one stop, not the second signal's stop at once); both processes stop at the same step
+    and the master writes every process's RNG state. Then the same command again: bitwise the weights of a
+    2-process run never stopped."""
     args = tiny_task(tmp_path) + ["--epochs", "6"]
     run_torchrun(args, tmp_path / "ref")
     code, text = stop_midway(TORCHRUN + [*args, "--out", str(tmp_path / "out")], tmp_path / "out" / "moebert",
-                             signal.SIGTERM, env=torchrun_env())
+                             signal.SIGTERM, env=torchrun_env(), every=every)
     assert len([l for l in text.splitlines() if l.startswith("stopped by SIGTERM at distill step")]) == 1, text
     run_torchrun(args, tmp_path / "out")
     assert '"resumed"' in (tmp_path / "out" / "log.jsonl").read_text()

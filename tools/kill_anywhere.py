@@ -6,10 +6,17 @@ bitwise; the stopped run must exit by the signal or with its resume line, and th
 
     python tools/kill_anywhere.py                       # RTE with --predict and SQuAD v2.0, 24 kills each, ~15 min
     python tools/kill_anywhere.py --tasks rte --kills 8 --flags "--route gate-token" --out kills.json
+    python tools/kill_anywhere.py --nproc 2             # under torchrun, the signal to every process as Slurm's
+
+Under torchrun (--nproc) the signal goes to torchrun and its workers, as Slurm's at a time limit or preemption
+(torchrun passes its copy on too); torchrun's own report of its stopped workers is not a finding, a traceback
+through this project's files is.
 """
 import argparse
 import hashlib
 import json
+import os
+import re
 import shlex
 import shutil
 import signal
@@ -20,8 +27,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "tools"), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tools"), str(ROOT / "tests")]
 
+from helpers import children  # noqa: E402
 from sweep_inputs import base, workspace  # noqa: E402
 
 SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT)
@@ -36,18 +44,31 @@ def outputs(out):
     return files, {k: results[k] for k in ("teacher", "moebert", "shallow") if k in results}
 
 
-def run(cmd, out, log, stop_at=None, sig=None):
-    """train.py; with stop_at, `sig` that many seconds after its start. (exit code, seconds, its output)."""
+def run(cmd, out, log, stop_at=None, sig=None, nproc=1):
+    """train.py (under torchrun with nproc > 1); with stop_at, `sig` that many seconds after its start (under
+    torchrun to torchrun and its workers, as Slurm signals a job's every process). (exit code, seconds)."""
     t0 = time.time()
+    launch = [sys.executable] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     with open(log, "a") as f:
-        p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *cmd, "--out", str(out)], stdout=f,
+        p = subprocess.Popen([*launch, str(ROOT / "train.py"), *cmd, "--out", str(out)], stdout=f,
                              stderr=subprocess.STDOUT, cwd=tempfile.gettempdir())
+        workers = []
         if stop_at is not None:
             try:
                 p.wait(timeout=stop_at)
             except subprocess.TimeoutExpired:
-                p.send_signal(sig)
+                workers = children(p.pid) if nproc > 1 else []
+                for pid in [p.pid] + workers:
+                    os.kill(pid, sig)
         code = p.wait(timeout=600)
+        for pid in workers:  # nothing of a stopped run may outlive it (torchrun killed by SIGKILL leaves them)
+            for _ in range(600):
+                if not os.path.exists(f"/proc/{pid}"):
+                    break
+                time.sleep(0.1)
+            else:
+                os.kill(pid, signal.SIGKILL)
     return code, time.time() - t0
 
 
@@ -57,6 +78,7 @@ def main():
     a.add_argument("--kills", type=int, default=24, help="stopped runs per task, spread evenly over a whole run")
     a.add_argument("--flags", default="", help='more train.py flags for every run, e.g. "--route gate-token"')
     a.add_argument("--work", help="folder for the fixtures and runs (default: a new temporary one)")
+    a.add_argument("--nproc", type=int, default=1, help="processes under torchrun (gloo on the CPU); 1: plain python")
     a.add_argument("--out", default="kills.json", help="the results, JSON")
     args = a.parse_args()
     w, report, bad = workspace(args.work, "kills-"), [], 0
@@ -65,7 +87,7 @@ def main():
             + shlex.split(args.flags)
         ref = w / f"{task}-ref"
         shutil.rmtree(ref, ignore_errors=True)
-        code, whole = run(cmd, ref, w / f"{task}-ref.log")
+        code, whole = run(cmd, ref, w / f"{task}-ref.log", nproc=args.nproc)
         assert code == 0, f"the reference run failed: {w}/{task}-ref.log"
         want = outputs(ref)
         for k in range(args.kills):
@@ -73,20 +95,22 @@ def main():
             out, log = w / f"{task}-kill{k}", w / f"{task}-kill{k}.log"
             shutil.rmtree(out, ignore_errors=True)
             log.unlink(missing_ok=True)
-            stopped, _ = run(cmd, out, log, at, sig)
+            stopped, _ = run(cmd, out, log, at, sig, args.nproc)
             said = log.read_text()
             # Stopped by the signal itself (SIGKILL, or SIGTERM/SIGINT before train.py's handler is set), by its
             # handler (130: "run the same command again"), or finished before the signal came (0). Ctrl-C while
             # Python imports torch, or runs torch's exit callbacks after the run, shows Python's own KeyboardInterrupt
-            # traceback, outside train.py's code.
-            python_own = sig == signal.SIGINT and said.rstrip().rstrip(":").endswith("KeyboardInterrupt") \
-                and ", in main" not in said
-            stop_ok = stopped in (0, -sig, 130, 128 + sig) and ("Traceback" not in said or python_own)
-            resumed, _ = run(cmd, out, log)
-            said = log.read_text()[len(said):]  # the rerun's own output
+            # traceback: no frame of it in a function of this project's files.
+            python_own = sig == signal.SIGINT and "KeyboardInterrupt" in said and not re.search(
+                rf'File "{re.escape(str(ROOT))}/[^"]+", line \d+, in (?!<module>)', said)
+            ours = "Traceback" in said if args.nproc == 1 else f'File "{ROOT}/' in said  # torchrun has its own
+            stop_ok = (stopped in (0, -sig, 130, 128 + sig) or args.nproc > 1) and (not ours or python_own)
+            stopped_by = "stopped by SIG" in said  # inside training: a checkpoint saved at the stop, and said so
+            resumed, _ = run(cmd, out, log, nproc=args.nproc)
+            said = log.read_text()[len(said):]  # the rerun's own output: the row's traceback is there
             same = resumed == 0 and outputs(out) == want
             row = dict(task=task, at_s=round(at, 2), signal=sig.name, stopped_exit=stopped, resumed_exit=resumed,
-                       stop_ok=stop_ok, same=same, traceback="Traceback" in said)  # in the rerun
+                       stop_ok=stop_ok, checkpoint_at_stop=stopped_by, same=same, traceback="Traceback" in said)
             bad += not (stop_ok and same and not row["traceback"])
             report.append(row)
             print(json.dumps(row), flush=True)
