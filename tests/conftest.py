@@ -1,13 +1,24 @@
-"""Fixtures shared by several test files: the real MiniLM (test_bert.py, test_data.py) and a tiny GLUE
-folder in every task's real format (test_data.py, test_common.py)."""
+"""Fixtures shared by several test files: the real MiniLM (test_bert.py, test_data.py), a tiny train.py run that
+nothing stopped (test_train.py, test_runtime.py) and a tiny GLUE folder in every task's real format (test_data.py,
+test_common.py)."""
 import pytest
 
-from helpers import minilm_dir, write
+from helpers import minilm_dir, tiny_task, write
 
 
 @pytest.fixture(scope="session")
 def minilm():
     return minilm_dir()  # no skip: CI must fetch it (pip reaches PyPI there) or fail
+
+
+@pytest.fixture(scope="session")
+def never_stopped(tmp_path_factory):
+    """The reference: a tiny run that nothing interrupts."""
+    import train
+    root = tmp_path_factory.mktemp("resume")
+    args = tiny_task(root)
+    results = train.main(args + ["--out", str(root / "ref")])
+    return dict(root=root, args=args, results=results, ref=root / "ref")
 
 
 # ----------------------------------------------------------------------------------------------

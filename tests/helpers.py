@@ -12,16 +12,19 @@ import http.server
 import json
 import os
 import pathlib
+import random
 import re
 import shutil
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import data
 import weights
@@ -87,7 +90,6 @@ def random_batch(B=5, T=11, vocab=99, num_labels=3, seed=1):
 # ----------------------------------------------------------------------------------------------
 # Downloads, against an HTTP server on 127.0.0.1
 
-
 @contextlib.contextmanager
 def serve(folder):
     class Quiet(http.server.SimpleHTTPRequestHandler):
@@ -128,7 +130,6 @@ def closed_port_url():
 
 # ----------------------------------------------------------------------------------------------
 # Files, and errors a user can fix (common.UserError: train.py prints one line and exits 2)
-
 
 def write(path, text, bom=False):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -262,7 +263,6 @@ TINY4 = dict(TINY, num_hidden_layers=4)  # an even depth: the shallow student ke
 # ----------------------------------------------------------------------------------------------
 # train.py refusing bad input (test_data.py, test_squad.py)
 
-
 def train_refuses(tmp_path, *args):
     """Run train.py on a tiny random BERT with `args` (--task, --data-dir, ...); assert that it refuses
     them as a user error (exit 2, `error: ...`, no traceback) and leaves no --out behind. Its stderr."""
@@ -279,10 +279,110 @@ def train_refuses(tmp_path, *args):
 # ----------------------------------------------------------------------------------------------
 # The README's snippets (test_train.py: classification, test_squad.py: a question answered)
 
-
 def readme_snippet(default, folder):
     """The README's one ```python block that loads `default` (out/rte/moebert, ...), pointed at `folder`."""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         blocks = [b for b in re.findall(r"```python\n(.*?)```", f.read(), flags=re.S) if f'"{default}"' in b]
     assert len(blocks) == 1, f"the README should hold one python block that loads {default}"
     return blocks[0].replace(f'"{default}"', repr(str(folder)))
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py on a tiny task: its files, a run stopped midway, under torchrun, and what it wrote
+
+WORDS = "the of and to in is was it that for on with as he she they we you his her good great day man run play read learn".split()
+
+
+def write_rte_like(folder, n_train=96, n_dev=32, seed=0):
+    """An RTE-format task that a tiny model can learn: entailment iff sentence 2 says "dog", not "cat"."""
+    rng = random.Random(seed)
+    os.makedirs(folder, exist_ok=True)
+    for split, n in (("train", n_train), ("dev", n_dev), ("test", 8)):
+        rows = ["index\tsentence1\tsentence2" + ("" if split == "test" else "\tlabel")]
+        for i in range(n):
+            s1 = [rng.choice(WORDS) for _ in range(rng.randint(4, 12))]
+            entail = i % 2 == 0
+            s2 = s1[:2] + ["dog" if entail else "cat"] + [rng.choice(WORDS[:12])]
+            label = "" if split == "test" else "\t" + ("entailment" if entail else "not_entailment")
+            rows.append(f"{i}\t{' '.join(s1)} .\t{' '.join(s2)} .{label}")
+        with open(os.path.join(folder, f"{split}.tsv"), "w") as f:
+            f.write("\n".join(rows) + "\n")
+
+
+def read_log(out):
+    with open(out / "log.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+TRAIN = os.path.join(ROOT, "train.py")
+
+
+def tiny_task(root, dropout=0.1):
+    """A tiny random BERT (Hugging Face layout) and an RTE-format task under root; train.py's args."""
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(
+        BertConfig(**TINY, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout), 2)
+    model.bert.save_pretrained(root / "bert")
+    shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), root / "bert")
+    write_rte_like(root / "RTE")
+    return ["--task", "rte", "--bert", str(root / "bert"), "--data-dir", str(root / "RTE"), "--device", "cpu",
+            "--epochs", "10", "--lr", "2e-3", "--batch-size", "8", "--distill-lr", "2e-4", "--distill-batch-size", "16",
+            "--expert-dim", "11", "--shared-dim", "5", "--num-experts", "3", "--log-every", "1", "--save-every", "4"]
+
+
+def stop_midway(cmd, stage_dir, sig, timeout=120, env=None, every=False):
+    """Start `cmd`, wait for the stage's first checkpoint, send `sig` (with every, to its child processes too,
+    as a job scheduler does to a job's every process); (return code, output)."""
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    ckpt = stage_dir.parent / (stage_dir.name + ".partial") / "checkpoint.safetensors"
+    t0 = time.time()
+    while not ckpt.exists():
+        assert p.poll() is None, f"ended before its first checkpoint:\n{p.communicate()[0]}"
+        assert time.time() - t0 < timeout, "no checkpoint appeared"
+        time.sleep(0.001)
+    for pid in [p.pid] + (children(p.pid) if every else []):
+        os.kill(pid, sig)
+    out = p.communicate(timeout=timeout)[0]
+    assert not stage_dir.exists(), f"the stage finished before the signal arrived:\n{out}"
+    return p.returncode, out
+
+
+def assert_same_weights(a, b, atol=0.0):
+    """Two model.safetensors: the same tensors, bitwise (atol 0) or within atol."""
+    ta, tb = load_file(a), load_file(b)
+    assert set(ta) == set(tb)
+    for k in ta:
+        if atol == 0:
+            assert torch.equal(ta[k], tb[k]), f"{k}: max abs diff {(ta[k].double() - tb[k].double()).abs().max():.3g}"
+        else:
+            assert_close(ta[k], tb[k], atol, k)
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TRAIN]
+
+
+def torchrun_env():
+    """The environment for TORCHRUN: its processes print Python's stack of every thread if they abort (a C++
+    terminate, a crash). That, and a core dump, found a process group that outlived the run (below:
+    test_process_group_ends_with_destroy_after_ddp)."""
+    return {**os.environ, "PYTHONFAULTHANDLER": "1"}
+
+
+def run_torchrun(args, out):
+    """A whole 2-process run of train.py into `out`; a failure shows the end of its output, and of
+    torchrun's and the processes' stderr."""
+    p = subprocess.run(TORCHRUN + [*args, "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, env=torchrun_env())
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+def cut_in_half(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def snapshot(folder):
+    """Every file under folder -> its bytes, but for what each run writes: the lock, the log, and
+    run.json, the record of the last command (a damaged one stops the run before it is written)."""
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files if f not in ("run.lock", "log.jsonl", "run.json")}
+

@@ -1,14 +1,12 @@
-"""train.py end to end, on tiny models and generated tasks on CPU: the five stages, reruns and resumes
-(killed, stopped by a signal, several processes under torchrun), user errors that exit 2, --predict,
-the README's snippet, bf16, SQuAD and the shallow student's pipelines; and the pieces of train.py and
-runtime.py that the pipeline leans on (weight decay, allocator settings, the process group)."""
+"""train.py end to end, on tiny models and generated tasks on CPU: the five stages, reruns and --eval-only, a
+non-finite loss, user errors that exit 2, progress lines, --predict, the README's snippet, bf16, SQuAD and the
+shallow student's pipelines, weight decay. Stops and resumes, checkpoints, torchrun: test_runtime.py."""
 import json
 import math
 import os
 import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -29,13 +27,12 @@ import tasks
 from bert import BertConfig, BertForQuestionAnswering, BertForSequenceClassification, BertModel
 from moebert import MoEConfig, moebert_from_dense
 
-from helpers import (DEVICES, GOOGLE_TINY, ROOT, TINY, TINY4, assert_close, children, fixture_json, free_port,
-                     readme_snippet, tiny_model, write_json)
+from helpers import (DEVICES, GOOGLE_TINY, ROOT, TINY, TINY4, TRAIN, WORDS, cut_in_half, fixture_json, read_log,
+                     readme_snippet, snapshot, tiny_model, tiny_task, write_json, write_rte_like)
 
 
 # ----------------------------------------------------------------------------------------------
-# train.py's weight decay and runtime.py's allocator settings
-
+# train.py's weight decay
 
 def test_weight_decay_spares_biases_and_layernorms_in_experts_too():
     """train.decays reads names; the reference counts matrix axes, less the experts' stack axis."""
@@ -46,33 +43,8 @@ def test_weight_decay_spares_biases_and_layernorms_in_experts_too():
         assert train.decays(name) == (p.ndim - (".experts." in name) > 1), name
 
 
-def test_keep_freed_memory_takes_on_glibc():
-    """The allocator settings train.py and bench.py apply on CPU; a no-op without glibc."""
-    import platform
-    assert runtime.keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
-
-
 # ----------------------------------------------------------------------------------------------
 # train.py: the whole pipeline, tiny, on CPU
-
-WORDS = "the of and to in is was it that for on with as he she they we you his her good great day man run play read learn".split()
-
-
-def write_rte_like(folder, n_train=96, n_dev=32, seed=0):
-    """An RTE-format task that a tiny model can learn: entailment iff sentence 2 says "dog", not "cat"."""
-    rng = random.Random(seed)
-    os.makedirs(folder, exist_ok=True)
-    for split, n in (("train", n_train), ("dev", n_dev), ("test", 8)):
-        rows = ["index\tsentence1\tsentence2" + ("" if split == "test" else "\tlabel")]
-        for i in range(n):
-            s1 = [rng.choice(WORDS) for _ in range(rng.randint(4, 12))]
-            entail = i % 2 == 0
-            s2 = s1[:2] + ["dog" if entail else "cat"] + [rng.choice(WORDS[:12])]
-            label = "" if split == "test" else "\t" + ("entailment" if entail else "not_entailment")
-            rows.append(f"{i}\t{' '.join(s1)} .\t{' '.join(s2)} .{label}")
-        with open(os.path.join(folder, f"{split}.tsv"), "w") as f:
-            f.write("\n".join(rows) + "\n")
-
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
@@ -87,15 +59,9 @@ def tiny_run(tmp_path_factory):
             "--device", "cpu", "--epochs", "10", "--lr", "2e-3", "--batch-size", "8", "--distill-lr", "2e-4",
             "--distill-batch-size", "16", "--expert-dim", "11", "--shared-dim", "5", "--num-experts", "3",
             "--log-every", "1"]
-    import time
     t0 = time.time()
     results = train.main(args)
     return dict(root=root, out=root / "out", args=args, results=results, seconds=time.time() - t0, train=train)
-
-
-def read_log(out):
-    with open(out / "log.jsonl") as f:
-        return [json.loads(line) for line in f]
 
 
 def test_pipeline_runs_all_five_stages(tiny_run):
@@ -354,166 +320,7 @@ def test_pipeline_regression_task_and_other_routes(tmp_path, route):
 
 
 # ----------------------------------------------------------------------------------------------
-# Long runs: resume inside a stage, signals, a non-finite loss, several processes, errors
-
-TRAIN = os.path.join(ROOT, "train.py")
-
-
-def tiny_task(root, dropout=0.1):
-    """A tiny random BERT (Hugging Face layout) and an RTE-format task under root; train.py's args."""
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(
-        BertConfig(**TINY, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout), 2)
-    model.bert.save_pretrained(root / "bert")
-    shutil.copy(os.path.join(GOOGLE_TINY, "vocab.txt"), root / "bert")
-    write_rte_like(root / "RTE")
-    return ["--task", "rte", "--bert", str(root / "bert"), "--data-dir", str(root / "RTE"), "--device", "cpu",
-            "--epochs", "10", "--lr", "2e-3", "--batch-size", "8", "--distill-lr", "2e-4", "--distill-batch-size", "16",
-            "--expert-dim", "11", "--shared-dim", "5", "--num-experts", "3", "--log-every", "1", "--save-every", "4"]
-
-
-@pytest.fixture(scope="module")
-def never_stopped(tmp_path_factory):
-    """The reference: a tiny run that nothing interrupts."""
-    import train
-    root = tmp_path_factory.mktemp("resume")
-    args = tiny_task(root)
-    results = train.main(args + ["--out", str(root / "ref")])
-    return dict(root=root, args=args, results=results, ref=root / "ref")
-
-
-def stop_midway(cmd, stage_dir, sig, timeout=120, env=None, every=False):
-    """Start `cmd`, wait for the stage's first checkpoint, send `sig` (with every, to its child processes too,
-    as a job scheduler does to a job's every process); (return code, output)."""
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    ckpt = stage_dir.parent / (stage_dir.name + ".partial") / "checkpoint.safetensors"
-    t0 = time.time()
-    while not ckpt.exists():
-        assert p.poll() is None, f"ended before its first checkpoint:\n{p.communicate()[0]}"
-        assert time.time() - t0 < timeout, "no checkpoint appeared"
-        time.sleep(0.001)
-    for pid in [p.pid] + (children(p.pid) if every else []):
-        os.kill(pid, sig)
-    out = p.communicate(timeout=timeout)[0]
-    assert not stage_dir.exists(), f"the stage finished before the signal arrived:\n{out}"
-    return p.returncode, out
-
-
-def assert_same_weights(a, b, atol=0.0):
-    """Two model.safetensors: the same tensors, bitwise (atol 0) or within atol."""
-    ta, tb = load_file(a), load_file(b)
-    assert set(ta) == set(tb)
-    for k in ta:
-        if atol == 0:
-            assert torch.equal(ta[k], tb[k]), f"{k}: max abs diff {(ta[k].double() - tb[k].double()).abs().max():.3g}"
-        else:
-            assert_close(ta[k], tb[k], atol, k)
-
-
-@pytest.mark.parametrize("stage,sig", [("teacher", signal.SIGKILL), ("moebert", signal.SIGKILL),
-                                       ("moebert", signal.SIGTERM), ("moebert", signal.SIGINT)])
-def test_stopped_run_resumes_bitwise(never_stopped, tmp_path, stage, sig, capsys):
-    """Killed (or asked to stop) inside a training stage, then run again with the same command: the
-    result is bitwise the one of a run that was never stopped (the RNGs, the optimizer, the LR
-    schedule and the position in the epoch all continue)."""
-    import train
-    out = tmp_path / "out"
-    args = never_stopped["args"] + ["--out", str(out)]
-    if stage == "moebert":  # the teacher is finished: the same one as the reference's
-        shutil.copytree(never_stopped["ref"] / "teacher", out / "teacher")
-        shutil.copytree(never_stopped["ref"] / "importance", out / "importance")
-    code, text = stop_midway([sys.executable, TRAIN, *args], out / stage, sig)
-    if sig == signal.SIGKILL:
-        assert code == -signal.SIGKILL
-    else:  # Ctrl-C and SIGTERM: a checkpoint at the current step, one line on how to resume
-        assert code == 128 + sig, text
-        line = [l for l in text.splitlines() if l.startswith("stopped by")]
-        assert line and f"stopped by {signal.Signals(sig).name} at distill step" in line[0], text
-        assert "Run the same command again to resume" in line[0] and "Traceback" not in text
-    capsys.readouterr()
-    results = train.main(args)
-    said = capsys.readouterr().out
-    assert "resumed" in (out / "log.jsonl").read_text()
-    assert "continues from its checkpoint" in said and "initialised fresh" not in said, said  # nothing alarming
-    for s in ("teacher", "moebert"):
-        assert_same_weights(out / s / "model.safetensors", never_stopped["ref"] / s / "model.safetensors")
-        assert json.loads((out / s / "metrics.json").read_text()) == json.loads(
-            (never_stopped["ref"] / s / "metrics.json").read_text())
-    assert results["teacher"] == never_stopped["results"]["teacher"]
-    assert results["moebert"] == never_stopped["results"]["moebert"]
-    assert not (out / stage / "checkpoint.safetensors").exists()  # a finished stage keeps its best model only
-
-
-def test_a_signal_and_its_copy_stop_once_a_later_one_at_once(monkeypatch):
-    """runtime.deferred_signals: SIGTERM twice in a moment (Slurm's to every process, and torchrun's copy) asks
-    for one stop at the step's end; a second signal later than COPY_S stops at once; the old handlers come back."""
-    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    with runtime.deferred_signals() as stop:
-        os.kill(os.getpid(), signal.SIGTERM)
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.01)  # the handlers run in between
-        assert stop == [signal.SIGTERM]
-        monkeypatch.setattr(runtime, "COPY_S", 0.0)  # what comes next is later than the copies' moment
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)
-    assert {s: signal.getsignal(s) for s in before} == before
-
-
-def test_checkpoint_holds_everything_and_a_damaged_one_is_refused(never_stopped, tmp_path):
-    import train
-    from safetensors import safe_open
-    out = tmp_path / "out"
-    args = never_stopped["args"] + ["--out", str(out)]
-    code, _ = stop_midway([sys.executable, TRAIN, *args], out / "teacher", signal.SIGKILL)
-    ckpt = out / "teacher.partial" / "checkpoint.safetensors"
-    with safe_open(ckpt, "pt") as f:
-        keys, meta = set(f.keys()), {k: json.loads(v) for k, v in f.metadata().items()}
-    assert {"model.classifier.weight", "rng.cpu.0", "optimizer.0.exp_avg", "optimizer.0.exp_avg_sq"} <= keys
-    assert meta["state"]["step"] % 4 == 0 and meta["state"]["processes"] == 1
-    assert meta["scheduler"]["last_epoch"] == meta["state"]["step"]
-    # Other settings are refused, not mixed into the stopped stage.
-    with pytest.raises(common.UserError, match="lr: 0.002 there, 0.003 now"):
-        train.main(args + ["--lr", "3e-3"])
-    ckpt.write_bytes(b"\x10" + ckpt.read_bytes()[1:100])  # damaged
-    with pytest.raises(common.UserError, match="checkpoint.safetensors is damaged"):
-        train.main(args)
-    assert ckpt.exists()  # never deleted behind the user's back
-
-
-@pytest.mark.parametrize("damage", ["model cut in half", "config gone"])
-def test_a_damaged_best_model_beside_a_checkpoint_is_refused_before_training_goes_on(never_stopped, tmp_path, damage):
-    """A stage stopped after its first epoch keeps its best model so far beside its checkpoint; the stage
-    publishes it unless a later epoch beats it. Damaged, it is refused at the resume, before any step and
-    with the checkpoint kept (it was published, and the checkpoint removed, then the report failed on it)."""
-    import train
-    out = tmp_path / "out"
-    args = never_stopped["args"] + ["--out", str(out)]
-    partial = out / "moebert.partial"
-
-    def best_saved():  # a checkpoint that records a best model: its header, read through one open file, as the
-        try:  # run renames the next checkpoint over it (safe_open opens the path twice: header and tensors)
-            with open(partial / "checkpoint.safetensors", "rb") as f:
-                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        except FileNotFoundError:
-            return False
-        return json.loads(header["__metadata__"]["state"])["best"] is not None
-    p = subprocess.Popen([sys.executable, TRAIN, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not best_saved():
-        assert p.poll() is None, "the run ended before distillation's first epoch"
-        time.sleep(0.001)
-    p.kill()
-    p.wait()
-    assert not (out / "moebert").exists(), "distillation finished before the kill"
-    if damage == "model cut in half":
-        cut_in_half(partial / "model.safetensors")
-    else:
-        os.remove(partial / "config.json")
-    before = snapshot(out)
-    with pytest.raises(common.UserError, match="moebert.partial holds the best model of this stage so far"):
-        train.main(args)
-    assert snapshot(out) == before
-
+# A run at work: a non-finite loss, an error line, progress, --predict
 
 def test_non_finite_loss_stops_with_a_clear_error(never_stopped, tmp_path):
     """A learning rate that diverges: exit 2 at the first non-finite loss, one error line, the last
@@ -543,26 +350,6 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
                         str(tmp_path / "nowhere")], cwd=cwd, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr, p.stderr
     assert os.listdir(cwd) == []
-
-
-def test_a_failed_start_leaves_nothing_behind(never_stopped, tmp_path):
-    """A run that fails before any stage has finished or checkpointed removes the --out it made (here:
-    the teacher stage had begun, its settings written, when the BERT turned out not to fit its config);
-    an --out that was there before keeps everything it held."""
-    import train
-    bad = tmp_path / "bert"
-    shutil.copytree(never_stopped["root"] / "bert", bad)
-    config = json.loads((bad / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps(dict(config, intermediate_size=38)))
-    args = never_stopped["args"] + ["--bert", str(bad)]
-    with pytest.raises(common.UserError, match="does not fit the model"):
-        train.main(args + ["--out", str(tmp_path / "out")])
-    assert not (tmp_path / "out").exists()
-    (tmp_path / "kept").mkdir()
-    (tmp_path / "kept" / "notes.txt").write_text("mine")
-    with pytest.raises(common.UserError, match="does not fit the model"):
-        train.main(args + ["--out", str(tmp_path / "kept")])
-    assert (tmp_path / "kept" / "notes.txt").read_text() == "mine"
 
 
 def test_each_stage_says_its_steps_and_progress_comes_with_the_runs_eta(tmp_path, capsys, monkeypatch):
@@ -614,48 +401,6 @@ def test_importance_and_evaluation_report_progress(never_stopped, capsys, monkey
     assert "evaluation on dev: 32/32 examples" in out and "0s left" in out
     log = (never_stopped["ref"] / "log.jsonl").read_text()
     assert '"stage": "distill"' in log and '"eta_s"' in log
-
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TRAIN]
-
-
-def torchrun_env():
-    """The environment for TORCHRUN: its processes print Python's stack of every thread if they abort (a C++
-    terminate, a crash). That, and a core dump, found a process group that outlived the run (below:
-    test_process_group_ends_with_destroy_after_ddp)."""
-    return {**os.environ, "PYTHONFAULTHANDLER": "1"}
-
-
-def run_torchrun(args, out):
-    """A whole 2-process run of train.py into `out`; a failure shows the end of its output, and of
-    torchrun's and the processes' stderr."""
-    p = subprocess.run(TORCHRUN + [*args, "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600, env=torchrun_env())
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-
-
-def test_two_processes_equal_one(never_stopped, tmp_path):
-    """torchrun with 2 gloo processes on the CPU: every stage completes, and with dropout off the
-    weights equal a one-process run of the same global batches (uneven shards included: 89
-    examples leave a last teacher batch of 1, so one process gets a weight-0 row)."""
-    import train
-    args = tiny_task(tmp_path, dropout=0.0) + ["--expert-dropout", "0", "--max-train-examples", "89", "--epochs", "3"]
-    one = train.main(args + ["--out", str(tmp_path / "one")])
-    t0 = time.time()
-    run_torchrun(args, tmp_path / "two")
-    print(f"two processes: {time.time() - t0:.1f}s")
-    two = json.loads((tmp_path / "two" / "results.json").read_text())
-    assert two["config"]["processes"] == 2
-    for s in ("teacher", "moebert"):
-        assert_same_weights(tmp_path / "two" / s / "model.safetensors", tmp_path / "one" / s / "model.safetensors",
-                            atol=1e-5)
-    imp = [load_file(tmp_path / r / "importance" / "importance.safetensors")["importance"] for r in ("one", "two")]
-    assert_close(imp[1], imp[0], 1e-6 * imp[0].abs().max().item(), "importance summed over processes")
-    # Written once: one log line per step, not two.
-    steps = [r["step"] for r in read_log(tmp_path / "two") if r.get("stage") == "teacher" and "loss" in r]
-    assert steps == sorted(set(steps))
-    for m in ("teacher", "moebert"):
-        assert abs(two[m]["accuracy"] - one[m]["accuracy"]) <= 1 / 32
 
 
 def test_predict_writes_the_leaderboard_files(never_stopped):
@@ -739,7 +484,6 @@ def test_readme_snippet_classifies_with_a_saved_moebert(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------
 # train.py end to end with --dtype bf16
 
-
 def is_finite(v):
     return isinstance(v, (int, float)) and math.isfinite(v)
 
@@ -785,7 +529,6 @@ def test_pipeline_in_bf16(tmp_path, device):
 
 # ----------------------------------------------------------------------------------------------
 # train.py --task squad|squad2 (the SQuAD fixture of helpers.fixture_json)
-
 
 @pytest.mark.parametrize("task,version", [("squad", "1.1"), ("squad2", "2.0")])
 def test_squad_pipeline_end_to_end(tmp_path, task, version):
@@ -835,7 +578,6 @@ def test_squad_pipeline_end_to_end(tmp_path, task, version):
 
 # ----------------------------------------------------------------------------------------------
 # train.py --student shallow
-
 
 def glue_args(root):
     """A 4-layer tiny BERT and an RTE-format task under root; train.py's args (no --out, no --student)."""
@@ -940,59 +682,7 @@ def test_squad_pipeline_with_the_shallow_student(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# torchrun: two processes stopped and resumed; the process group's end (runtime.py)
-
-
-@pytest.mark.parametrize("every", [False, True], ids=["to torchrun", "to every process"])
-def test_two_processes_stopped_and_resumed_bitwise(tmp_path, every):
-    """torchrun with 2 gloo processes, dropout on: SIGTERM inside distillation, to torchrun, which passes it on,
-    or to every process, as Slurm at a time limit or preemption (each worker then gets it twice, from there and
-    from torchrun: still one stop, not the second signal's stop at once); both processes stop at the same step
-    and the master writes every process's RNG state. Then the same command again: bitwise the weights of a
-    2-process run never stopped."""
-    args = tiny_task(tmp_path) + ["--epochs", "6"]
-    run_torchrun(args, tmp_path / "ref")
-    code, text = stop_midway(TORCHRUN + [*args, "--out", str(tmp_path / "out")], tmp_path / "out" / "moebert",
-                             signal.SIGTERM, env=torchrun_env(), every=every)
-    assert len([l for l in text.splitlines() if l.startswith("stopped by SIGTERM at distill step")]) == 1, text
-    run_torchrun(args, tmp_path / "out")
-    assert '"resumed"' in (tmp_path / "out" / "log.jsonl").read_text()
-    for s in ("teacher", "moebert"):
-        assert_same_weights(tmp_path / "out" / s / "model.safetensors", tmp_path / "ref" / s / "model.safetensors")
-
-
-@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the process's threads from Linux's /proc")
-def test_process_group_ends_with_destroy_after_ddp():
-    """After DDP, destroy_process_group stops gloo's threads. A process group that outlived it kept them
-    running into Python's shutdown, where one freeing a finished collective aborted the process (SIGABRT,
-    "terminate called without an active exception": 2 torchrun runs in ~50 on the loaded 2-core CPU,
-    2026-12-03). What held it: DDP imports torch.distributed.nn.functional, whose default arguments took
-    the group when imported after init; setup_distributed now imports it first. A fresh process, so the
-    import is not already done."""
-    code = """if True:
-        import json, os, torch, torch.distributed as dist, runtime
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        threads = lambda: sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
-        torch.set_num_threads(1)  # no OpenMP team: every thread that comes and goes is the group's
-        before = threads()
-        runtime.setup_distributed("cpu")
-        ddp = DDP(torch.nn.Linear(3, 5))
-        ddp(torch.randn(2, 3)).sum().backward()  # its gradients all-reduced by gloo's threads
-        del ddp
-        during = threads()
-        dist.destroy_process_group()
-        print(json.dumps([before, during, threads()]))"""
-    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr[-3000:]
-    before, during, after = json.loads(p.stdout.splitlines()[-1])
-    assert len(during) > len(before), (before, during)  # the group's threads ran
-    assert after == before, f"threads left running after destroy_process_group: {after} (before init: {before})"
-
-
-# ----------------------------------------------------------------------------------------------
-# Bad input to train.py: flags, the output folder, damaged stage files, two runs at once. Each is an
+# Bad input to train.py: flags, settings, damaged stage files (the output folder: test_runtime.py). Each is an
 # `error:` (argparse's, or a UserError that __main__ prints as one line, exit 2) before any damage.
 
 BAD_FLAGS = [("--batch-size", "0"), ("--distill-batch-size", "-4"), ("--eval-batch-size", "0"), ("--save-every", "0"),
@@ -1056,13 +746,6 @@ def edit_tensors(path, fn):
     safetensors.torch.save_file({k: fn(k, t) for k, t in load_file(path).items()}, path)
 
 
-def snapshot(folder):
-    """Every file under folder -> its bytes, but for what each run writes: the lock, the log, and
-    run.json, the record of the last command (a damaged one stops the run before it is written)."""
-    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
-            for d, _, files in os.walk(folder) for f in files if f not in ("run.lock", "log.jsonl", "run.json")}
-
-
 @pytest.mark.parametrize("damage,phrase", [
     (lambda o: os.remove(o / "teacher" / "settings.json"), "teacher holds a stage's work but no settings.json"),
     (lambda o: (o / "teacher" / "settings.json").write_text("{\"task\": "), "teacher/settings.json is damaged"),
@@ -1120,10 +803,6 @@ def test_damaged_or_missing_stage_files_are_named_and_nothing_is_redone(never_st
     assert snapshot(out) == before
 
 
-def cut_in_half(path):
-    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
-
-
 def test_eval_only_refuses_a_damaged_vocabulary_and_takes_a_missing_copy(never_stopped, tmp_path):
     """--eval-only tokenizes with the teacher's vocab.txt: cut short, it still loads and would score other
     ids, so it is refused against the MoEBERT's copy. A MoEBERT saved without a copy (runs before the
@@ -1157,86 +836,3 @@ def test_force_names_a_file_where_a_stage_folder_goes_before_redoing_anything(ne
     assert snapshot(out) == before
 
 
-@pytest.mark.parametrize("where", ["a file", "under a file", "read-only"])
-def test_an_out_folder_that_cannot_be_written(tmp_path, where, monkeypatch):
-    import train
-    (tmp_path / "file").write_text("mine")
-    out = {"a file": tmp_path / "file", "under a file": tmp_path / "file" / "out", "read-only": tmp_path / "ro"}[where]
-    if where == "read-only":  # as root every permission bit is ignored: what a read-only folder answers
-        (tmp_path / "ro").mkdir()
-        monkeypatch.setattr(os, "access", lambda path, mode: not str(path).startswith(str(tmp_path / "ro")))
-    phrase = "cannot write in" if where == "read-only" else "is a file, not a folder"
-    with pytest.raises(common.UserError, match=phrase):
-        train.main(["--task", "rte", "--out", str(out), "--device", "cpu"])
-    assert (tmp_path / "file").read_text() == "mine"
-
-
-def test_a_full_disk_keeps_the_last_checkpoint_and_says_the_command_resumes(never_stopped, tmp_path, monkeypatch):
-    """A full disk as safetensors meets it: the file comes out short, and nothing is raised. The short
-    checkpoint is caught before it replaces the last one; the run stops with an error that says what
-    was kept; with space again the same command resumes and ends as a run never stopped."""
-    import train
-    out, save_file, kept = tmp_path / "out", safetensors.torch.save_file, []
-
-    def disk_fills(tensors, path, metadata=None):
-        save_file(tensors, path, metadata=metadata)
-        if path.endswith("checkpoint.safetensors.partial") and os.path.exists(path[:-len(".partial")]):
-            kept.append(open(path[:-len(".partial")], "rb").read())  # the last checkpoint, whole
-            os.truncate(path, os.path.getsize(path) // 2)
-    monkeypatch.setattr(safetensors.torch, "save_file", disk_fills)
-    with pytest.raises(common.UserError, match="cannot write .*checkpoint.safetensors: the disk is full; the finished "
-                                               "stages and the last checkpoint are kept") as e:
-        train.main(never_stopped["args"] + ["--out", str(out)])
-    assert "free some space, then run the same command again" in str(e.value)
-    assert (out / "teacher.partial" / "checkpoint.safetensors").read_bytes() == kept[0]
-    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
-    results = train.main(never_stopped["args"] + ["--out", str(out)])
-    assert_same_weights(out / "teacher" / "model.safetensors", never_stopped["ref"] / "teacher" / "model.safetensors")
-    assert results["moebert"] == never_stopped["results"]["moebert"]
-
-
-def test_a_second_run_into_the_same_out_refuses_at_once(never_stopped, tmp_path):
-    """A run holds OUT/run.lock while it lasts; the second stops with an error at once. The lock is the
-    kernel's (flock): a run killed with SIGKILL leaves none behind."""
-    import train
-    out = tmp_path / "out"
-    shutil.copytree(never_stopped["ref"], out)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, runtime; runtime.claim(sys.argv[1]); "
-                               "print('held', flush=True); time.sleep(600)", str(out)],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline() == "held\n"
-    before = snapshot(out)
-    t0 = time.time()
-    with pytest.raises(common.UserError, match="another run is writing into"):
-        train.main(never_stopped["args"] + ["--out", str(out)])
-    assert time.time() - t0 < 5 and snapshot(out) == before
-    holder.kill()
-    holder.wait()
-    results = train.main(never_stopped["args"] + ["--out", str(out)])  # the killed holder left no lock
-    assert results["moebert"] == never_stopped["results"]["moebert"]
-
-
-def test_a_kill_while_a_stage_is_published_loses_none_of_its_work(never_stopped, tmp_path, monkeypatch, capsys):
-    """Killed at the rename that publishes the teacher (the last checkpoint still beside its best
-    model): the same command finishes the stage from that checkpoint, training nothing again."""
-    import train
-    out = tmp_path / "out"
-    replace = os.replace
-
-    def killed_at_publish(src, dst):
-        if str(src).endswith("teacher.partial"):
-            raise KeyboardInterrupt  # what a kill at this moment leaves on disk
-        return replace(src, dst)
-    monkeypatch.setattr(os, "replace", killed_at_publish)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(never_stopped["args"] + ["--out", str(out)])
-    monkeypatch.setattr(os, "replace", replace)
-    assert (out / "teacher.partial" / "checkpoint.safetensors").exists() and not (out / "teacher").exists()
-    steps = len([r for r in read_log(out) if r.get("stage") == "teacher" and "loss" in r])
-    capsys.readouterr()
-    results = train.main(never_stopped["args"] + ["--out", str(out)])
-    assert "teacher.partial" not in os.listdir(out) and "continues from its checkpoint" in capsys.readouterr().out
-    assert len([r for r in read_log(out) if r.get("stage") == "teacher" and "loss" in r]) == steps  # none again
-    assert_same_weights(out / "teacher" / "model.safetensors", never_stopped["ref"] / "teacher" / "model.safetensors")
-    assert not (out / "teacher" / "checkpoint.safetensors").exists()
-    assert results["moebert"] == never_stopped["results"]["moebert"]

@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from helpers import GOOGLE_TINY, TINY4, fixture_json, tiny_model, write_json  # noqa: E402
+from helpers import GOOGLE_TINY, TINY4, fixture_json, tiny_model, write_json, write_rte_like  # noqa: E402
 
 VARIANTS = {  # name: flags added to a task's base command
     "default": [], "gate-token": ["--route", "gate-token"], "gate-sentence": ["--route", "gate-sentence"],
@@ -59,7 +59,6 @@ def fixtures(w):
     """Tiny BERTs (3 and 4 layers, hidden 32, FFN 37, 64 positions), RTE-, STS-B- and CoLA-shaped tasks, the
     SQuAD fixture of the tests in both versions, and every GLUE task's format (tests/conftest.py)."""
     from conftest import glue
-    from test_train import write_rte_like
     import torch
     from bert import BertConfig, BertModel
     tiny_model(num_labels=2).bert.save_pretrained(w / "bert")

@@ -1,0 +1,322 @@
+"""runtime.py, through train.py's tiny runs: resume bit for bit after a kill or a signal at any step, checkpoints
+and the damage they refuse, the output folder and its lock, a full disk, several processes under torchrun and the
+process group's end, the allocator's settings."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import safetensors.torch
+from safetensors.torch import load_file
+
+import common
+import runtime
+from helpers import (ROOT, TORCHRUN, TRAIN, assert_close, assert_same_weights, cut_in_half, free_port, read_log,
+                     run_torchrun, snapshot, stop_midway, tiny_task, torchrun_env)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stopped inside a stage, then the same command: bitwise a run never stopped
+
+@pytest.mark.parametrize("stage,sig", [("teacher", signal.SIGKILL), ("moebert", signal.SIGKILL),
+                                       ("moebert", signal.SIGTERM), ("moebert", signal.SIGINT)])
+def test_stopped_run_resumes_bitwise(never_stopped, tmp_path, stage, sig, capsys):
+    """Killed (or asked to stop) inside a training stage, then run again with the same command: the
+    result is bitwise the one of a run that was never stopped (the RNGs, the optimizer, the LR
+    schedule and the position in the epoch all continue)."""
+    import train
+    out = tmp_path / "out"
+    args = never_stopped["args"] + ["--out", str(out)]
+    if stage == "moebert":  # the teacher is finished: the same one as the reference's
+        shutil.copytree(never_stopped["ref"] / "teacher", out / "teacher")
+        shutil.copytree(never_stopped["ref"] / "importance", out / "importance")
+    code, text = stop_midway([sys.executable, TRAIN, *args], out / stage, sig)
+    if sig == signal.SIGKILL:
+        assert code == -signal.SIGKILL
+    else:  # Ctrl-C and SIGTERM: a checkpoint at the current step, one line on how to resume
+        assert code == 128 + sig, text
+        line = [l for l in text.splitlines() if l.startswith("stopped by")]
+        assert line and f"stopped by {signal.Signals(sig).name} at distill step" in line[0], text
+        assert "Run the same command again to resume" in line[0] and "Traceback" not in text
+    capsys.readouterr()
+    results = train.main(args)
+    said = capsys.readouterr().out
+    assert "resumed" in (out / "log.jsonl").read_text()
+    assert "continues from its checkpoint" in said and "initialised fresh" not in said, said  # nothing alarming
+    for s in ("teacher", "moebert"):
+        assert_same_weights(out / s / "model.safetensors", never_stopped["ref"] / s / "model.safetensors")
+        assert json.loads((out / s / "metrics.json").read_text()) == json.loads(
+            (never_stopped["ref"] / s / "metrics.json").read_text())
+    assert results["teacher"] == never_stopped["results"]["teacher"]
+    assert results["moebert"] == never_stopped["results"]["moebert"]
+    assert not (out / stage / "checkpoint.safetensors").exists()  # a finished stage keeps its best model only
+
+
+def test_a_signal_and_its_copy_stop_once_a_later_one_at_once(monkeypatch):
+    """runtime.deferred_signals: SIGTERM twice in a moment (Slurm's to every process, and torchrun's copy) asks
+    for one stop at the step's end; a second signal later than COPY_S stops at once; the old handlers come back."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with runtime.deferred_signals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)  # the handlers run in between
+        assert stop == [signal.SIGTERM]
+        monkeypatch.setattr(runtime, "COPY_S", 0.0)  # what comes next is later than the copies' moment
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_kill_while_a_stage_is_published_loses_none_of_its_work(never_stopped, tmp_path, monkeypatch, capsys):
+    """Killed at the rename that publishes the teacher (the last checkpoint still beside its best
+    model): the same command finishes the stage from that checkpoint, training nothing again."""
+    import train
+    out = tmp_path / "out"
+    replace = os.replace
+
+    def killed_at_publish(src, dst):
+        if str(src).endswith("teacher.partial"):
+            raise KeyboardInterrupt  # what a kill at this moment leaves on disk
+        return replace(src, dst)
+    monkeypatch.setattr(os, "replace", killed_at_publish)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(never_stopped["args"] + ["--out", str(out)])
+    monkeypatch.setattr(os, "replace", replace)
+    assert (out / "teacher.partial" / "checkpoint.safetensors").exists() and not (out / "teacher").exists()
+    steps = len([r for r in read_log(out) if r.get("stage") == "teacher" and "loss" in r])
+    capsys.readouterr()
+    results = train.main(never_stopped["args"] + ["--out", str(out)])
+    assert "teacher.partial" not in os.listdir(out) and "continues from its checkpoint" in capsys.readouterr().out
+    assert len([r for r in read_log(out) if r.get("stage") == "teacher" and "loss" in r]) == steps  # none again
+    assert_same_weights(out / "teacher" / "model.safetensors", never_stopped["ref"] / "teacher" / "model.safetensors")
+    assert not (out / "teacher" / "checkpoint.safetensors").exists()
+    assert results["moebert"] == never_stopped["results"]["moebert"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: what they hold, and a damaged one, a damaged best model beside, a full disk
+
+def test_checkpoint_holds_everything_and_a_damaged_one_is_refused(never_stopped, tmp_path):
+    import train
+    from safetensors import safe_open
+    out = tmp_path / "out"
+    args = never_stopped["args"] + ["--out", str(out)]
+    code, _ = stop_midway([sys.executable, TRAIN, *args], out / "teacher", signal.SIGKILL)
+    ckpt = out / "teacher.partial" / "checkpoint.safetensors"
+    with safe_open(ckpt, "pt") as f:
+        keys, meta = set(f.keys()), {k: json.loads(v) for k, v in f.metadata().items()}
+    assert {"model.classifier.weight", "rng.cpu.0", "optimizer.0.exp_avg", "optimizer.0.exp_avg_sq"} <= keys
+    assert meta["state"]["step"] % 4 == 0 and meta["state"]["processes"] == 1
+    assert meta["scheduler"]["last_epoch"] == meta["state"]["step"]
+    # Other settings are refused, not mixed into the stopped stage.
+    with pytest.raises(common.UserError, match="lr: 0.002 there, 0.003 now"):
+        train.main(args + ["--lr", "3e-3"])
+    ckpt.write_bytes(b"\x10" + ckpt.read_bytes()[1:100])  # damaged
+    with pytest.raises(common.UserError, match="checkpoint.safetensors is damaged"):
+        train.main(args)
+    assert ckpt.exists()  # never deleted behind the user's back
+
+
+@pytest.mark.parametrize("damage", ["model cut in half", "config gone"])
+def test_a_damaged_best_model_beside_a_checkpoint_is_refused_before_training_goes_on(never_stopped, tmp_path, damage):
+    """A stage stopped after its first epoch keeps its best model so far beside its checkpoint; the stage
+    publishes it unless a later epoch beats it. Damaged, it is refused at the resume, before any step and
+    with the checkpoint kept (it was published, and the checkpoint removed, then the report failed on it)."""
+    import train
+    out = tmp_path / "out"
+    args = never_stopped["args"] + ["--out", str(out)]
+    partial = out / "moebert.partial"
+
+    def best_saved():  # a checkpoint that records a best model: its header, read through one open file, as the
+        try:  # run renames the next checkpoint over it (safe_open opens the path twice: header and tensors)
+            with open(partial / "checkpoint.safetensors", "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        except FileNotFoundError:
+            return False
+        return json.loads(header["__metadata__"]["state"])["best"] is not None
+    p = subprocess.Popen([sys.executable, TRAIN, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not best_saved():
+        assert p.poll() is None, "the run ended before distillation's first epoch"
+        time.sleep(0.001)
+    p.kill()
+    p.wait()
+    assert not (out / "moebert").exists(), "distillation finished before the kill"
+    if damage == "model cut in half":
+        cut_in_half(partial / "model.safetensors")
+    else:
+        os.remove(partial / "config.json")
+    before = snapshot(out)
+    with pytest.raises(common.UserError, match="moebert.partial holds the best model of this stage so far"):
+        train.main(args)
+    assert snapshot(out) == before
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_says_the_command_resumes(never_stopped, tmp_path, monkeypatch):
+    """A full disk as safetensors meets it: the file comes out short, and nothing is raised. The short
+    checkpoint is caught before it replaces the last one; the run stops with an error that says what
+    was kept; with space again the same command resumes and ends as a run never stopped."""
+    import train
+    out, save_file, kept = tmp_path / "out", safetensors.torch.save_file, []
+
+    def disk_fills(tensors, path, metadata=None):
+        save_file(tensors, path, metadata=metadata)
+        if path.endswith("checkpoint.safetensors.partial") and os.path.exists(path[:-len(".partial")]):
+            kept.append(open(path[:-len(".partial")], "rb").read())  # the last checkpoint, whole
+            os.truncate(path, os.path.getsize(path) // 2)
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_fills)
+    with pytest.raises(common.UserError, match="cannot write .*checkpoint.safetensors: the disk is full; the finished "
+                                               "stages and the last checkpoint are kept") as e:
+        train.main(never_stopped["args"] + ["--out", str(out)])
+    assert "free some space, then run the same command again" in str(e.value)
+    assert (out / "teacher.partial" / "checkpoint.safetensors").read_bytes() == kept[0]
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    results = train.main(never_stopped["args"] + ["--out", str(out)])
+    assert_same_weights(out / "teacher" / "model.safetensors", never_stopped["ref"] / "teacher" / "model.safetensors")
+    assert results["moebert"] == never_stopped["results"]["moebert"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The output folder: a failed start, one that cannot be written, two runs into one
+
+def test_a_failed_start_leaves_nothing_behind(never_stopped, tmp_path):
+    """A run that fails before any stage has finished or checkpointed removes the --out it made (here:
+    the teacher stage had begun, its settings written, when the BERT turned out not to fit its config);
+    an --out that was there before keeps everything it held."""
+    import train
+    bad = tmp_path / "bert"
+    shutil.copytree(never_stopped["root"] / "bert", bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(dict(config, intermediate_size=38)))
+    args = never_stopped["args"] + ["--bert", str(bad)]
+    with pytest.raises(common.UserError, match="does not fit the model"):
+        train.main(args + ["--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    with pytest.raises(common.UserError, match="does not fit the model"):
+        train.main(args + ["--out", str(tmp_path / "kept")])
+    assert (tmp_path / "kept" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "read-only"])
+def test_an_out_folder_that_cannot_be_written(tmp_path, where, monkeypatch):
+    import train
+    (tmp_path / "file").write_text("mine")
+    out = {"a file": tmp_path / "file", "under a file": tmp_path / "file" / "out", "read-only": tmp_path / "ro"}[where]
+    if where == "read-only":  # as root every permission bit is ignored: what a read-only folder answers
+        (tmp_path / "ro").mkdir()
+        monkeypatch.setattr(os, "access", lambda path, mode: not str(path).startswith(str(tmp_path / "ro")))
+    phrase = "cannot write in" if where == "read-only" else "is a file, not a folder"
+    with pytest.raises(common.UserError, match=phrase):
+        train.main(["--task", "rte", "--out", str(out), "--device", "cpu"])
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_second_run_into_the_same_out_refuses_at_once(never_stopped, tmp_path):
+    """A run holds OUT/run.lock while it lasts; the second stops with an error at once. The lock is the
+    kernel's (flock): a run killed with SIGKILL leaves none behind."""
+    import train
+    out = tmp_path / "out"
+    shutil.copytree(never_stopped["ref"], out)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, runtime; runtime.claim(sys.argv[1]); "
+                               "print('held', flush=True); time.sleep(600)", str(out)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    before = snapshot(out)
+    t0 = time.time()
+    with pytest.raises(common.UserError, match="another run is writing into"):
+        train.main(never_stopped["args"] + ["--out", str(out)])
+    assert time.time() - t0 < 5 and snapshot(out) == before
+    holder.kill()
+    holder.wait()
+    results = train.main(never_stopped["args"] + ["--out", str(out)])  # the killed holder left no lock
+    assert results["moebert"] == never_stopped["results"]["moebert"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes under torchrun (gloo on the CPU), and the process group's end
+
+def test_two_processes_equal_one(never_stopped, tmp_path):
+    """torchrun with 2 gloo processes on the CPU: every stage completes, and with dropout off the
+    weights equal a one-process run of the same global batches (uneven shards included: 89
+    examples leave a last teacher batch of 1, so one process gets a weight-0 row)."""
+    import train
+    args = tiny_task(tmp_path, dropout=0.0) + ["--expert-dropout", "0", "--max-train-examples", "89", "--epochs", "3"]
+    one = train.main(args + ["--out", str(tmp_path / "one")])
+    t0 = time.time()
+    run_torchrun(args, tmp_path / "two")
+    print(f"two processes: {time.time() - t0:.1f}s")
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["config"]["processes"] == 2
+    for s in ("teacher", "moebert"):
+        assert_same_weights(tmp_path / "two" / s / "model.safetensors", tmp_path / "one" / s / "model.safetensors",
+                            atol=1e-5)
+    imp = [load_file(tmp_path / r / "importance" / "importance.safetensors")["importance"] for r in ("one", "two")]
+    assert_close(imp[1], imp[0], 1e-6 * imp[0].abs().max().item(), "importance summed over processes")
+    # Written once: one log line per step, not two.
+    steps = [r["step"] for r in read_log(tmp_path / "two") if r.get("stage") == "teacher" and "loss" in r]
+    assert steps == sorted(set(steps))
+    for m in ("teacher", "moebert"):
+        assert abs(two[m]["accuracy"] - one[m]["accuracy"]) <= 1 / 32
+
+
+@pytest.mark.parametrize("every", [False, True], ids=["to torchrun", "to every process"])
+def test_two_processes_stopped_and_resumed_bitwise(tmp_path, every):
+    """torchrun with 2 gloo processes, dropout on: SIGTERM inside distillation, to torchrun, which passes it on,
+    or to every process, as Slurm at a time limit or preemption (each worker then gets it twice, from there and
+    from torchrun: still one stop, not the second signal's stop at once); both processes stop at the same step
+    and the master writes every process's RNG state. Then the same command again: bitwise the weights of a
+    2-process run never stopped."""
+    args = tiny_task(tmp_path) + ["--epochs", "6"]
+    run_torchrun(args, tmp_path / "ref")
+    code, text = stop_midway(TORCHRUN + [*args, "--out", str(tmp_path / "out")], tmp_path / "out" / "moebert",
+                             signal.SIGTERM, env=torchrun_env(), every=every)
+    assert len([l for l in text.splitlines() if l.startswith("stopped by SIGTERM at distill step")]) == 1, text
+    run_torchrun(args, tmp_path / "out")
+    assert '"resumed"' in (tmp_path / "out" / "log.jsonl").read_text()
+    for s in ("teacher", "moebert"):
+        assert_same_weights(tmp_path / "out" / s / "model.safetensors", tmp_path / "ref" / s / "model.safetensors")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the process's threads from Linux's /proc")
+def test_process_group_ends_with_destroy_after_ddp():
+    """After DDP, destroy_process_group stops gloo's threads. A process group that outlived it kept them
+    running into Python's shutdown, where one freeing a finished collective aborted the process (SIGABRT,
+    "terminate called without an active exception": 2 torchrun runs in ~50 on the loaded 2-core CPU,
+    2026-12-03). What held it: DDP imports torch.distributed.nn.functional, whose default arguments took
+    the group when imported after init; setup_distributed now imports it first. A fresh process, so the
+    import is not already done."""
+    code = """if True:
+        import json, os, torch, torch.distributed as dist, runtime
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        threads = lambda: sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+        torch.set_num_threads(1)  # no OpenMP team: every thread that comes and goes is the group's
+        before = threads()
+        runtime.setup_distributed("cpu")
+        ddp = DDP(torch.nn.Linear(3, 5))
+        ddp(torch.randn(2, 3)).sum().backward()  # its gradients all-reduced by gloo's threads
+        del ddp
+        during = threads()
+        dist.destroy_process_group()
+        print(json.dumps([before, during, threads()]))"""
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    before, during, after = json.loads(p.stdout.splitlines()[-1])
+    assert len(during) > len(before), (before, during)  # the group's threads ran
+    assert after == before, f"threads left running after destroy_process_group: {after} (before init: {before})"
+
+
+# ----------------------------------------------------------------------------------------------
+# The allocator's settings
+
+def test_keep_freed_memory_takes_on_glibc():
+    """The allocator settings train.py and bench.py apply on CPU; a no-op without glibc."""
+    import platform
+    assert runtime.keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
