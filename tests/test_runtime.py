@@ -265,22 +265,30 @@ def test_two_processes_equal_one(never_stopped, tmp_path):
         assert abs(two[m]["accuracy"] - one[m]["accuracy"]) <= 1 / 32
 
 
+@pytest.fixture(scope="module")
+def two_never_stopped(tmp_path_factory):
+    """The reference of the stopped 2-process runs: a tiny one, dropout on, that nothing interrupts."""
+    root = tmp_path_factory.mktemp("two")
+    args = tiny_task(root) + ["--epochs", "6"]
+    run_torchrun(args, root / "ref")
+    return dict(args=args, ref=root / "ref")
+
+
 @pytest.mark.parametrize("every", [False, True], ids=["to torchrun", "to every process"])
-def test_two_processes_stopped_and_resumed_bitwise(tmp_path, every):
+def test_two_processes_stopped_and_resumed_bitwise(two_never_stopped, tmp_path, every):
     """torchrun with 2 gloo processes, dropout on: SIGTERM inside distillation, to torchrun, which passes it on,
     or to every process, as Slurm at a time limit or preemption (each worker then gets it twice, from there and
     from torchrun: still one stop, not the second signal's stop at once); both processes stop at the same step
     and the master writes every process's RNG state. Then the same command again: bitwise the weights of a
     2-process run never stopped."""
-    args = tiny_task(tmp_path) + ["--epochs", "6"]
-    run_torchrun(args, tmp_path / "ref")
-    code, text = stop_midway(TORCHRUN + [*args, "--out", str(tmp_path / "out")], tmp_path / "out" / "moebert",
-                             signal.SIGTERM, env=torchrun_env(), every=every)
+    args, out = two_never_stopped["args"], tmp_path / "out"
+    code, text = stop_midway(TORCHRUN + [*args, "--out", str(out)], out / "moebert", signal.SIGTERM,
+                             env=torchrun_env(), every=every)
     assert len([l for l in text.splitlines() if l.startswith("stopped by SIGTERM at distill step")]) == 1, text
-    run_torchrun(args, tmp_path / "out")
-    assert '"resumed"' in (tmp_path / "out" / "log.jsonl").read_text()
+    run_torchrun(args, out)
+    assert '"resumed"' in (out / "log.jsonl").read_text()
     for s in ("teacher", "moebert"):
-        assert_same_weights(tmp_path / "out" / s / "model.safetensors", tmp_path / "ref" / s / "model.safetensors")
+        assert_same_weights(out / s / "model.safetensors", two_never_stopped["ref"] / s / "model.safetensors")
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the process's threads from Linux's /proc")
