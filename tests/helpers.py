@@ -90,6 +90,7 @@ def random_batch(B=5, T=11, vocab=99, num_labels=3, seed=1):
 # ----------------------------------------------------------------------------------------------
 # Downloads, against an HTTP server on 127.0.0.1
 
+
 @contextlib.contextmanager
 def serve(folder):
     class Quiet(http.server.SimpleHTTPRequestHandler):
@@ -131,6 +132,7 @@ def closed_port_url():
 # ----------------------------------------------------------------------------------------------
 # Files, and errors a user can fix (common.UserError: train.py prints one line and exits 2)
 
+
 def write(path, text, bom=False):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
@@ -165,6 +167,7 @@ def relative_to_scale(actual, expected):
 
 # ----------------------------------------------------------------------------------------------
 # Question answering (SQuAD) through BERT and MoEBERT: a tiny QA model and a padded batch with spans
+
 
 def tiny_qa(seed=0):
     torch.manual_seed(seed)
@@ -263,6 +266,7 @@ TINY4 = dict(TINY, num_hidden_layers=4)  # an even depth: the shallow student ke
 # ----------------------------------------------------------------------------------------------
 # train.py refusing bad input (test_data.py, test_squad.py)
 
+
 def train_refuses(tmp_path, *args):
     """Run train.py on a tiny random BERT with `args` (--task, --data-dir, ...); assert that it refuses
     them as a user error (exit 2, `error: ...`, no traceback) and leaves no --out behind. Its stderr."""
@@ -278,6 +282,7 @@ def train_refuses(tmp_path, *args):
 
 # ----------------------------------------------------------------------------------------------
 # The README's snippets (test_train.py: classification, test_squad.py: a question answered)
+
 
 def readme_snippet(default, folder):
     """The README's one ```python block that loads `default` (out/rte/moebert, ...), pointed at `folder`."""

@@ -22,6 +22,7 @@ from helpers import (ROOT, TORCHRUN, TRAIN, assert_close, assert_same_weights, c
 # ----------------------------------------------------------------------------------------------
 # Stopped inside a stage, then the same command: bitwise a run never stopped
 
+
 @pytest.mark.parametrize("stage,sig", [("teacher", signal.SIGKILL), ("moebert", signal.SIGKILL),
                                        ("moebert", signal.SIGTERM), ("moebert", signal.SIGINT)])
 def test_stopped_run_resumes_bitwise(never_stopped, tmp_path, stage, sig, capsys):
@@ -103,6 +104,7 @@ def test_a_kill_while_a_stage_is_published_loses_none_of_its_work(never_stopped,
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: what they hold, and a damaged one, a damaged best model beside, a full disk
+
 
 def test_checkpoint_holds_everything_and_a_damaged_one_is_refused(never_stopped, tmp_path):
     import train
@@ -186,6 +188,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_says_the_command_resumes(neve
 # ----------------------------------------------------------------------------------------------
 # The output folder: a failed start, one that cannot be written, two runs into one
 
+
 def test_a_failed_start_leaves_nothing_behind(never_stopped, tmp_path):
     """A run that fails before any stage has finished or checkpointed removes the --out it made (here:
     the teacher stage had begun, its settings written, when the BERT turned out not to fit its config);
@@ -243,6 +246,7 @@ def test_a_second_run_into_the_same_out_refuses_at_once(never_stopped, tmp_path)
 
 # ----------------------------------------------------------------------------------------------
 # Several processes under torchrun (gloo on the CPU), and the process group's end
+
 
 def test_two_processes_equal_one(never_stopped, tmp_path):
     """torchrun with 2 gloo processes on the CPU: every stage completes, and with dropout off the
@@ -326,6 +330,7 @@ def test_process_group_ends_with_destroy_after_ddp():
 
 # ----------------------------------------------------------------------------------------------
 # The allocator's settings
+
 
 def test_keep_freed_memory_takes_on_glibc():
     """The allocator settings train.py and bench.py apply on CPU; a no-op without glibc."""

@@ -34,6 +34,7 @@ from helpers import (DEVICES, GOOGLE_TINY, ROOT, TINY, TINY4, TRAIN, WORDS, cut_
 # ----------------------------------------------------------------------------------------------
 # train.py's weight decay
 
+
 def test_weight_decay_spares_biases_and_layernorms_in_experts_too():
     """train.decays reads names; the reference counts matrix axes, less the experts' stack axis."""
     import train
@@ -45,6 +46,7 @@ def test_weight_decay_spares_biases_and_layernorms_in_experts_too():
 
 # ----------------------------------------------------------------------------------------------
 # train.py: the whole pipeline, tiny, on CPU
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
@@ -322,6 +324,7 @@ def test_pipeline_regression_task_and_other_routes(tmp_path, route):
 # ----------------------------------------------------------------------------------------------
 # A run at work: a non-finite loss, an error line, progress, --predict
 
+
 def test_non_finite_loss_stops_with_a_clear_error(never_stopped, tmp_path):
     """A learning rate that diverges: exit 2 at the first non-finite loss, one error line, the last
     checkpoint and the finished teacher untouched."""
@@ -446,6 +449,7 @@ def test_predict_into_something_in_the_way_is_refused_before_anything_is_written
 # ----------------------------------------------------------------------------------------------
 # The README snippet: load a finished MoEBERT and classify a sentence pair
 
+
 def test_readme_snippet_classifies_with_a_saved_moebert(tmp_path, capsys):
     torch.manual_seed(0)
     teacher = tiny_model(num_labels=2)
@@ -483,6 +487,7 @@ def test_readme_snippet_classifies_with_a_saved_moebert(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------------------------
 # train.py end to end with --dtype bf16
+
 
 def is_finite(v):
     return isinstance(v, (int, float)) and math.isfinite(v)
@@ -529,6 +534,7 @@ def test_pipeline_in_bf16(tmp_path, device):
 
 # ----------------------------------------------------------------------------------------------
 # train.py --task squad|squad2 (the SQuAD fixture of helpers.fixture_json)
+
 
 @pytest.mark.parametrize("task,version", [("squad", "1.1"), ("squad2", "2.0")])
 def test_squad_pipeline_end_to_end(tmp_path, task, version):
@@ -578,6 +584,7 @@ def test_squad_pipeline_end_to_end(tmp_path, task, version):
 
 # ----------------------------------------------------------------------------------------------
 # train.py --student shallow
+
 
 def glue_args(root):
     """A 4-layer tiny BERT and an RTE-format task under root; train.py's args (no --out, no --student)."""
