@@ -228,9 +228,7 @@ def check_best(folder, best):
     if best is None:
         return
     try:
-        with open(os.path.join(folder, "config.json")) as f:
-            if not isinstance(json.load(f), dict):
-                raise ValueError("config.json holds no JSON object")
+        json_object(os.path.join(folder, "config.json"))
         with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:  # its header, checked against its size
             f.keys()
     except Exception as e:  # safetensors raises its own error types on a damaged file
@@ -415,14 +413,19 @@ class Log:
                   flush=True)
 
 
+def json_object(path):
+    """The JSON object in `path`; ValueError where it holds none (another JSON value is not what this code writes)."""
+    with open(path) as f:
+        d = json.load(f)
+    if not isinstance(d, dict):
+        raise ValueError("it holds no JSON object")
+    return d
+
+
 def read_json(path):
     """A JSON object the run wrote; a damaged one is an error that names it."""
     try:
-        with open(path) as f:
-            d = json.load(f)
-        if not isinstance(d, dict):  # valid JSON, but not what this code writes
-            raise ValueError("it holds no JSON object")
-        return d
+        return json_object(path)
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise UserError(f"{path} is damaged ({e}): restore it or delete it (a finished stage without its settings.json "
                         f"is then redone with --force), or use another --out") from None

@@ -124,6 +124,15 @@ def children(pid):
     return kids
 
 
+def send(p, sig, every=False):
+    """`sig` to the process p, and with every to its child processes too, as Slurm signals a job's every process
+    (torchrun's workers included); the pids signalled."""
+    pids = [p.pid] + (children(p.pid) if every else [])
+    for pid in pids:
+        os.kill(pid, sig)
+    return pids
+
+
 def closed_port_url():
     """A URL on 127.0.0.1 where nothing listens: what being offline looks like."""
     return f"http://127.0.0.1:{free_port()}/nothing.zip"
@@ -335,18 +344,17 @@ def tiny_task(root, dropout=0.1):
             "--expert-dim", "11", "--shared-dim", "5", "--num-experts", "3", "--log-every", "1", "--save-every", "4"]
 
 
-def stop_midway(cmd, stage_dir, sig, timeout=120, env=None, every=False):
-    """Start `cmd`, wait for the stage's first checkpoint, send `sig` (with every, to its child processes too,
-    as a job scheduler does to a job's every process); (return code, output)."""
+def stop_midway(cmd, stage_dir, sig, timeout=120, env=None, every=False, wait_for=("checkpoint.safetensors",)):
+    """Start `cmd`, wait until the stage's unfinished folder holds `wait_for` (its first checkpoint), then `sig`
+    (send's every: to its child processes too); (return code, output)."""
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    ckpt = stage_dir.parent / (stage_dir.name + ".partial") / "checkpoint.safetensors"
+    partial = stage_dir.parent / (stage_dir.name + ".partial")
     t0 = time.time()
-    while not ckpt.exists():
-        assert p.poll() is None, f"ended before its first checkpoint:\n{p.communicate()[0]}"
-        assert time.time() - t0 < timeout, "no checkpoint appeared"
+    while not all((partial / f).exists() for f in wait_for):
+        assert p.poll() is None, f"ended before {partial} held {wait_for}:\n{p.communicate()[0]}"
+        assert time.time() - t0 < timeout, f"{partial} did not come to hold {wait_for}"
         time.sleep(0.001)
-    for pid in [p.pid] + (children(p.pid) if every else []):
-        os.kill(pid, sig)
+    send(p, sig, every)
     out = p.communicate(timeout=timeout)[0]
     assert not stage_dir.exists(), f"the stage finished before the signal arrived:\n{out}"
     return p.returncode, out

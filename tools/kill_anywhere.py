@@ -13,7 +13,6 @@ Under torchrun (--nproc) the signal goes to torchrun and its workers, as Slurm's
 through this project's files is.
 """
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -29,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tools"), str(ROOT / "tests")]
 
-from helpers import children  # noqa: E402
-from sweep_inputs import base, workspace  # noqa: E402
+from helpers import send  # noqa: E402
+from sweep_inputs import base, workspace, files as sweep_files  # noqa: E402
 
 SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT)
 KEPT = (".safetensors", ".tsv", "predictions.json", "null_odds.json")  # what must come out bitwise equal
@@ -38,8 +37,7 @@ KEPT = (".safetensors", ".tsv", "predictions.json", "null_odds.json")  # what mu
 
 def outputs(out):
     """The run's models, importance and prediction files (path -> hash) and its dev scores."""
-    files = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(out).rglob("*")
-             if p.is_file() and p.name.endswith(KEPT) and ".partial" not in str(p.relative_to(out))}
+    files = {k: v for k, v in sweep_files(out).items() if k.endswith(KEPT) and ".partial" not in k}
     results = json.loads((Path(out) / "results.json").read_text())
     return files, {k: results[k] for k in ("teacher", "moebert", "shallow") if k in results}
 
@@ -58,9 +56,7 @@ def run(cmd, out, log, stop_at=None, sig=None, nproc=1):
             try:
                 p.wait(timeout=stop_at)
             except subprocess.TimeoutExpired:
-                workers = children(p.pid) if nproc > 1 else []
-                for pid in [p.pid] + workers:
-                    os.kill(pid, sig)
+                workers = send(p, sig, every=nproc > 1)[1:]
         code = p.wait(timeout=600)
         for pid in workers:  # nothing of a stopped run may outlive it (torchrun killed by SIGKILL leaves them)
             for _ in range(600):

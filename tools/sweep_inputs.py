@@ -27,14 +27,14 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from helpers import GOOGLE_TINY, TINY4, fixture_json, tiny_model, write_json, write_rte_like  # noqa: E402
+from helpers import (GOOGLE_TINY, TINY4, fixture_json, stop_midway, tiny_model, write_json,  # noqa: E402
+                     write_rte_like)
 
 VARIANTS = {  # name: flags added to a task's base command
     "default": [], "gate-token": ["--route", "gate-token"], "gate-sentence": ["--route", "gate-sentence"],
@@ -103,15 +103,10 @@ def stop_in_distillation(cmd, out):
     """train.py with cmd into `out`, stopped by SIGTERM in distillation once it has saved its best model so far
     (after its first epoch) beside its checkpoint."""
     shutil.rmtree(out, ignore_errors=True)
-    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *cmd, "--out", str(out)], cwd=tempfile.gettempdir(),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not all((out / "moebert.partial" / f).exists() for f in ("checkpoint.safetensors", "model.safetensors")):
-        if p.poll() is not None:
-            sys.exit(f"{out}: the run ended before distillation's first epoch")
-        time.sleep(0.001)
-    p.send_signal(signal.SIGTERM)
-    if p.wait() != 128 + signal.SIGTERM or (out / "moebert").exists():
-        sys.exit(f"{out}: not stopped inside distillation")
+    code, said = stop_midway([sys.executable, str(ROOT / "train.py"), *cmd, "--out", str(out)], out / "moebert",
+                             signal.SIGTERM, wait_for=("checkpoint.safetensors", "model.safetensors"))
+    if code != 128 + signal.SIGTERM:
+        sys.exit(f"{out}: not stopped inside distillation:\n{said}")
 
 
 def base(w, task, data=None):
