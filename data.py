@@ -28,8 +28,9 @@ from common import BadFile, MissingFile, Offline, cache_dir, download, written_b
 # Tokenizer
 
 
-def load_tokenizer(vocab_path, lowercase=True):
-    """BERT's WordPiece tokenizer from a vocab.txt (same ids as Hugging Face's BertTokenizerFast)."""
+def load_tokenizer(vocab_path, lowercase=True, num_embeddings=None):
+    """BERT's WordPiece tokenizer from a vocab.txt (same ids as Hugging Face's BertTokenizerFast); with
+    `num_embeddings`, a vocabulary whose ids run past the model's embedding table is refused."""
     if not os.path.isfile(vocab_path):  # checked here: the tokenizers library raises a bare Exception
         raise MissingFile(f"{vocab_path} not found; pass the vocab.txt of the BERT model you use")
     try:
@@ -47,6 +48,10 @@ def load_tokenizer(vocab_path, lowercase=True):
     if any(tok.token_to_id(s) is None for s in specials):
         raise BadFile(f"{vocab_path}: not a BERT vocabulary, it lacks one of {specials}; "
                       f"use the vocab.txt that came with the BERT model")
+    # A token's id is its line: a repeated line leaves the count below the ids, so the largest id is checked.
+    if num_embeddings is not None and (top := max(tok.get_vocab().values())) >= num_embeddings:
+        raise BadFile(f"{vocab_path} has ids up to {top} (its lines), the model's embeddings {num_embeddings}: "
+                      f"not the model's vocabulary; use the vocab.txt that came with it")
     tok.add_special_tokens(specials)  # a literal "[SEP]" in the text stays one token, as in HF
     # [CLS] a [SEP] b [SEP], with segment (token type) id 0 for sentence a and 1 for sentence b.
     tok.post_processor = processors.TemplateProcessing(

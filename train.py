@@ -343,10 +343,8 @@ def setup(args, given, device):
                         f"teacher's last; {c.source} has {config.num_hidden_layers} layers: use a BERT with an even number")
     tasks.check_lengths(args, config.max_position_embeddings)
     c.vocab = runtime.same_copies(find_vocab(c.source), () if args.force else (c.teacher_dir, c.student_dir))
-    tokenizer = data.load_tokenizer(c.vocab, lowercase=data.is_uncased(c.vocab))
-    if tokenizer.get_vocab_size() > config.vocab_size:  # ids past the embedding table: an IndexError mid-run
-        raise UserError(f"{c.vocab} has {tokenizer.get_vocab_size()} tokens, the model's embeddings {config.vocab_size}: "
-                        f"not the model's vocabulary; use the vocab.txt that came with it")
+    # Ids past the embedding table would be an IndexError mid-run: refused here.
+    tokenizer = data.load_tokenizer(c.vocab, lowercase=data.is_uncased(c.vocab), num_embeddings=config.vocab_size)
     c.train, c.dev, c.metric, c.n_dev, c.test_sets = tasks.load(args, tokenizer, device)
     # What every stage's output depends on; a stage reused with other settings would mix results.
     data_settings = dict(task=args.task, max_seq_length=args.max_seq_length, seed=args.seed,

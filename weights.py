@@ -128,7 +128,7 @@ def read_checkpoint(folder):
         except (SafetensorError, OSError) as e:  # truncated or garbled (an interrupted download or copy), a folder
             raise BadFile(f"{st} is corrupt or incomplete ({e}); re-download or re-save the model") from None
     if os.path.exists(pt):
-        return torch.load(pt, map_location="cpu", weights_only=True)  # no pickle code execution
+        return read_torch_file(pt)
     if os.path.exists(tf_index):
         tensors = read_tf_checkpoint(tf_index[: -len(".index")])
         # TF stores a Linear's kernel as [in, out]; torch.nn.Linear holds [out, in].
@@ -138,6 +138,23 @@ def read_checkpoint(folder):
         f"{folder}: no weights found. Expected model.safetensors or pytorch_model.bin (Hugging Face) "
         f"or bert_model.ckpt.index + bert_model.ckpt.data-00000-of-00001 (Google's release); pass a folder "
         f"that holds them.")
+
+
+def read_torch_file(path):
+    """{name: tensor} from a torch.save'd state dict, with weights_only: tensors and containers, no pickle code."""
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except (IsADirectoryError, PermissionError):
+        raise  # train.py says what to do
+    except Exception as e:  # EOFError, OSError, RuntimeError, UnpicklingError...: torch.load's ways to say "damaged"
+        first = re.split(r"[.\n]\s", str(e).strip(), maxsplit=1)[0][:150]  # its first sentence; the rest is advice
+        raise BadFile(f"{path} is corrupt, incomplete or not a torch file ({type(e).__name__}: {first}); "
+                      f"re-download or re-save the model") from None
+    if not (isinstance(tensors, dict) and all(isinstance(v, torch.Tensor) for v in tensors.values())):
+        what = "a dict with values other than tensors" if isinstance(tensors, dict) else f"a {type(tensors).__name__}"
+        raise BadFile(f"{path} holds {what}, not a state dict of tensors by name; pass the model's weights, "
+                      f"e.g. saved with torch.save(model.state_dict(), ...)")
+    return tensors
 
 
 def find_config(folder):

@@ -259,13 +259,16 @@ def test_teacher_that_does_not_fit_is_refused(tiny_run, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_a_vocabulary_larger_than_the_models_embeddings_is_refused(tiny_run, tmp_path):
-    """A --bert folder whose vocab.txt is another model's: its ids would index past the embedding table."""
+@pytest.mark.parametrize("change,top", [("50 lines more", 148), ("every line twice", 197)])
+def test_a_vocabulary_larger_than_the_models_embeddings_is_refused(tiny_run, tmp_path, change, top):
+    """A --bert folder whose vocab.txt is another model's: its ids would index past the embedding table. A
+    repeated line counts once among the tokens but keeps its later line as its id (an IndexError mid-run once)."""
     train, args = tiny_run["train"], tiny_run["args"]
     shutil.copytree(tiny_run["root"] / "bert", tmp_path / "bert")
-    with open(tmp_path / "bert" / "vocab.txt", "a") as f:
-        f.write("".join(f"extra{i}\n" for i in range(50)))
-    with pytest.raises(common.UserError, match="vocab.txt has 149 tokens, the model's embeddings 99"):
+    vocab = tmp_path / "bert" / "vocab.txt"
+    lines = vocab.read_text()
+    vocab.write_text(lines + "".join(f"extra{i}\n" for i in range(50)) if change == "50 lines more" else lines * 2)
+    with pytest.raises(common.UserError, match=f"vocab.txt has ids up to {top} .its lines., the model's embeddings 99"):
         train.main(args + ["--bert", str(tmp_path / "bert"), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
 

@@ -24,8 +24,8 @@ from common import BadFile, Offline
 from weights import _read_tensor, crc32c, read_tf_checkpoint
 from moebert import MoEBertForSequenceClassification, MoEConfig, moebert_from_dense
 
-from helpers import (GOOGLE_TINY, ROOT, assert_close, closed_port_url, inputs, minilm_dir, qa_batch, relative_to_scale,
-                     serve, tiny_model, tiny_qa)
+from helpers import (GOOGLE_TINY, ROOT, assert_close, assert_user_error, closed_port_url, cut_in_half, inputs, minilm_dir,
+                     qa_batch, raised, relative_to_scale, serve, tiny_model, tiny_qa)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,6 +301,33 @@ def test_pytorch_model_bin_loads_without_pickle_code(tmp_path):
     again = BertModel.from_pretrained(str(tmp_path))
     assert all(torch.equal(a, b) for a, b in zip(model.bert.state_dict().values(), again.state_dict().values()))
 
+
+
+def _whole_model(path, model):
+    torch.save(model, path)  # the module itself: a pickle of its classes, which weights_only refuses
+
+
+BAD_BINS = {  # a pytorch_model.bin that is not a state dict: what to write, and the phrases of its error
+    "empty": (lambda p, m: p.write_bytes(b""), "is corrupt, incomplete or not a torch file (EOFError"),
+    "cut in half": (lambda p, m: (torch.save(m.bert.state_dict(), p), cut_in_half(p)), "(OSError: [Errno 22]"),
+    "garbage": (lambda p, m: p.write_bytes(bytes(range(256)) * 8), "(UnpicklingError: Weights only load failed)"),
+    "a safetensors file": (lambda p, m: save_file(m.bert.state_dict(), str(p)), "(UnpicklingError"),
+    "the whole module": (_whole_model, "(UnpicklingError: Weights only load failed)"),
+    "a list": (lambda p, m: torch.save(list(m.bert.state_dict().values()), p), "holds a list, not a state dict"),
+    "a training checkpoint": (lambda p, m: torch.save({"state_dict": m.bert.state_dict(), "epoch": 3}, p),
+                              "holds a dict with values other than tensors"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_BINS)
+def test_a_pytorch_model_bin_that_is_no_state_dict_is_a_user_error(tmp_path, bad):
+    """Each was a traceback from torch.load (or from the loader, for what torch.load does return)."""
+    model = tiny_model()
+    write, phrase = BAD_BINS[bad]
+    write(tmp_path / "pytorch_model.bin", model)
+    (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))
+    e = raised(BertModel.from_pretrained, str(tmp_path))
+    assert_user_error(e, BadFile, ValueError, str(tmp_path / "pytorch_model.bin"), phrase)
 
 # ----------------------------------------------------------------------------------------------
 # fp16 and bf16 checkpoints into fp32 models

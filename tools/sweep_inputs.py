@@ -4,7 +4,7 @@ code, a refused run that changed a file, a file left in the working folder, or a
 wrong folder taken) is a finding.
 
     python tools/sweep_inputs.py                  # all parts, about 45 minutes on 2 cores; JSON in sweep.json
-    python tools/sweep_inputs.py --parts damage   # one part: flags, eval-only, cross, tasks, env, damage
+    python tools/sweep_inputs.py --parts damage   # one part: flags, eval-only, cross, tasks, env, damage, bert
 
 Parts: `flags`, MoE sizes, routes, students, lengths, batch sizes and schedules on five tasks (RTE, STS-B,
 CoLA, SQuAD v1.1 and v2.0); `eval-only`, each finished run of `flags` again with --eval-only (GLUE: and
@@ -16,7 +16,9 @@ $MOEBERT_CACHE naming a file, a place no folder can be made, or nothing; `damage
 shape, then the same command, --eval-only (and --predict): here a run that finishes must also report the
 results of the undamaged run, to the last digit (a damaged file silently used is a finding); an RTE run stopped
 by SIGTERM in distillation alike, then the same command (it must end as a run never stopped); each data file
-of RTE and SQuAD v2.0 damaged alike, for a new run.
+of RTE and SQuAD v2.0 damaged alike, for a new run; `bert`, the models a run starts from (a Hugging Face
+folder with safetensors or pytorch_model.bin, Google's release, a finished teacher for --teacher), each file
+damaged alike, each config field off (a wrong size or type, an odd activation), the vocabulary's lines repeated.
 """
 import argparse
 import hashlib
@@ -130,6 +132,9 @@ DAMAGES = {  # what is done to one file of a finished run
 }
 
 
+GOOGLE_DATA = "bert_model.ckpt.data-00000-of-00001"
+
+
 def scores(out):
     """The dev scores in a run's results.json (None if it has none)."""
     try:
@@ -161,7 +166,7 @@ def run(name, args, expect=None, env=None, same_as=None):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="flags,eval-only,cross,tasks,env,damage", help="comma-separated parts to run")
+    p.add_argument("--parts", default="flags,eval-only,cross,tasks,env,damage,bert", help="comma-separated parts to run")
     p.add_argument("--work", help="folder for the fixtures and the runs (default: a new temporary one)")
     p.add_argument("--out", default="sweep.json", help="the results, JSON")
     a = p.parse_args()
@@ -286,6 +291,39 @@ def main():
                     harm(copy / "data" / f)
                     cases.append((f"{t} data {f} {d}", base(w, t, copy / "data") + extra + ["--out", str(copy / "out")]))
         batch(cases, "damage")
+    if "bert" in parts:  # the models a run starts from (--bert, --teacher): each file damaged, each config field off
+        if not (w / "bert-bin").exists():  # Hugging Face's older format: a torch.save'd state dict
+            import torch
+            from safetensors.torch import load_file
+            shutil.copytree(w / "bert", w / "bert-bin")
+            torch.save(load_file(w / "bert-bin" / "model.safetensors"), w / "bert-bin" / "pytorch_model.bin")
+            os.remove(w / "bert-bin" / "model.safetensors")
+        teacher = o / "rte-default" / "teacher"
+        if not (teacher / "model.safetensors").exists():
+            batch([("rte-default", base(w, "rte") + ["--out", str(o / "rte-default")])], "flags")
+        edits = {f"{f} {d}": (f, harm) for f in ("config.json", "vocab.txt", "model.safetensors", "pytorch_model.bin",
+                                                 "bert_config.json", "bert_model.ckpt.index", GOOGLE_DATA)
+                 for d, harm in DAMAGES.items() if d != "json of another shape" or f.endswith(".json")}
+        for field, value in (("hidden_size", 30), ("hidden_size", "32"), ("hidden_size", None), ("num_attention_heads", 0),
+                             ("num_hidden_layers", 0), ("num_hidden_layers", 1.5), ("intermediate_size", 0),
+                             ("vocab_size", 50), ("vocab_size", 200), ("max_position_embeddings", 4), ("type_vocab_size", 0),
+                             ("hidden_act", "tanh"), ("layer_norm_eps", -1), ("hidden_dropout_prob", 2.0), ("extra", 1)):
+            edits[f"config {field}={value!r}"] = ("CONFIG", lambda q, k=field, v=value: q.write_text(
+                json.dumps({**json.loads(q.read_text()), k: v})))
+        edits["vocab.txt every line twice"] = ("vocab.txt", lambda q: q.write_text(q.read_text() * 2))
+        edits["vocab.txt without [UNK]"] = ("vocab.txt", lambda q: q.write_text(q.read_text().replace("[UNK]", "[X]")))
+        cases = []
+        for label, src, flag in (("hf", w / "bert", "--bert"), ("hf-bin", w / "bert-bin", "--bert"),
+                                 ("google", Path(GOOGLE_TINY), "--bert"), ("teacher", teacher, "--teacher")):
+            for name, (f, harm) in edits.items():
+                f = f if f != "CONFIG" else "bert_config.json" if label == "google" else "config.json"
+                if (src / f).exists():
+                    copy = w / "bert-damaged" / f"{label}-{len(cases)}"
+                    shutil.rmtree(copy, ignore_errors=True)
+                    shutil.copytree(src, copy / "model")
+                    harm(copy / "model" / f)
+                    cases.append((f"{label} {name}", base(w, "rte") + [flag, str(copy / "model"), "--out", str(copy / "out")]))
+        batch(cases, "bert")
     bad = [r for r in results if r["finding"]]
     print(f"{len(results)} runs: {sum(r['rc'] == 0 for r in results)} finished, {sum(r['rc'] == 2 for r in results)} "
           f"refused with an error line, {len(bad)} findings; results in {a.out}")
