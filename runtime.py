@@ -237,6 +237,25 @@ def check_best(folder, best):
 
 
 COPY_S = 1.0  # a signal again within this is the same one: Slurm signals every process, and torchrun passes its on
+INTERRUPTED = False  # a Ctrl-C (or a second signal) stopped this run at once, whatever error it then surfaced as
+
+
+def interrupt(signum=None, frame=None):
+    """Stop at once, as Python's own Ctrl-C does (a KeyboardInterrupt), and remember it: a library may turn the
+    KeyboardInterrupt raised inside it into its own error (safetensors: a ValueError), a stop all the same."""
+    global INTERRUPTED
+    INTERRUPTED = True
+    raise KeyboardInterrupt
+
+
+def note_interrupts():
+    """Ctrl-C calls interrupt from here on (deferred_signals takes it over while training)."""
+    signal.signal(signal.SIGINT, interrupt)
+
+
+def interrupted(e):
+    """Whether the exception e that ends a run is a stop by Ctrl-C, not a bug (nor a SystemExit's status)."""
+    return isinstance(e, KeyboardInterrupt) or (INTERRUPTED and isinstance(e, Exception))
 
 
 @contextmanager
@@ -251,7 +270,7 @@ def deferred_signals():
             got.append(signum)
             at.append(time.monotonic())
         elif time.monotonic() - at[0] > COPY_S:
-            raise KeyboardInterrupt
+            interrupt()
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

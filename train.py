@@ -542,12 +542,15 @@ def report(c, teacher, student):
 
 
 if __name__ == "__main__":
+    runtime.note_interrupts()  # Ctrl-C remembered, even where a library turns it into its own error
     try:
         main()
     except UserError as e:  # something the user can fix: one message, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl-C outside training (inside, fit saves a checkpoint and says so)
+    except BaseException as e:  # Ctrl-C outside training (inside, fit saves a checkpoint and says so)
+        if not runtime.interrupted(e):  # a bug keeps its traceback, a SystemExit its status
+            raise
         print("interrupted; finished stages are kept: run the same command again to go on", file=sys.stderr)
         sys.exit(130)
     finally:  # every process, errors too: gloo's threads stop before Python shuts down (setup_distributed)

@@ -61,6 +61,7 @@ def test_a_signal_and_its_copy_stop_once_a_later_one_at_once(monkeypatch):
     """runtime.deferred_signals: SIGTERM twice in a moment (Slurm's to every process, and torchrun's copy) asks
     for one stop at the step's end; a second signal later than COPY_S stops at once; the old handlers come back."""
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(runtime, "INTERRUPTED", False)
     with runtime.deferred_signals() as stop:
         try:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -74,6 +75,45 @@ def test_a_signal_and_its_copy_stop_once_a_later_one_at_once(monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert {s: signal.getsignal(s) for s in before} == before
+    assert runtime.INTERRUPTED  # the stop at once is remembered: train.py says "interrupted" whatever surfaces
+
+
+# A stand-in for safetensors' load_file, loaded at start-up (sitecustomize): a Ctrl-C comes while it reads, and
+# the KeyboardInterrupt raised inside it comes out as its own error, as the real one's did; or it has a bug.
+LIBRARY = """
+import os, signal, time
+import safetensors.torch
+real = safetensors.torch.load_file
+def load_file(*args, **kwargs):
+    if os.environ["WHAT"] == "a bug":
+        raise ValueError("a bug in the library")
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(10)
+    except KeyboardInterrupt:
+        raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'")
+    return real(*args, **kwargs)
+safetensors.torch.load_file = load_file
+"""
+
+
+@pytest.mark.parametrize("what", ["Ctrl-C", "a bug"])
+def test_a_ctrl_c_that_a_library_turns_into_its_own_error_is_still_a_stop(tmp_path, what):
+    """tools/kill_anywhere.py sent Ctrl-C while safetensors read the BERT at start-up: the stop ended in a
+    ValueError's traceback. It must end as any Ctrl-C outside training (status 130, one line, nothing left
+    behind), while a library's own error keeps its traceback."""
+    args = tiny_task(tmp_path)
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(LIBRARY)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), WHAT=what)
+    p = subprocess.run([sys.executable, TRAIN, *args, "--out", str(tmp_path / "out")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    if what == "Ctrl-C":
+        assert (p.returncode, p.stderr.strip()) == (130, "interrupted; finished stages are kept: run the same "
+                                                         "command again to go on"), p.stderr
+    else:
+        assert p.returncode == 1 and "Traceback" in p.stderr and "ValueError: a bug in the library" in p.stderr
+    assert not (tmp_path / "out").exists()  # a failed start leaves nothing behind
 
 
 def test_a_kill_while_a_stage_is_published_loses_none_of_its_work(never_stopped, tmp_path, monkeypatch, capsys):
