@@ -237,15 +237,17 @@ def check_best(folder, best):
 
 
 COPY_S = 1.0  # a signal again within this is the same one: Slurm signals every process, and torchrun passes its on
-INTERRUPTED = False  # a Ctrl-C (or a second signal) stopped this run at once, whatever error it then surfaced as
+INTERRUPTED = None  # when a Ctrl-C (or a second signal) stopped this run at once, whatever error it surfaced as
 
 
 def interrupt(signum=None, frame=None):
     """Stop at once, as Python's own Ctrl-C does (a KeyboardInterrupt), and remember it: a library may turn the
-    KeyboardInterrupt raised inside it into its own error (safetensors: a ValueError), a stop all the same."""
+    KeyboardInterrupt raised inside it into its own error (safetensors: a ValueError), a stop all the same.
+    Its copy (within COPY_S) changes nothing: raised again, it would break off the stop with a traceback."""
     global INTERRUPTED
-    INTERRUPTED = True
-    raise KeyboardInterrupt
+    if INTERRUPTED is None or time.monotonic() - INTERRUPTED > COPY_S:
+        INTERRUPTED = time.monotonic()
+        raise KeyboardInterrupt
 
 
 def note_interrupts():
@@ -255,7 +257,7 @@ def note_interrupts():
 
 def interrupted(e):
     """Whether the exception e that ends a run is a stop by Ctrl-C, not a bug (nor a SystemExit's status)."""
-    return isinstance(e, KeyboardInterrupt) or (INTERRUPTED and isinstance(e, Exception))
+    return isinstance(e, KeyboardInterrupt) or (INTERRUPTED is not None and isinstance(e, Exception))
 
 
 @contextmanager

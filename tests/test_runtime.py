@@ -61,7 +61,7 @@ def test_a_signal_and_its_copy_stop_once_a_later_one_at_once(monkeypatch):
     """runtime.deferred_signals: SIGTERM twice in a moment (Slurm's to every process, and torchrun's copy) asks
     for one stop at the step's end; a second signal later than COPY_S stops at once; the old handlers come back."""
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    monkeypatch.setattr(runtime, "INTERRUPTED", False)
+    monkeypatch.setattr(runtime, "INTERRUPTED", None)
     with runtime.deferred_signals() as stop:
         try:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -75,8 +75,29 @@ def test_a_signal_and_its_copy_stop_once_a_later_one_at_once(monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert {s: signal.getsignal(s) for s in before} == before
-    assert runtime.INTERRUPTED  # the stop at once is remembered: train.py says "interrupted" whatever surfaces
+    assert runtime.INTERRUPTED is not None  # the stop at once is remembered: train.py says "interrupted" whatever surfaces
 
+
+
+def test_ctrl_c_outside_training_and_its_copy_stop_once(monkeypatch):
+    """runtime.interrupt, Ctrl-C outside training: the first stops at once; its copy (Slurm's signal to every
+    process and torchrun's, within COPY_S) must not raise again, into the stop's own clean-up, as a traceback;
+    a later Ctrl-C stops at once again."""
+    monkeypatch.setattr(runtime, "INTERRUPTED", None)
+    old = signal.getsignal(signal.SIGINT)
+    runtime.note_interrupts()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGINT)  # the copy
+        time.sleep(0.01)  # the handler runs
+        monkeypatch.setattr(runtime, "COPY_S", 0.0)  # what comes next is later than the copy's moment
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 # A stand-in for safetensors' load_file, loaded at start-up (sitecustomize): a Ctrl-C comes while it reads, and
 # the KeyboardInterrupt raised inside it comes out as its own error, as the real one's did; or it has a bug.
