@@ -130,9 +130,7 @@ DAMAGES = {  # what is done to one file of a finished run
     "garbage": lambda p: p.write_bytes(bytes(range(256)) * 8), "a folder": lambda p: (p.unlink(), p.mkdir()),
     "json of another shape": lambda p: p.write_text("[]" if p.read_text().lstrip().startswith("{") else "{}"),
 }
-
-
-GOOGLE_DATA = "bert_model.ckpt.data-00000-of-00001"
+GOOGLE_DATA = "bert_model.ckpt.data-00000-of-00001"  # the weights of Google's release, beside its .index
 
 
 def scores(out):
