@@ -7,6 +7,7 @@ bitwise; the stopped run must exit by the signal or with its resume line, and th
     python tools/kill_anywhere.py                       # RTE with --predict and SQuAD v2.0, 24 kills each, ~15 min
     python tools/kill_anywhere.py --tasks rte --kills 8 --flags "--route gate-token" --out kills.json
     python tools/kill_anywhere.py --nproc 2             # under torchrun, the signal to every process as Slurm's
+    python tools/kill_anywhere.py --nproc 2 --tasks rte --kills 20 --signal SIGINT --between 2.6 4.5  # its start-up
 
 Under torchrun (--nproc) the signal goes to torchrun and its workers, as Slurm's at a time limit or preemption
 (torchrun passes its copy on too); torchrun's own report of its stopped workers is not a finding, a traceback
@@ -75,6 +76,9 @@ def main():
     a.add_argument("--flags", default="", help='more train.py flags for every run, e.g. "--route gate-token"')
     a.add_argument("--work", help="folder for the fixtures and runs (default: a new temporary one)")
     a.add_argument("--nproc", type=int, default=1, help="processes under torchrun (gloo on the CPU); 1: plain python")
+    a.add_argument("--signal", choices=[s.name for s in SIGNALS], help="only this signal (default: each in turn)")
+    a.add_argument("--between", type=float, nargs=2, metavar=("FROM_S", "TO_S"),
+                   help="spread the stops over these seconds of a run instead of the whole run (e.g. its start-up)")
     a.add_argument("--out", default="kills.json", help="the results, JSON")
     args = a.parse_args()
     w, report, bad = workspace(args.work, "kills-"), [], 0
@@ -87,7 +91,9 @@ def main():
         assert code == 0, f"the reference run failed: {w}/{task}-ref.log"
         want = outputs(ref)
         for k in range(args.kills):
-            at, sig = whole * (k + 0.5) / args.kills, SIGNALS[k % len(SIGNALS)]  # the middle of each k-th of a run
+            start, end = args.between or (0.0, whole)
+            at = start + (end - start) * (k + 0.5) / args.kills  # the middle of each k-th of the span
+            sig = SIGNALS[k % len(SIGNALS)] if not args.signal else signal.Signals[args.signal]
             out, log = w / f"{task}-kill{k}", w / f"{task}-kill{k}.log"
             shutil.rmtree(out, ignore_errors=True)
             log.unlink(missing_ok=True)
