@@ -121,6 +121,22 @@ def test_tokenizer_rejects_non_bert_vocab(tmp_path):
         data.load_tokenizer(str(tmp_path / "vocab.txt"))
 
 
+
+@pytest.mark.parametrize("lines,embeddings,said", [(7, 7, None), (7, 9, "has 7 lines, the model's embeddings 9"),
+                                                   (14, 9, "has ids up to 13 (its lines), the model's embeddings 9")])
+def test_a_vocabulary_is_checked_against_the_embedding_table(tmp_path, capsys, lines, embeddings, said):
+    """Ids past the table are refused (an IndexError mid-run); a table with rows no line reaches, as left by a
+    vocab.txt cut short, is a warning (BERT's releases fill their tables exactly); an exact fit says nothing."""
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]
+    (tmp_path / "vocab.txt").write_text("\n".join((words * 2)[:lines]) + "\n")
+    if lines > embeddings:
+        e = raised(data.load_tokenizer, str(tmp_path / "vocab.txt"), num_embeddings=embeddings)
+        assert_user_error(e, BadFile, ValueError, said)
+        return
+    data.load_tokenizer(str(tmp_path / "vocab.txt"), num_embeddings=embeddings)
+    err = capsys.readouterr().err
+    assert (said in err and err.startswith("warning: ")) if said else err == ""
+
 def test_is_uncased(minilm, tmp_path):
     assert data.is_uncased(os.path.join(minilm, "vocab.txt"))
     (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\nthe\nThe\n##s\n")
