@@ -434,6 +434,9 @@ def resolve_pretrained(path_or_name):
         return path_or_name
     if path_or_name in PYPI_RELEASES:
         return pip_release(path_or_name)
+    if os.path.isfile(path_or_name):  # e.g. a release's .zip, fetched by hand as the offline error says
+        raise BadFile(f"{path_or_name} is a file, where a BERT folder goes: unzip a release's .zip and pass the "
+                      f"folder it holds (bert_config.json, vocab.txt, bert_model.ckpt.*)")
     if path_or_name not in RELEASES:
         names = ", ".join([*RELEASES, *PYPI_RELEASES])
         raise MissingFile(

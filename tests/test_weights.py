@@ -279,6 +279,16 @@ def test_load_missing_folder_and_unknown_name():
         BertModel.from_pretrained("/nonexistent/bert-folder")
 
 
+def test_a_release_zip_for_the_folder_says_to_unzip_it(tmp_path):
+    """The offline error says to fetch the release's .zip by hand; passed as it is, it was "neither a folder nor
+    a known release"."""
+    z = tmp_path / "uncased_L-12_H-768_A-12.zip"
+    with zipfile.ZipFile(z, "w") as f:
+        f.write(os.path.join(GOOGLE_TINY, "vocab.txt"), "uncased_L-12_H-768_A-12/vocab.txt")
+    e = raised(BertModel.from_pretrained, str(z))
+    assert_user_error(e, BadFile, ValueError, f"{z} is a file, where a BERT folder goes: unzip a release's .zip")
+
+
 def test_load_folder_without_weights(tmp_path):
     (tmp_path / "config.json").write_text('{"hidden_size": 32, "num_attention_heads": 4}')
     with pytest.raises(FileNotFoundError, match="no weights found"):
