@@ -152,6 +152,8 @@ def split_file(task, split):
 
 def task_folder(task, data_dir):
     """`data_dir` may be the task's folder itself or a GLUE root holding it as <data_dir>/<Folder>."""
+    if os.path.isfile(data_dir):  # e.g. GLUE's RTE.zip, which the README names: unzipped, it holds the folder
+        raise BadFile(f"--data-dir {data_dir} is a file (a .zip? unzip it). " + data_dir_help(task))
     sub = os.path.join(data_dir, TASKS[task].folder)
     return sub if os.path.isdir(sub) else data_dir
 

@@ -66,6 +66,8 @@ def squad_path(version, split, data_dir=None):
     name = squad_files(version)[split == "dev"]
     if data_dir is not None:
         path = os.path.join(data_dir, name)
+        if os.path.isfile(data_dir):  # one of the files itself, say: the folder is what is asked for
+            raise BadFile(f"--data-dir {data_dir} is a file. " + data_dir_help(version))
         if not os.path.exists(path):
             raise MissingFile(f"{path} not found. " + data_dir_help(version))
         return path

@@ -541,6 +541,15 @@ def test_missing_test_split_says_predict_needs_it(glue):
     assert_user_error(e, MissingFile, FileNotFoundError, "test_mismatched.tsv", "--predict needs")
 
 
+@pytest.mark.parametrize("read", [lambda d: data.read_glue("rte", d, "train"), lambda d: data.glue_dir("rte", d),
+                                  lambda d: data.test_sets("rte", d)])
+def test_a_zip_for_the_data_folder_says_to_unzip_it(glue, tmp_path, read):
+    """GLUE's RTE.zip, which the README names, given as it is: it was "RTE.zip/train.tsv not found"."""
+    shutil.make_archive(str(tmp_path / "RTE"), "zip", glue, "RTE")
+    e = raised(read, str(tmp_path / "RTE.zip"))
+    assert_user_error(e, BadFile, ValueError, "RTE.zip is a file (a .zip? unzip it). Pass --data-dir FOLDER")
+
+
 def test_write_predictions_labels_and_scores(tmp_path):
     data.write_predictions("rte", [1, 0, 1], tmp_path / "RTE.tsv")
     assert read_tsv(tmp_path / "RTE.tsv") == [["index", "prediction"], ["0", "not_entailment"], ["1", "entailment"],

@@ -85,6 +85,8 @@ def test_files_data_dir_and_errors(tmp_path):
     assert_user_error(e, BadFile, ValueError, "question n2", "answer_start")
     write_json(tmp_path / "train-v2.0.json", {"version": "v2.0", "articles": []})
     assert_user_error(raised(squad.read_squad, str(tmp_path / "train-v2.0.json")), BadFile, ValueError, '"data"')
+    e = raised(squad.load_squad, "2.0", "train", str(tmp_path / "train-v2.0.json"))  # the file for its folder
+    assert_user_error(e, BadFile, ValueError, "train-v2.0.json is a file. Pass --data-dir FOLDER")
 
 
 def test_download_into_cache_offline_and_damaged(tmp_path, monkeypatch, capsys):

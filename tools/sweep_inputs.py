@@ -196,6 +196,8 @@ def main():
                 batch([(f"{t}-default", base(w, t) + ["--out", str(o / f"{t}-default")])], "flags")
         rte, sts, sq, r = base(w, "rte"), base(w, "stsb"), base(w, "squad"), o / "rte-default"
         x = w / "cross"
+        x.mkdir(exist_ok=True)
+        shutil.make_archive(str(x / "RTE"), "zip", w, "RTE")  # GLUE's RTE.zip, as downloaded
         cases = {
             "rerun, another route": rte + ["--out", str(r), "--route", "gate-token"],
             "rerun, another seed": rte + ["--out", str(r), "--seed", "3"],
@@ -224,6 +226,8 @@ def main():
             "a file for the out": rte + ["--out", str(w / "afile")],
             "predict without a test split": base(w, "rte", "RTE-notest") + ["--predict", "--out", str(x / "17")],
             "a device this machine lacks": rte + ["--device", "cuda", "--out", str(x / "18")],
+            "the task's zip for the data": base(w, "rte", x / "RTE.zip") + ["--out", str(x / "19")],
+            "a squad file for the data": base(w, "squad", w / "SQ1" / "train-v1.1.json") + ["--out", str(x / "20")],
         }
         # Each is refused but the GLUE root for --data-dir: one that finishes would give a meaningless result.
         batch([(n, c, 0 if n == "the GLUE folder for the data" else 2) for n, c in cases.items()], "cross", workers=1)
