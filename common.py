@@ -31,6 +31,21 @@ class Offline(UserError, ConnectionError):
     """A download failed: no network, a refused connection, or a transfer cut short."""
 
 
+def one_level_down(folder, wanted):
+    """For a folder one level above the one meant (an unzipped download's outer folder): a hint naming its
+    subfolders that hold one of the names in `wanted`, or ""."""
+    try:
+        subs = [os.path.join(folder, d) for d in sorted(os.listdir(folder))]
+    except OSError:  # no folder there, or none that can be read: no hint
+        return ""
+    hints = []
+    for sub in subs:
+        name = next((w for w in wanted if os.path.exists(os.path.join(sub, w))), None)
+        if name:
+            hints.append(f" {sub} holds {name}: pass that folder?")
+    return "".join(hints[:3])
+
+
 def cache_dir():
     """Where downloads go: $MOEBERT_CACHE (set and not empty), else ~/.cache/moebert; made if missing."""
     folder = os.environ.get("MOEBERT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "moebert")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from common import BadFile, MissingFile, Offline, cache_dir, download, written_beside
+from common import BadFile, MissingFile, Offline, cache_dir, download, one_level_down, written_beside
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
@@ -164,7 +164,7 @@ def read_glue(task, data_dir, split):
     folder = glue_dir(task) if data_dir is None else task_folder(task, data_dir)
     path = os.path.join(folder, split_file(task, split))
     if not os.path.exists(path):
-        raise MissingFile(f"{path} not found. " + data_dir_help(task))
+        raise MissingFile(f"{path} not found. " + data_dir_help(task, data_dir))
     test = split.startswith("test")
     a, b, y = (*t.test_cols, None) if test else t.cols
     examples, skipped = [], 0
@@ -241,11 +241,12 @@ FORMAT_HELP = ("fix the row, or use the file as GLUE's download_glue_data.py wro
 COMPLETE_HELP = "use the complete file, as GLUE's download_glue_data.py writes it"
 
 
-def data_dir_help(task):
+def data_dir_help(task, data_dir=None):
     files = ", ".join(split_file(task, s) for s in ("train", "dev", "test"))
     folder = TASKS[task].folder
     return (f"Pass --data-dir FOLDER: a folder holding the {folder} files ({files}) as written by "
-            f"GLUE's download_glue_data.py, or the GLUE folder that holds {folder}/.")
+            f"GLUE's download_glue_data.py, or the GLUE folder that holds {folder}/."
+            + (one_level_down(data_dir, (folder, split_file(task, "train"))) if data_dir else ""))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,7 +355,7 @@ def glue_dir(task, data_dir=None, train=True):
         folder = task_folder(task, data_dir)
         for name in needed:
             if not os.path.exists(os.path.join(folder, name)):
-                raise MissingFile(f"{os.path.join(folder, name)} not found. " + data_dir_help(task))
+                raise MissingFile(f"{os.path.join(folder, name)} not found. " + data_dir_help(task, data_dir))
         return folder
     folder = os.path.join(cache_dir(), "glue", TASKS[task].folder)
     if all(os.path.exists(os.path.join(folder, name)) for name in needed):

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 from tokenizers import Tokenizer
 
-from common import BadFile, MissingFile, Offline, cache_dir, download
+from common import BadFile, MissingFile, Offline, cache_dir, download, one_level_down
 
 # ----------------------------------------------------------------------------------------------
 # The official files
@@ -53,10 +53,10 @@ def squad_files(version):
     return FILES[version]
 
 
-def data_dir_help(version):
+def data_dir_help(version, data_dir=None):
     train, dev = squad_files(version)
     return (f"Pass --data-dir FOLDER: a folder holding the official SQuAD {version} files {train} and "
-            f"{dev}, as downloaded from {SQUAD_URL}")
+            f"{dev}, as downloaded from {SQUAD_URL}." + (one_level_down(data_dir, (train, dev)) if data_dir else ""))
 
 
 def squad_path(version, split, data_dir=None):
@@ -69,7 +69,7 @@ def squad_path(version, split, data_dir=None):
         if os.path.isfile(data_dir):  # one of the files itself, say: the folder is what is asked for
             raise BadFile(f"--data-dir {data_dir} is a file. " + data_dir_help(version))
         if not os.path.exists(path):
-            raise MissingFile(f"{path} not found. " + data_dir_help(version))
+            raise MissingFile(f"{path} not found. " + data_dir_help(version, data_dir))
         return path
     path = os.path.join(cache_dir(), "squad", name)
     if not os.path.exists(path):

@@ -18,7 +18,7 @@ from dataclasses import fields
 import numpy as np
 import torch
 
-from common import BadFile, MissingFile, Offline, cache_dir, download, makedirs
+from common import BadFile, MissingFile, Offline, cache_dir, download, makedirs, one_level_down
 
 # ----------------------------------------------------------------------------------------------
 # Weight loading: a name -> tensor dict from any source, then one strict identity copy.
@@ -162,7 +162,7 @@ def find_config(folder):
         if os.path.exists(os.path.join(folder, name)):
             return os.path.join(folder, name)
     raise MissingFile(f"{folder}: no config.json (Hugging Face) or bert_config.json (Google) found; "
-                      f"pass a complete BERT folder")
+                      f"pass a complete BERT folder." + one_level_down(folder, ("config.json", "bert_config.json")))
 
 
 def read_config(path):

@@ -9,6 +9,7 @@ import pytest
 
 import bert
 import data
+import squad
 import weights
 from bert import BertForSequenceClassification, BertModel
 from common import BadFile, MissingFile, Offline, UserError
@@ -197,3 +198,25 @@ def test_a_write_that_fails_leaves_the_file_as_it_was_and_nothing_beside(tmp_pat
             open(tmp, "w").write("half")
             1 / 0
     assert sorted(os.listdir(tmp_path)) == ["done", "in_the_way"]
+
+
+@pytest.mark.parametrize("what", ["bert", "glue", "squad"])
+def test_an_unzipped_downloads_outer_folder_names_the_folder_inside(tmp_path, what):
+    """Unzipped, Google's release, GLUE's data and a SQuAD folder of one's own often sit one level below the
+    folder given: the error names the subfolder that holds what was looked for (and no hint where none does)."""
+    outer = tmp_path / "download"
+    (outer / "notes").mkdir(parents=True)  # a subfolder holding none of it is not named
+    if what == "bert":
+        shutil.copytree(GOOGLE_TINY, outer / "uncased_L-12_H-768_A-12")
+        read, said = lambda d: weights.find_config(d), "uncased_L-12_H-768_A-12 holds bert_config.json: pass that"
+    elif what == "glue":
+        write(outer / "glue_data" / "RTE" / "train.tsv", "index\tsentence1\tsentence2\tlabel\n")
+        read, said = lambda d: data.read_glue("rte", d, "train"), "glue_data holds RTE: pass that folder?"
+    else:
+        write(outer / "squad" / "train-v2.0.json", "{}")
+        read, said = lambda d: squad.squad_path("2.0", "train", d), "squad holds train-v2.0.json: pass that folder?"
+    e = raised(read, str(outer))
+    assert_user_error(e, MissingFile, FileNotFoundError, f"{outer}{os.sep}{said}")
+    assert "notes" not in str(e)
+    e = raised(read, str(outer / "notes"))
+    assert isinstance(e, MissingFile) and "pass that folder?" not in str(e)
