@@ -31,6 +31,13 @@ class Offline(UserError, ConnectionError):
     """A download failed: no network, a refused connection, or a transfer cut short."""
 
 
+def check_access(folder):
+    """A folder that is there but that this user cannot read: the PermissionError train.py explains, not a
+    "not found" for what it holds (checked where something in it was not found)."""
+    if os.path.isdir(folder) and not os.access(folder, os.R_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), folder)
+
+
 def one_level_down(folder, wanted):
     """For a folder one level above the one meant (an unzipped download's outer folder): a hint naming its
     subfolders that hold one of the names in `wanted`, or ""."""

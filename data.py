@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from common import BadFile, MissingFile, Offline, cache_dir, download, one_level_down, written_beside
+from common import BadFile, MissingFile, Offline, cache_dir, check_access, download, one_level_down, written_beside
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
@@ -164,6 +164,7 @@ def read_glue(task, data_dir, split):
     folder = glue_dir(task) if data_dir is None else task_folder(task, data_dir)
     path = os.path.join(folder, split_file(task, split))
     if not os.path.exists(path):
+        check_access(folder)
         raise MissingFile(f"{path} not found. " + data_dir_help(task, data_dir))
     test = split.startswith("test")
     a, b, y = (*t.test_cols, None) if test else t.cols
@@ -355,6 +356,7 @@ def glue_dir(task, data_dir=None, train=True):
         folder = task_folder(task, data_dir)
         for name in needed:
             if not os.path.exists(os.path.join(folder, name)):
+                check_access(folder)
                 raise MissingFile(f"{os.path.join(folder, name)} not found. " + data_dir_help(task, data_dir))
         return folder
     folder = os.path.join(cache_dir(), "glue", TASKS[task].folder)

@@ -574,8 +574,10 @@ def disk_error(e):
     path = e.filename2 or e.filename or "a file"  # os.replace(written, path): path is the one that failed
     if e.errno == errno.EISDIR:
         return f"{path} is a folder, {DISK_ERRORS[e.errno]}: move it away, then run the same command again"
+    if e.errno in (errno.EACCES, errno.EPERM) and os.path.exists(path) and not os.access(path, os.R_OK):
+        return f"cannot read {path}: no permission; give this user access to it, then run the same command again"
     kept = "the finished stages and the last checkpoint are kept (files are written beside, then renamed)"
-    fix = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable, or use another --out"
+    fix = "Free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "Make it writable, or use another --out"
     return f"cannot write {path}: {DISK_ERRORS[e.errno]}; {kept}. {fix}, then run the same command again to go on"
 
 

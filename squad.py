@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 from tokenizers import Tokenizer
 
-from common import BadFile, MissingFile, Offline, cache_dir, download, one_level_down
+from common import BadFile, MissingFile, Offline, cache_dir, check_access, download, one_level_down
 
 # ----------------------------------------------------------------------------------------------
 # The official files
@@ -69,6 +69,7 @@ def squad_path(version, split, data_dir=None):
         if os.path.isfile(data_dir):  # one of the files itself, say: the folder is what is asked for
             raise BadFile(f"--data-dir {data_dir} is a file. " + data_dir_help(version))
         if not os.path.exists(path):
+            check_access(data_dir)
             raise MissingFile(f"{path} not found. " + data_dir_help(version, data_dir))
         return path
     path = os.path.join(cache_dir(), "squad", name)

@@ -4,6 +4,7 @@ release names (downloaded), and the strict loader that copies any of them into a
 Names are Google's / Hugging Face's (bert.py keeps them), so loading is an identity copy after
 renaming TF variables; anything that does not fit is named in the error.
 """
+import errno
 import json
 import math
 import os
@@ -18,7 +19,7 @@ from dataclasses import fields
 import numpy as np
 import torch
 
-from common import BadFile, MissingFile, Offline, cache_dir, download, makedirs, one_level_down
+from common import BadFile, MissingFile, Offline, cache_dir, check_access, download, makedirs, one_level_down
 
 # ----------------------------------------------------------------------------------------------
 # Weight loading: a name -> tensor dict from any source, then one strict identity copy.
@@ -123,6 +124,8 @@ def read_checkpoint(folder):
     if os.path.exists(st):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
+        if not os.access(st, os.R_OK):  # safetensors would say "No such file": train.py explains a PermissionError
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), st)
         try:
             return load_file(st)
         except (SafetensorError, OSError) as e:  # truncated or garbled (an interrupted download or copy), a folder
@@ -161,6 +164,7 @@ def find_config(folder):
     for name in ("config.json", "bert_config.json"):
         if os.path.exists(os.path.join(folder, name)):
             return os.path.join(folder, name)
+    check_access(folder)
     raise MissingFile(f"{folder}: no config.json (Hugging Face) or bert_config.json (Google) found; "
                       f"pass a complete BERT folder." + one_level_down(folder, ("config.json", "bert_config.json")))
 
@@ -194,6 +198,7 @@ def config_fields(cls, d, path):
 def find_vocab(folder):
     path = os.path.join(folder, "vocab.txt")
     if not os.path.exists(path):
+        check_access(folder)
         raise MissingFile(f"{folder}: no vocab.txt; a BERT folder needs its WordPiece vocabulary, "
                           f"copy the vocab.txt of the model it was made from into it")
     return path

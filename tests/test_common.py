@@ -220,3 +220,39 @@ def test_an_unzipped_downloads_outer_folder_names_the_folder_inside(tmp_path, wh
     assert "notes" not in str(e)
     e = raised(read, str(outer / "notes"))
     assert isinstance(e, MissingFile) and "pass that folder?" not in str(e)
+
+
+@pytest.mark.parametrize("what", ["bert folder", "model.safetensors", "glue folder", "squad folder"])
+def test_what_this_user_cannot_read_is_said_so(tmp_path, monkeypatch, what):
+    """Run as another user, an unreadable model.safetensors was "corrupt or incomplete (No such file ...)", an
+    unreadable config.json or vocab.txt "cannot write ...: make it writable", an unreadable folder "not found".
+    Now each is the PermissionError that train.py turns into "cannot read X: no permission". (The tests run as
+    root, who reads everything: os.access is what says no here.)"""
+    from runtime import disk_error
+    tiny_model().bert.save_pretrained(tmp_path / "bert")
+    write(tmp_path / "RTE" / "train.tsv", "index\tsentence1\tsentence2\tlabel\n")
+    write(tmp_path / "SQ" / "train-v2.0.json", "{}")
+    target, read = {
+        "bert folder": (tmp_path / "bert", lambda: weights.find_config(str(tmp_path / "bert"))),
+        "model.safetensors": (tmp_path / "bert" / "model.safetensors",
+                              lambda: weights.read_checkpoint(str(tmp_path / "bert"))),
+        "glue folder": (tmp_path / "RTE", lambda: data.read_glue("rte", str(tmp_path / "RTE"), "train")),
+        "squad folder": (tmp_path / "SQ", lambda: squad.squad_path("2.0", "train", str(tmp_path / "SQ"))),
+    }[what]
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and os.fspath(p) != str(target))
+    if target.is_dir():  # a folder that cannot be listed: what is in it looks gone
+        monkeypatch.setattr(os.path, "exists", lambda p: not os.fspath(p).startswith(str(target) + os.sep))
+    e = raised(read)
+    assert isinstance(e, PermissionError) and e.filename == str(target), repr(e)
+    assert disk_error(e) == (f"cannot read {target}: no permission; give this user access to it, then run the "
+                             f"same command again")
+
+
+def test_a_write_without_permission_says_what_was_kept(tmp_path):
+    """A file this user can read but not write (or a folder it cannot write in): the write message."""
+    from runtime import disk_error
+    e = PermissionError(13, "Permission denied", str(tmp_path / "results.json"))
+    assert disk_error(e).startswith(f"cannot write {tmp_path / 'results.json'}: no permission; the finished stages "
+                                    f"and the last checkpoint are kept (files are written beside, then renamed). "
+                                    f"Make it writable, or use another --out, then run the same command again")

@@ -238,7 +238,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_says_the_command_resumes(neve
     with pytest.raises(common.UserError, match="cannot write .*checkpoint.safetensors: the disk is full; the finished "
                                                "stages and the last checkpoint are kept") as e:
         train.main(never_stopped["args"] + ["--out", str(out)])
-    assert "free some space, then run the same command again" in str(e.value)
+    assert "renamed). Free some space, then run the same command again" in str(e.value)
     assert (out / "teacher.partial" / "checkpoint.safetensors").read_bytes() == kept[0]
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
     results = train.main(never_stopped["args"] + ["--out", str(out)])
