@@ -4,7 +4,7 @@ code, a refused run that changed a file, a file left in the working folder, or a
 wrong folder taken) is a finding.
 
     python tools/sweep_inputs.py                  # all parts, about 45 minutes on 2 cores; JSON in sweep.json
-    python tools/sweep_inputs.py --parts damage   # one part: flags, eval-only, cross, tasks, env, damage, bert
+    python tools/sweep_inputs.py --parts damage   # one part: flags, eval-only, cross, tasks, env, damage, bert, perms
 
 Parts: `flags`, MoE sizes, routes, students, lengths, batch sizes and schedules on five tasks (RTE, STS-B,
 CoLA, SQuAD v1.1 and v2.0); `eval-only`, each finished run of `flags` again with --eval-only (GLUE: and
@@ -18,7 +18,10 @@ results of the undamaged run, to the last digit (a damaged file silently used is
 by SIGTERM in distillation alike, then the same command (it must end as a run never stopped); each data file
 of RTE and SQuAD v2.0 damaged alike, for a new run; `bert`, the models a run starts from (a Hugging Face
 folder with safetensors or pytorch_model.bin, Google's release, a finished teacher for --teacher), each file
-damaged alike, each config field off (a wrong size or type, an odd activation), the vocabulary's lines repeated.
+damaged alike, each config field off (a wrong size or type, an odd activation), the vocabulary's lines repeated;
+`perms` (not in the default: run as root, with a Python the user nobody can run, after `bert`), each file and
+folder of those models and of the RTE and SQuAD v2.0 data unreadable in turn, the run as nobody: each must stop
+with "error: cannot read".
 """
 import argparse
 import hashlib
@@ -142,21 +145,23 @@ def scores(out):
         return None
 
 
-def run(name, args, expect=None, env=None, same_as=None):
-    """train.py with args (and `env`) in an empty working folder; a finding: a traceback, an exit code but 0 and
-    2 (or not `expect`), a refusal that changed a file in the --out it found, a file left in the working folder,
-    and with `same_as` (the scores of the run undamaged) a run that finishes with other scores."""
+def run(name, args, expect=None, env=None, same_as=None, user=(), says=None):
+    """train.py with args (and `env`; as another user with `user`, setpriv's command) in an empty working
+    folder; a finding: a traceback, an exit code but 0 and 2 (or not `expect`), a refusal that changed a file in
+    the --out it found, a file left in the working folder, with `same_as` (the scores of the run undamaged) a run
+    that finishes with other scores, and with `says` an error without those words."""
     out = Path(args[args.index("--out") + 1]) if "--out" in args else None
     before = files(out) if out else None
     cwd = tempfile.mkdtemp(prefix="cwd-")  # every path given is absolute: nothing may land in the working folder
-    p = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+    os.chmod(cwd, 0o777 if user else 0o700)
+    p = subprocess.run([*user, sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
                        cwd=cwd, timeout=1800, env=dict(os.environ, **(env or {})))
     changed = p.returncode == 2 and out is not None and files(out) != before  # a refusal must change nothing
     stray = os.listdir(cwd)
     shutil.rmtree(cwd)
     other = same_as is not None and p.returncode == 0 and scores(out) != same_as  # a damaged file silently used
     finding = ("Traceback" in p.stderr or p.returncode not in ((0, 2) if expect is None else (expect,)) or changed
-               or bool(stray) or other)
+               or bool(stray) or other or (says is not None and says not in p.stderr))
     last = (p.stderr.strip().splitlines() or [""])[-1]
     return dict(name=name, args=args, rc=p.returncode, finding=finding, changed=changed, stray=stray, other=other,
                 said=last[:500])
@@ -326,6 +331,32 @@ def main():
                     harm(copy / "model" / f)
                     cases.append((f"{label} {name}", base(w, "rte") + [flag, str(copy / "model"), "--out", str(copy / "out")]))
         batch(cases, "bert")
+    if "perms" in parts:  # as the user nobody (the sweep runs as root): each input unreadable in turn
+        import pwd
+        nobody = pwd.getpwnam("nobody")
+        user = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
+        if os.geteuid() != 0 or subprocess.run([*user, sys.executable, "-c", "import torch"]).returncode:
+            sys.exit("--parts perms: run as root, with a Python that the user nobody can run")
+        if not (w / "bert-bin").exists():
+            sys.exit("--parts perms: run --parts bert first (its Hugging Face folder with pytorch_model.bin)")
+        sources = {"hf": (w / "bert", "--bert"), "hf-bin": (w / "bert-bin", "--bert"),
+                   "google": (Path(GOOGLE_TINY), "--bert"), "rte": (w / "RTE", "--data-dir"),
+                   "squad2": (w / "SQ2", "--data-dir")}
+        cases = []
+        for label, (src, flag) in sources.items():
+            for f in [None] + sorted(q.name for q in src.iterdir() if q.name != "reference.npz"):  # None: the folder
+                copy = w / "perms" / f"{label}-{len(cases)}"
+                shutil.rmtree(copy, ignore_errors=True)
+                shutil.copytree(src, copy / "in")
+                subprocess.run(["chmod", "-R", "a+rX", str(copy)], check=True)
+                os.chmod(copy, 0o1777)  # where the run's --out goes
+                os.chmod(copy / "in" / f if f else copy / "in", 0o600 if f else 0o700)
+                task = "squad2" if label == "squad2" else "rte"
+                args = base(w, task) + (["--predict"] if task == "rte" else [])
+                args[args.index(flag) + 1] = str(copy / "in")
+                cases.append((f"{label} {f or 'folder'} unreadable", args + ["--out", str(copy / "out")], 2,
+                              {"MOEBERT_CACHE": str(copy / "cache")}, None, user, "error: cannot read"))
+        batch(cases, "perms")
     bad = [r for r in results if r["finding"]]
     print(f"{len(results)} runs: {sum(r['rc'] == 0 for r in results)} finished, {sum(r['rc'] == 2 for r in results)} "
           f"refused with an error line, {len(bad)} findings; results in {a.out}")
