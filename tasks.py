@@ -11,7 +11,7 @@ import data
 import runtime
 import squad
 from bert import BertForQuestionAnswering, BertForSequenceClassification
-from common import UserError
+from common import UserError, check_access
 from fast import FastInference
 from runtime import autocast, progress, to_device
 from weights import find_vocab, read_config
@@ -149,6 +149,7 @@ def check_teacher(path, task, num_labels):
     num_labels is None) with its vocabulary."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
+        check_access(path)
         raise UserError(f"--teacher {path}: no config.json; pass a fine-tuned teacher folder, e.g. out/{task}/teacher")
     cfg = read_config(cfg_path)
     if "moe" in cfg:

@@ -222,13 +222,14 @@ def test_an_unzipped_downloads_outer_folder_names_the_folder_inside(tmp_path, wh
     assert isinstance(e, MissingFile) and "pass that folder?" not in str(e)
 
 
-@pytest.mark.parametrize("what", ["bert folder", "model.safetensors", "glue folder", "squad folder"])
+@pytest.mark.parametrize("what", ["bert folder", "model.safetensors", "glue folder", "squad folder", "teacher folder"])
 def test_what_this_user_cannot_read_is_said_so(tmp_path, monkeypatch, what):
     """Run as another user, an unreadable model.safetensors was "corrupt or incomplete (No such file ...)", an
     unreadable config.json or vocab.txt "cannot write ...: make it writable", an unreadable folder "not found".
     Now each is the PermissionError that train.py turns into "cannot read X: no permission". (The tests run as
     root, who reads everything: os.access is what says no here.)"""
     from runtime import disk_error
+    from tasks import check_teacher
     tiny_model().bert.save_pretrained(tmp_path / "bert")
     write(tmp_path / "RTE" / "train.tsv", "index\tsentence1\tsentence2\tlabel\n")
     write(tmp_path / "SQ" / "train-v2.0.json", "{}")
@@ -238,6 +239,7 @@ def test_what_this_user_cannot_read_is_said_so(tmp_path, monkeypatch, what):
                               lambda: weights.read_checkpoint(str(tmp_path / "bert"))),
         "glue folder": (tmp_path / "RTE", lambda: data.read_glue("rte", str(tmp_path / "RTE"), "train")),
         "squad folder": (tmp_path / "SQ", lambda: squad.squad_path("2.0", "train", str(tmp_path / "SQ"))),
+        "teacher folder": (tmp_path / "bert", lambda: check_teacher(str(tmp_path / "bert"), "rte", 2)),
     }[what]
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and os.fspath(p) != str(target))
