@@ -53,9 +53,14 @@ def one_level_down(folder, wanted):
     return "".join(hints[:3])
 
 
+def cache_root():
+    """Where downloads go: $MOEBERT_CACHE (set and not empty), else ~/.cache/moebert."""
+    return os.environ.get("MOEBERT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "moebert")
+
+
 def cache_dir():
-    """Where downloads go: $MOEBERT_CACHE (set and not empty), else ~/.cache/moebert; made if missing."""
-    folder = os.environ.get("MOEBERT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "moebert")
+    """cache_root(), made if missing."""
+    folder = cache_root()
     try:
         os.makedirs(folder, exist_ok=True)  # a file there is a FileExistsError
     except OSError as e:

@@ -258,3 +258,15 @@ def test_a_write_without_permission_says_what_was_kept(tmp_path):
     assert disk_error(e).startswith(f"cannot write {tmp_path / 'results.json'}: no permission; the finished stages "
                                     f"and the last checkpoint are kept (files are written beside, then renamed). "
                                     f"Make it writable, or use another --out, then run the same command again")
+
+
+def test_a_download_cache_without_permission_says_to_set_moebert_cache(tmp_path, monkeypatch):
+    """A cache this user cannot write (another user's, on a shared machine): it said "use another --out", which
+    does not move the cache."""
+    from runtime import disk_error
+    monkeypatch.setenv("MOEBERT_CACHE", str(tmp_path / "cache"))
+    e = PermissionError(13, "Permission denied", str(tmp_path / "cache" / "all-minilm-l6-v2.partial"))
+    assert disk_error(e).endswith("Make it writable, or set MOEBERT_CACHE to a folder you can write to (the download "
+                                  "cache), then run the same command again to go on")
+    e = PermissionError(13, "Permission denied", str(tmp_path / "cache-of-mine" / "x"))  # beside the cache: --out
+    assert "use another --out" in disk_error(e)
