@@ -31,11 +31,16 @@ class Offline(UserError, ConnectionError):
     """A download failed: no network, a refused connection, or a transfer cut short."""
 
 
-def check_access(folder):
-    """A folder that is there but that this user cannot read: the PermissionError train.py explains, not a
-    "not found" for what it holds (checked where something in it was not found)."""
-    if os.path.isdir(folder) and not os.access(folder, os.R_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), folder)
+def unreadable(path):
+    """Whether `path` is there but this user cannot read it (a folder: list and enter it)."""
+    return os.path.exists(path) and not os.access(path, os.R_OK | (os.X_OK if os.path.isdir(path) else 0))
+
+
+def check_access(path):
+    """A file or folder that this user cannot read: the PermissionError train.py explains, not the "not found"
+    or "corrupt" a reader of it, or of what it holds, would report."""
+    if unreadable(path):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
 
 
 def one_level_down(folder, wanted):

@@ -48,14 +48,16 @@ def load_tokenizer(vocab_path, lowercase=True, num_embeddings=None):
     if any(tok.token_to_id(s) is None for s in specials):
         raise BadFile(f"{vocab_path}: not a BERT vocabulary, it lacks one of {specials}; "
                       f"use the vocab.txt that came with the BERT model")
-    # A token's id is its line: a repeated line leaves the count below the ids, so the largest id is checked.
-    top = max(tok.get_vocab().values())
-    if num_embeddings is not None and top >= num_embeddings:
-        raise BadFile(f"{vocab_path} has ids up to {top} (its lines), the model's embeddings {num_embeddings}: "
-                      f"not the model's vocabulary; use the vocab.txt that came with it")
-    if num_embeddings is not None and top + 1 < num_embeddings:  # BERT's releases fill their table exactly
-        print(f"warning: {vocab_path} has {top + 1} lines, the model's embeddings {num_embeddings}: the other rows are "
-              f"never used (a vocabulary cut short? use the vocab.txt that came with the model)", file=sys.stderr)
+    if num_embeddings is not None:
+        # A token's id is its line: a repeated line leaves the count below the ids, so the largest id is checked.
+        top = max(tok.get_vocab().values())
+        if top >= num_embeddings:
+            raise BadFile(f"{vocab_path} has ids up to {top} (its lines), the model's embeddings {num_embeddings}: "
+                          f"not the model's vocabulary; use the vocab.txt that came with it")
+        if top + 1 < num_embeddings:  # BERT's releases fill their table exactly
+            print(f"warning: {vocab_path} has {top + 1} lines, the model's embeddings {num_embeddings}: the other "
+                  f"rows are never used (a vocabulary cut short? use the vocab.txt that came with the model)",
+                  file=sys.stderr)
     tok.add_special_tokens(specials)  # a literal "[SEP]" in the text stays one token, as in HF
     # [CLS] a [SEP] b [SEP], with segment (token type) id 0 for sentence a and 1 for sentence b.
     tok.post_processor = processors.TemplateProcessing(

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from common import UserError, atomic_write_json, cache_root, makedirs, save_safetensors
+from common import UserError, atomic_write_json, cache_root, makedirs, save_safetensors, unreadable
 
 RANK, WORLD, MASTER = 0, 1, True  # this process, how many there are, whether it writes files and logs
 PROGRESS_EVERY = 10.0  # seconds between progress lines
@@ -574,12 +574,12 @@ def disk_error(e):
     path = e.filename2 or e.filename or "a file"  # os.replace(written, path): path is the one that failed
     if e.errno == errno.EISDIR:
         return f"{path} is a folder, {DISK_ERRORS[e.errno]}: move it away, then run the same command again"
-    if e.errno in (errno.EACCES, errno.EPERM) and os.path.exists(path) and not os.access(path, os.R_OK):
+    if e.errno in (errno.EACCES, errno.EPERM) and unreadable(path):
         return f"cannot read {path}: no permission; give this user access to it, then run the same command again"
     kept = "the finished stages and the last checkpoint are kept (files are written beside, then renamed)"
-    fix = "Free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "Make it writable, or use another --out"
-    if os.path.abspath(path).startswith(os.path.join(os.path.abspath(cache_root()), "")):  # a download, not --out
-        fix = fix.replace("use another --out", "set MOEBERT_CACHE to a folder you can write to (the download cache)")
+    in_cache = os.path.abspath(path).startswith(os.path.join(os.path.abspath(cache_root()), ""))  # a download
+    elsewhere = "set MOEBERT_CACHE to a folder you can write to (the download cache)" if in_cache else "use another --out"
+    fix = "Free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else f"Make it writable, or {elsewhere}"
     return f"cannot write {path}: {DISK_ERRORS[e.errno]}; {kept}. {fix}, then run the same command again to go on"
 
 

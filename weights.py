@@ -4,7 +4,6 @@ release names (downloaded), and the strict loader that copies any of them into a
 Names are Google's / Hugging Face's (bert.py keeps them), so loading is an identity copy after
 renaming TF variables; anything that does not fit is named in the error.
 """
-import errno
 import json
 import math
 import os
@@ -122,10 +121,9 @@ def read_checkpoint(folder):
     pt = os.path.join(folder, "pytorch_model.bin")
     tf_index = os.path.join(folder, "bert_model.ckpt.index")
     if os.path.exists(st):
+        check_access(st)  # else safetensors would say "No such file"
         from safetensors import SafetensorError
         from safetensors.torch import load_file
-        if not os.access(st, os.R_OK):  # safetensors would say "No such file": train.py explains a PermissionError
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), st)
         try:
             return load_file(st)
         except (SafetensorError, OSError) as e:  # truncated or garbled (an interrupted download or copy), a folder
