@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -282,6 +283,19 @@ def deferred_signals():
             signal.signal(s, h)
 
 
+def last_word(message):
+    """Print the line a run ends with to stderr. Under torchrun also into this process's error file, which
+    torchrun's closing summary shows as the root cause (else it says "To enable traceback see: ...")."""
+    print(message, file=sys.stderr, flush=True)
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")  # set by torchrun for each process it starts
+    if path:
+        try:  # the format torchrun reads: a message shown as it is, and when (the first is the root cause)
+            with open(path, "w") as f:
+                json.dump({"message": message, "timestamp": int(time.time())}, f)
+        except OSError:
+            pass  # the line above was printed: the summary only loses its copy
+
+
 def stop_here(stop, where, ckpt):
     """Exit after a signal, with the one line that says how to resume (status 128 + signal, as a shell's)."""
     signum = stop[0] if stop else signal.SIGTERM  # with several processes, another may have got it
@@ -548,8 +562,8 @@ def claim(out):
         raise UserError(f"--out {out}: {path} is a file, not a folder; pass a folder")
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: cannot write in {path}; pass a folder you can write to")
-    os.makedirs(out, exist_ok=True)
-    if MASTER:
+    if MASTER:  # the others write nothing here; a second maker could remake it after a failed start removed it
+        os.makedirs(out, exist_ok=True)
         global LOCK
         LOCK = open(os.path.join(out, "run.lock"), "a")
         try:

@@ -546,12 +546,12 @@ if __name__ == "__main__":
     try:
         main()
     except UserError as e:  # something the user can fix: one message, no traceback
-        print(f"error: {e}", file=sys.stderr)
+        runtime.last_word(f"error: {e}")
         sys.exit(2)
     except BaseException as e:  # Ctrl-C outside training (inside, fit saves a checkpoint and says so)
         if not runtime.interrupted(e):  # a bug keeps its traceback, a SystemExit its status
             raise
-        print("interrupted; finished stages are kept: run the same command again to go on", file=sys.stderr)
+        runtime.last_word("interrupted; finished stages are kept: run the same command again to go on")
         sys.exit(130)
     finally:  # every process, errors too: gloo's threads stop before Python shuts down (setup_distributed)
         if dist.is_initialized():

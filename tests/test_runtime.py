@@ -359,6 +359,40 @@ def test_two_processes_stopped_and_resumed_bitwise(two_never_stopped, tmp_path, 
         assert_same_weights(out / s / "model.safetensors", two_never_stopped["ref"] / s / "model.safetensors")
 
 
+def test_last_word_is_what_torchrun_reads_from_the_error_file(tmp_path, monkeypatch, capsys):
+    """runtime.last_word prints the line, and under torchrun also writes it where torchrun's own reader
+    (ProcessFailure, the independent reference) takes it as the failure's message, in place of "To enable
+    traceback see: ...". Outside torchrun it writes nothing; an error file it cannot write costs only that copy."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+    line = "error: --data-dir /x holds no train.tsv: pass the folder of the task's GLUE files"
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    runtime.last_word(line)
+    assert capsys.readouterr().err == line + "\n" and not list(tmp_path.iterdir())
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    runtime.last_word(line)
+    assert capsys.readouterr().err == line + "\n"
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(tmp_path / "error.json"))
+    assert failure.message == line and abs(failure.timestamp - time.time()) < 5
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "no such folder" / "error.json"))
+    runtime.last_word(line)
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_torchruns_summary_names_the_error(tmp_path):
+    """A run that stops on an error a user can fix, under torchrun: every process prints the one error line,
+    and torchrun's closing summary (which it ends with a traceback of its own) gives that line as the root
+    cause, not "To enable traceback see: ..."."""
+    args = tiny_task(tmp_path) + ["--data-dir", str(tmp_path / "nowhere")]
+    p = subprocess.run(TORCHRUN + [*args, "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env=torchrun_env())
+    assert p.returncode != 0
+    said = [l for l in p.stderr.splitlines() if l.startswith("error: ")]
+    assert len(said) == 2 and said[0] == said[1] and "nowhere" in said[0], p.stderr[-3000:]
+    root_cause = p.stderr.split("Root Cause (first observed failure):")[1]
+    assert f"traceback : {said[0]}" in root_cause and "To enable traceback" not in p.stderr, p.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the process's threads from Linux's /proc")
 def test_process_group_ends_with_destroy_after_ddp():
     """After DDP, destroy_process_group stops gloo's threads. A process group that outlived it kept them
