@@ -3,6 +3,7 @@ folder, downloads, and writes that never leave a half-written file."""
 import errno
 import json
 import os
+import re
 import sys
 import time
 import urllib.request
@@ -127,9 +128,16 @@ def atomic_write_json(path, obj):
 def save_safetensors(tensors, path, metadata=None):
     """Write {name: tensor} to `path` whole or not at all: written beside, checked complete (safetensors
     reports no full disk: its file just comes out short), flushed to disk, then renamed over `path`."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     with written_beside(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        except SafetensorError as e:  # its I/O errors as the OSError they are: a folder in the way, no permission
+            code = re.search(r"\(os error (\d+)\)", str(e))
+            if not code:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), tmp) from e
         size = os.path.getsize(tmp)
         with open(tmp, "rb+") as f:
             n = int.from_bytes(f.read(8), "little")  # the file: header length, JSON header, the tensors' bytes

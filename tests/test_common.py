@@ -198,6 +198,15 @@ def test_a_write_that_fails_leaves_the_file_as_it_was_and_nothing_beside(tmp_pat
             open(tmp, "w").write("half")
             1 / 0
     assert sorted(os.listdir(tmp_path)) == ["done", "in_the_way"]
+    # The file written beside blocked by a folder, or no folder to write in: the OSError, never the writer's own
+    # error (safetensors raised its SafetensorError, a traceback, as train.py does not read it as a disk error).
+    (tmp_path / "blocked.partial").mkdir()
+    with pytest.raises(IsADirectoryError) as e:
+        writers[write](tmp_path / "blocked")
+    assert e.value.filename == str(tmp_path / "blocked.partial")
+    if write != "predictions":  # which makes its folder
+        with pytest.raises(FileNotFoundError):
+            writers[write](tmp_path / "gone" / "file")
 
 
 @pytest.mark.parametrize("what", ["bert", "glue", "squad"])
