@@ -284,16 +284,19 @@ def deferred_signals():
 
 
 def last_word(message):
-    """Print the line a run ends with to stderr. Under torchrun also into this process's error file, which
-    torchrun's closing summary shows as the root cause (else it says "To enable traceback see: ...")."""
-    print(message, file=sys.stderr, flush=True)
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")  # set by torchrun for each process it starts
+    """Print the line a run ends with to stderr. Under torchrun it also goes into this process's error file,
+    which torchrun's closing summary shows as the root cause (else "To enable traceback see: ..."); there
+    only the master prints it, the others' copies (mostly the same line) are left to the summary."""
+    path, filed = os.environ.get("TORCHELASTIC_ERROR_FILE"), False  # torchrun sets it for each process
     if path:
         try:  # the format torchrun reads: a message shown as it is, and when (the first is the root cause)
             with open(path, "w") as f:
                 json.dump({"message": message, "timestamp": int(time.time())}, f)
+            filed = True
         except OSError:
-            pass  # the line above was printed: the summary only loses its copy
+            pass
+    if MASTER or not filed:
+        print(message, file=sys.stderr, flush=True)
 
 
 def stop_here(stop, where, ckpt):
