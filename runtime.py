@@ -295,7 +295,7 @@ def last_word(message):
             filed = True
         except OSError:
             pass
-    if MASTER or not filed:
+    if not filed or os.environ.get("RANK") == "0":  # torchrun's, as MASTER is not set before setup_distributed
         print(message, file=sys.stderr, flush=True)
 
 

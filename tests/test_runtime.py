@@ -370,6 +370,7 @@ def test_last_word_is_what_torchrun_reads_from_the_error_file(tmp_path, monkeypa
     runtime.last_word(line)
     assert capsys.readouterr().err == line + "\n" and not list(tmp_path.iterdir())
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    monkeypatch.setenv("RANK", "0")
     runtime.last_word(line)
     assert capsys.readouterr().err == line + "\n"
     failure = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(tmp_path / "error.json"))
@@ -377,7 +378,7 @@ def test_last_word_is_what_torchrun_reads_from_the_error_file(tmp_path, monkeypa
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "no such folder" / "error.json"))
     runtime.last_word(line)
     assert capsys.readouterr().err == line + "\n"
-    monkeypatch.setattr(runtime, "MASTER", False)
+    monkeypatch.setenv("RANK", "1")
     runtime.last_word(line)
     assert capsys.readouterr().err == line + "\n"
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "other.json"))
@@ -390,16 +391,17 @@ def test_torchruns_summary_names_the_error(tmp_path):
     """A run that stops on an error a user can fix, under torchrun: the master prints the one error line, and
     torchrun's closing summary (after a traceback of its own) gives it for each process, not "To enable
     traceback see: ..."."""
-    args = tiny_task(tmp_path) + ["--data-dir", str(tmp_path / "nowhere")]
-    p = subprocess.run(TORCHRUN + [*args, "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, env=torchrun_env())
-    assert p.returncode != 0
-    said = [l for l in p.stderr.splitlines() if l.startswith("error: ")]
-    assert len(said) == 1 and "nowhere" in said[0], p.stderr[-3000:]
-    summary = p.stderr.split("Failures:")[1]
-    assert summary.count(f"traceback : {said[0]}") == 2 and "To enable traceback" not in p.stderr, p.stderr[-3000:]
-    assert f"traceback : {said[0]}" in summary.split("Root Cause (first observed failure):")[1]
-    assert not (tmp_path / "out").exists()
+    for bad, words in ((["--data-dir", str(tmp_path / "nowhere")], "nowhere"),
+                       (["--device", "meta"], "--device meta")):  # the second before the process group is set up
+        p = subprocess.run(TORCHRUN + [*tiny_task(tmp_path), *bad, "--out", str(tmp_path / "out")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300, env=torchrun_env())
+        assert p.returncode != 0
+        said = [l for l in p.stderr.splitlines() if l.startswith("error: ")]
+        assert len(said) == 1 and words in said[0], p.stderr[-3000:]
+        summary = p.stderr.split("Failures:")[1]
+        assert summary.count(f"traceback : {said[0]}") == 2 and "To enable traceback" not in p.stderr, p.stderr[-3000:]
+        assert f"traceback : {said[0]}" in summary.split("Root Cause (first observed failure):")[1]
+        assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the process's threads from Linux's /proc")
