@@ -149,3 +149,6 @@ def save_safetensors(tensors, path, metadata=None):
             if not header or size != 8 + n + max(ends, default=0):
                 raise OSError(errno.ENOSPC, f"{path} came out short ({size} bytes written)", path)
             os.fsync(f.fileno())  # on disk before the rename, so a crash of the machine cannot half-write it
+        mask = os.umask(0)  # read, then put back: the mode open() gives a new file (0644 under the usual umask),
+        os.umask(mask)  # where safetensors makes its files 0600: a model others can read, as its config.json
+        os.chmod(tmp, 0o666 & ~mask)

@@ -209,6 +209,25 @@ def test_a_write_that_fails_leaves_the_file_as_it_was_and_nothing_beside(tmp_pat
             writers[write](tmp_path / "gone" / "file")
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_written_files_get_the_mode_of_any_new_file(tmp_path, umask):
+    """A model.safetensors (a checkpoint, importance) gets the mode a plain open() gives a new file, as its
+    config.json does: safetensors made it 0600, so another user who could read a run's config could not
+    read its weights (a team's shared disk)."""
+    import torch
+    from common import atomic_write_json, save_safetensors
+    old = os.umask(umask)
+    try:
+        open(tmp_path / "plain", "w").close()  # the reference: what Python's open() makes under this umask
+        save_safetensors({"w": torch.ones(3)}, str(tmp_path / "model.safetensors"))
+        atomic_write_json(str(tmp_path / "config.json"), {"a": 1})
+    finally:
+        os.umask(old)
+    mode = lambda name: oct((tmp_path / name).stat().st_mode & 0o777)
+    assert mode("plain") == oct(0o666 & ~umask)
+    assert mode("model.safetensors") == mode("config.json") == mode("plain")
+
+
 @pytest.mark.parametrize("what", ["bert", "glue", "squad"])
 def test_an_unzipped_downloads_outer_folder_names_the_folder_inside(tmp_path, what):
     """Unzipped, Google's release, GLUE's data and a SQuAD folder of one's own often sit one level below the

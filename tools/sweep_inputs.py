@@ -19,10 +19,12 @@ by SIGTERM in distillation alike, then the same command (it must end as a run ne
 of RTE and SQuAD v2.0 damaged alike, for a new run; `bert`, the models a run starts from (a Hugging Face
 folder with safetensors or pytorch_model.bin, Google's release, a finished teacher for --teacher), each file
 damaged alike, each config field off (a wrong size or type, an odd activation), the vocabulary's lines repeated;
-`perms` (not in the default: run as root, with a Python the user nobody can run, after `bert`), each file and
-folder of those models (a teacher's too) and of the RTE and SQuAD v2.0 data unreadable in turn, the run as
+`perms` (not in the default: run as root, with a Python the user nobody can run, after `bert` and `damage`), each
+file and folder of those models (a teacher's too) and of the RTE and SQuAD v2.0 data unreadable in turn, the run as
 nobody: each must stop with "error: cannot read", or finish where the file is not needed (a teacher's
-metrics.json).
+metrics.json); then each folder and file of a finished RTE run and of one stopped in distillation left by another
+user (root's, readable, not writable), the rest nobody's: the same command (and --eval-only --predict) must finish
+with the scores of the run as it was, or stop with "cannot write".
 """
 import argparse
 import hashlib
@@ -338,6 +340,7 @@ def main():
         user = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
         if os.geteuid() != 0 or subprocess.run([*user, sys.executable, "-c", "import torch"]).returncode:
             sys.exit("--parts perms: run as root, with a Python that the user nobody can run")
+        subprocess.run(["chmod", "a+rX", str(w), str(o)], check=True)  # the fixtures' folder: nobody passes through
         if not ((w / "bert-bin").exists() and (o / "rte-default" / "teacher").exists()):
             sys.exit("--parts perms: run --parts bert first (its Hugging Face folder with pytorch_model.bin, a teacher)")
         sources = {"hf": (w / "bert", "--bert"), "hf-bin": (w / "bert-bin", "--bert"),
@@ -357,6 +360,28 @@ def main():
                 args += [flag, str(copy / "in")]  # a flag given twice: argparse takes the last
                 cases.append((f"{label} {f or 'folder'} unreadable", args + ["--out", str(copy / "out")], None,
                               {"MOEBERT_CACHE": str(copy / "cache")}, None, user, "error: cannot read"))
+        # A run's own folders and files left by another user (a run started as root in a container, say), each in
+        # turn, the rest this user's: the same command must finish with the scores of the run as it was, or stop
+        # with "cannot write". (A file is written beside, then renamed over: the folder's permission is what counts.)
+        if not ((o / "rte-damage" / "results.json").exists() and (o / "rte-stopped" / "moebert.partial").exists()):
+            sys.exit("--parts perms: run --parts damage first (a finished RTE run, and one stopped in distillation)")
+        rte, rte_stopped = base(w, "rte"), base(w, "rte") + ["--epochs", "3", "--save-every", "1"]
+        for label, src, commands, want in (
+                ("finished", o / "rte-damage", [rte + ["--predict"], rte + ["--eval-only", "--predict"]],
+                 scores(o / "rte-damage")), ("stopped", o / "rte-stopped", [rte_stopped], scores(o / "rte-ref"))):
+            for f in [None] + sorted(q.relative_to(src) for q in src.rglob("*") if q.name != "run.lock"):
+                for args in commands:
+                    copy = w / "perms" / f"{label}-{len(cases)}"
+                    shutil.rmtree(copy, ignore_errors=True)
+                    shutil.copytree(src, copy / "out")
+                    record = json.loads((copy / "out" / "run.json").read_text())  # the copy's own --out
+                    record["args"]["out"] = str(copy / "out")
+                    (copy / "out" / "run.json").write_text(json.dumps(record, indent=2))
+                    subprocess.run(["chown", "-R", f"{nobody.pw_uid}:{nobody.pw_gid}", str(copy)], check=True)
+                    os.chown(copy / "out" / f if f else copy / "out", 0, 0)  # root's again: readable, not writable
+                    how = "eval-only" if "--eval-only" in args else "rerun"
+                    cases.append((f"{label} run, {f or 'its --out'} another user's, {how}", args + ["--out", str(copy / "out")],
+                                  None, {"MOEBERT_CACHE": str(copy / "cache")}, want, user, "cannot write"))
         batch(cases, "perms")
     bad = [r for r in results if r["finding"]]
     print(f"{len(results)} runs: {sum(r['rc'] == 0 for r in results)} finished, {sum(r['rc'] == 2 for r in results)} "
