@@ -22,7 +22,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from common import UserError, atomic_write_json, cache_root, makedirs, save_safetensors, unreadable
+from common import UserError, atomic_write_json, cache_root, check_access, makedirs, save_safetensors, unreadable
 
 RANK, WORLD, MASTER = 0, 1, True  # this process, how many there are, whether it writes files and logs
 PROGRESS_EVERY = 10.0  # seconds between progress lines
@@ -196,6 +196,7 @@ def gather(t, device):
 
 def load_checkpoint(path, model, opt, sched, device):
     """Restore what save_checkpoint wrote into model, opt, sched and the generators; returns state."""
+    check_access(path)  # another user's: not "damaged" (safetensors says "No such file")
     try:
         with safe_open(path, "pt") as f:
             meta = {k: json.loads(v) for k, v in f.metadata().items()}
@@ -228,6 +229,8 @@ def check_best(folder, best):
     the stage will publish unless a later epoch beats it, so a damaged one is refused before training goes on."""
     if best is None:
         return
+    for name in ("config.json", "model.safetensors"):
+        check_access(os.path.join(folder, name))
     try:
         json_object(os.path.join(folder, "config.json"))
         with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:  # its header, checked against its size
@@ -472,6 +475,7 @@ def read_json(path):
 def read_importance(path, shape):
     """The importance scores stage 2 wrote, of `shape` (the teacher's [num_layers, intermediate_size]);
     a file missing, damaged, of another teacher or not finite is an error that names it."""
+    check_access(path)
     try:
         scores = load_file(path)["importance"]
     except (OSError, SafetensorError, KeyError) as e:

@@ -1,6 +1,7 @@
 """Each task as train.py runs it: its training features, its dev evaluation (GLUE's metrics, or
 SQuAD's official ones on the postprocessed answers), GLUE's test-set predictions, and the check
 that a --teacher folder fits the task."""
+import errno
 import os
 import time
 from contextlib import nullcontext
@@ -51,8 +52,8 @@ def check_lengths(args, positions):
 
 
 def check_prediction_paths(out, models, names):
-    """Where --predict will write (OUT/predictions/MODEL/NAME): a file where one of its folders goes, or a folder
-    where one of its files goes, stops the run now, not after training."""
+    """Where --predict will write (OUT/predictions/MODEL/NAME): a file where one of its folders goes, a folder
+    where one of its files goes, or a folder this user cannot write in, stops the run now, not after training."""
     for who in models:
         where = os.path.join(out, "predictions", who)
         wanted = [(os.path.dirname(where), True), (where, True)] + [(os.path.join(where, n), False) for n in names]
@@ -60,6 +61,8 @@ def check_prediction_paths(out, models, names):
             if os.path.exists(path) and os.path.isdir(path) != is_folder:
                 raise UserError(f"{path} is a {'file' if is_folder else 'folder'}, where --predict writes a "
                                 f"{'folder' if is_folder else 'file'}: move it away, or use another --out")
+            if is_folder and os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):  # another user's
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)  # train.py says what to do
 
 
 def glue_data(args, tokenizer, device):

@@ -222,6 +222,32 @@ def test_a_damaged_best_model_beside_a_checkpoint_is_refused_before_training_goe
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize("reader", ["checkpoint", "best model", "importance"])
+def test_a_run_file_of_another_user_is_said_unreadable_not_damaged(tmp_path, monkeypatch, reader):
+    """A checkpoint, the best model beside it or the importance scores, left by a run as another user (root in
+    a container, say) and unreadable to this one: safetensors said "No such file or directory", so the run
+    said "damaged", "damaged or gone", "missing or damaged". Now it is the PermissionError that train.py turns
+    into "cannot read X". (The tests run as root, who reads everything: os.access is what says no here.)"""
+    import torch
+    common.save_safetensors({"importance": torch.ones(2, 3)}, str(tmp_path / "importance.safetensors"))
+    common.save_safetensors({"w": torch.ones(2)}, str(tmp_path / "model.safetensors"))
+    common.atomic_write_json(str(tmp_path / "config.json"), {})
+    target, read = {
+        "checkpoint": (tmp_path / "model.safetensors", lambda: runtime.load_checkpoint(
+            str(tmp_path / "model.safetensors"), None, None, None, torch.device("cpu"))),
+        "best model": (tmp_path / "model.safetensors", lambda: runtime.check_best(str(tmp_path), {"epoch": 1})),
+        "importance": (tmp_path / "importance.safetensors", lambda: runtime.read_importance(
+            str(tmp_path / "importance.safetensors"), (2, 3))),
+    }[reader]
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and os.fspath(p) != str(target))
+    with pytest.raises(PermissionError) as e:
+        read()
+    assert e.value.filename == str(target)
+    assert runtime.disk_error(e.value) == (f"cannot read {target}: no permission; give this user access to it, then "
+                                           f"run the same command again")
+
+
 def test_a_full_disk_keeps_the_last_checkpoint_and_says_the_command_resumes(never_stopped, tmp_path, monkeypatch):
     """A full disk as safetensors meets it: the file comes out short, and nothing is raised. The short
     checkpoint is caught before it replaces the last one; the run stops with an error that says what

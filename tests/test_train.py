@@ -449,6 +449,25 @@ def test_predict_into_something_in_the_way_is_refused_before_anything_is_written
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize("eval_only", [False, True])
+def test_predict_into_a_folder_of_another_user_is_refused_before_anything_is_written(never_stopped, tmp_path,
+                                                                                   monkeypatch, eval_only):
+    """A predictions folder this user cannot write in (left by a run as another user): refused at the start
+    with "cannot write", not after results.json was rewritten. (Run as root: os.access is what says no.)"""
+    import train
+    out = tmp_path / "out"
+    shutil.copytree(never_stopped["ref"], out)
+    target = out / "predictions" / "teacher"
+    target.mkdir(parents=True, exist_ok=True)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and not (
+        os.fspath(p) == str(target) and mode & os.W_OK))
+    before = snapshot(out)
+    with pytest.raises(common.UserError, match=f"cannot write {re.escape(str(target))}: no permission"):
+        train.main(never_stopped["args"] + ["--out", str(out), "--predict"] + (["--eval-only"] if eval_only else []))
+    assert snapshot(out) == before
+
+
 # ----------------------------------------------------------------------------------------------
 # The README snippet: load a finished MoEBERT and classify a sentence pair
 
