@@ -23,8 +23,8 @@ damaged alike, each config field off (a wrong size or type, an odd activation), 
 file and folder of those models (a teacher's too) and of the RTE and SQuAD v2.0 data unreadable in turn, the run as
 nobody: each must stop with "error: cannot read", or finish where the file is not needed (a teacher's
 metrics.json); then each folder and file of a finished RTE run and of one stopped in distillation left by another
-user (root's, readable, not writable), the rest nobody's: the same command (and --eval-only --predict) must finish
-with the scores of the run as it was, or stop with "cannot write".
+user (root's, mode as written), the rest nobody's: the same command (and --eval-only --predict) must finish with
+the scores of the run as it was, or stop with "cannot write" or "cannot read" (not "damaged", say).
 """
 import argparse
 import hashlib
@@ -362,7 +362,7 @@ def main():
                               {"MOEBERT_CACHE": str(copy / "cache")}, None, user, "error: cannot read"))
         # A run's own folders and files left by another user (a run started as root in a container, say), each in
         # turn, the rest this user's: the same command must finish with the scores of the run as it was, or stop
-        # with "cannot write". (A file is written beside, then renamed over: the folder's permission is what counts.)
+        # with "cannot write" or "cannot read". (A file is written beside, then renamed: the folder's mode counts.)
         if not ((o / "rte-damage" / "results.json").exists() and (o / "rte-stopped" / "moebert.partial").exists()):
             sys.exit("--parts perms: run --parts damage first (a finished RTE run, and one stopped in distillation)")
         rte, rte_stopped = base(w, "rte"), base(w, "rte") + ["--epochs", "3", "--save-every", "1"]
@@ -378,10 +378,10 @@ def main():
                     record["args"]["out"] = str(copy / "out")
                     (copy / "out" / "run.json").write_text(json.dumps(record, indent=2))
                     subprocess.run(["chown", "-R", f"{nobody.pw_uid}:{nobody.pw_gid}", str(copy)], check=True)
-                    os.chown(copy / "out" / f if f else copy / "out", 0, 0)  # root's again: readable, not writable
+                    os.chown(copy / "out" / f if f else copy / "out", 0, 0)  # root's again, in the mode it was written
                     how = "eval-only" if "--eval-only" in args else "rerun"
                     cases.append((f"{label} run, {f or 'its --out'} another user's, {how}", args + ["--out", str(copy / "out")],
-                                  None, {"MOEBERT_CACHE": str(copy / "cache")}, want, user, "cannot write"))
+                                  None, {"MOEBERT_CACHE": str(copy / "cache")}, want, user, ": cannot "))
         batch(cases, "perms")
     bad = [r for r in results if r["finding"]]
     print(f"{len(results)} runs: {sum(r['rc'] == 0 for r in results)} finished, {sum(r['rc'] == 2 for r in results)} "
