@@ -289,7 +289,7 @@ def deferred_signals():
 def last_word(message):
     """Print the line a run ends with to stderr. Under torchrun it also goes into this process's error file,
     which torchrun's closing summary shows as the root cause (else "To enable traceback see: ..."); there
-    only the master prints it, the others' copies (mostly the same line) are left to the summary."""
+    only process 0 prints it, the others' copies (mostly the same line) are left to the summary."""
     path, filed = os.environ.get("TORCHELASTIC_ERROR_FILE"), False  # torchrun sets it for each process
     if path:
         try:  # the format torchrun reads: a message shown as it is, and when (the first is the root cause)
