@@ -61,8 +61,9 @@ def check_prediction_paths(out, models, names):
             if os.path.exists(path) and os.path.isdir(path) != is_folder:
                 raise UserError(f"{path} is a {'file' if is_folder else 'folder'}, where --predict writes a "
                                 f"{'folder' if is_folder else 'file'}: move it away, or use another --out")
-            if is_folder and os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):  # another user's
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)  # train.py says what to do
+        folder = where if os.path.isdir(where) else os.path.dirname(where)  # what gets the files, or makes their folder
+        if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):  # another user's
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), folder)  # train.py says what to do
 
 
 def glue_data(args, tokenizer, device):

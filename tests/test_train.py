@@ -450,21 +450,32 @@ def test_predict_into_something_in_the_way_is_refused_before_anything_is_written
 
 
 @pytest.mark.parametrize("eval_only", [False, True])
+@pytest.mark.parametrize("locked,gone", [("predictions/teacher", None), ("predictions", "predictions/teacher"),
+                                         ("predictions", None)])
 def test_predict_into_a_folder_of_another_user_is_refused_before_anything_is_written(never_stopped, tmp_path,
-                                                                                   monkeypatch, eval_only):
-    """A predictions folder this user cannot write in (left by a run as another user): refused at the start
-    with "cannot write", not after results.json was rewritten. (Run as root: os.access is what says no.)"""
+                                                                                   monkeypatch, eval_only, locked, gone):
+    """A predictions folder this user cannot write in (left by a run as another user): refused at the start with
+    "cannot write", not after results.json was rewritten; unless nothing goes into it (its subfolders are there,
+    and this user's): then the run finishes. (Run as root: os.access is what says no.)"""
     import train
     out = tmp_path / "out"
     shutil.copytree(never_stopped["ref"], out)
-    target = out / "predictions" / "teacher"
-    target.mkdir(parents=True, exist_ok=True)
+    for who in ("teacher", "moebert"):
+        (out / "predictions" / who).mkdir(parents=True, exist_ok=True)
+    if gone:
+        shutil.rmtree(out / gone)
+    target = out / locked
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and not (
         os.fspath(p) == str(target) and mode & os.W_OK))
     before = snapshot(out)
+    args = never_stopped["args"] + ["--out", str(out), "--predict"] + (["--eval-only"] if eval_only else [])
+    if locked == "predictions" and not gone:  # only its subfolders get files
+        assert train.main(args)["moebert"] == never_stopped["results"]["moebert"]
+        assert (out / "predictions" / "moebert" / "RTE.tsv").exists()
+        return
     with pytest.raises(common.UserError, match=f"cannot write {re.escape(str(target))}: no permission"):
-        train.main(never_stopped["args"] + ["--out", str(out), "--predict"] + (["--eval-only"] if eval_only else []))
+        train.main(args)
     assert snapshot(out) == before
 
 
