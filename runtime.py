@@ -242,6 +242,7 @@ def check_best(folder, best):
 
 COPY_S = 1.0  # a signal again within this is the same one: Slurm signals every process, and torchrun passes its on
 INTERRUPTED = None  # when a Ctrl-C (or a second signal) stopped this run at once, whatever error it surfaced as
+STOPPING = False  # stop_here was called: the checkpoint is saved, this process is on its way out
 
 
 def interrupt(signum=None, frame=None):
@@ -249,6 +250,8 @@ def interrupt(signum=None, frame=None):
     KeyboardInterrupt raised inside it into its own error (safetensors: a ValueError), a stop all the same.
     Its copy (within COPY_S) changes nothing: raised again, it would break off the stop with a traceback."""
     global INTERRUPTED
+    if STOPPING:  # a late copy of the stop's signal (torchrun's; one this process took in after the others had
+        return  # agreed to stop) would raise into Python's exit, a traceback; SIGTERM still ends it
     if INTERRUPTED is None or time.monotonic() - INTERRUPTED > COPY_S:
         INTERRUPTED = time.monotonic()
         raise KeyboardInterrupt
@@ -304,6 +307,8 @@ def last_word(message):
 
 def stop_here(stop, where, ckpt):
     """Exit after a signal, with the one line that says how to resume (status 128 + signal, as a shell's)."""
+    global STOPPING
+    STOPPING = True
     signum = stop[0] if stop else signal.SIGTERM  # with several processes, another may have got it
     if MASTER:
         print(f"stopped by {signal.Signals(signum).name} at {where}; checkpoint saved in {ckpt}. "

@@ -99,6 +99,31 @@ def test_ctrl_c_outside_training_and_its_copy_stop_once(monkeypatch):
     finally:
         signal.signal(signal.SIGINT, old)
 
+def test_a_signal_after_the_stop_is_part_of_it(monkeypatch):
+    """After stop_here (the checkpoint saved, the process on its way out) a late copy of the signal (torchrun's,
+    or one a process took in only after the others had agreed to stop) does nothing: it raised a KeyboardInterrupt
+    into Python's exit, printed as a traceback (kill_anywhere --nproc 2: 1 of 48 stops)."""
+    monkeypatch.setattr(runtime, "INTERRUPTED", None)
+    monkeypatch.setattr(runtime, "STOPPING", False)
+    old = signal.getsignal(signal.SIGINT)
+    runtime.note_interrupts()
+    try:
+        with pytest.raises(SystemExit) as e:
+            with runtime.deferred_signals() as stop:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.01)  # the handler runs
+                runtime.stop_here(stop, "distill step 3", "checkpoint.safetensors")
+        assert e.value.code == 128 + signal.SIGINT
+        monkeypatch.setattr(runtime, "COPY_S", 0.0)  # later than any copy's moment
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # the handler runs
+        except KeyboardInterrupt:
+            pytest.fail("a signal after the stop raised into the process's exit")
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 # A stand-in for safetensors' load_file, loaded at start-up (sitecustomize): a Ctrl-C comes while it reads, and
 # the KeyboardInterrupt raised inside it comes out as its own error, as the real one's did; or it has a bug.
 LIBRARY = """
