@@ -575,9 +575,13 @@ def claim(out):
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: cannot write in {path}; pass a folder you can write to")
     if MASTER:  # the others write nothing here; a second maker could remake it after a failed start removed it
-        os.makedirs(out, exist_ok=True)
         global LOCK
-        LOCK = open(os.path.join(out, "run.lock"), "a")
+        lock = os.path.join(out, "run.lock")
+        try:  # flock needs the file open, not writable: another user's lock (a run as root, say) serves as well
+            os.makedirs(out, exist_ok=True)
+            LOCK = open(lock, "a") if not os.path.exists(lock) or os.access(lock, os.W_OK) else open(lock)
+        except OSError as e:
+            raise UserError(disk_error(e)) from None
         try:
             fcntl.flock(LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

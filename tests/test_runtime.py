@@ -3,6 +3,7 @@ and the damage they refuse, the output folder and its lock, a full disk, several
 process group's end, the allocator's settings."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -354,6 +355,38 @@ def test_a_second_run_into_the_same_out_refuses_at_once(never_stopped, tmp_path)
     holder.wait()
     results = train.main(never_stopped["args"] + ["--out", str(out)])  # the killed holder left no lock
     assert results["moebert"] == never_stopped["results"]["moebert"]
+
+
+def test_a_lock_file_of_another_user_still_locks(tmp_path, monkeypatch):
+    """OUT/run.lock left by a run as another user (root in a container, say), readable, not writable: the
+    next run ended in open()'s PermissionError traceback. flock needs only the file open: the run takes it
+    read-only, and it still keeps a second run out. One it cannot even read is "cannot read X: no permission".
+    (Run as root: os.access, and open for the last case, are what say no.)"""
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / "run.lock"
+    lock.write_text("")
+    real_access, real_open = os.access, open
+    monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and not (
+        os.fspath(p) == str(lock) and mode & os.W_OK))
+    try:
+        assert runtime.claim(str(out)) is None and runtime.LOCK.mode == "r"
+        other = subprocess.run([sys.executable, "-c", "import sys, runtime\ntry:\n runtime.claim(sys.argv[1])\n"
+                                "except runtime.UserError as e:\n print(e)", str(out)], cwd=ROOT, capture_output=True,
+                               text=True, timeout=120)
+        assert other.stdout.startswith(f"another run is writing into {out}"), other.stdout + other.stderr
+    finally:
+        runtime.release()
+
+    def no_read(path, *args, **kwargs):
+        if os.fspath(path) == str(lock):
+            raise PermissionError(13, "Permission denied", str(lock))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and os.fspath(p) != str(lock))
+    monkeypatch.setattr(runtime, "open", no_read, raising=False)
+    with pytest.raises(common.UserError, match=f"cannot read {re.escape(str(lock))}: no permission; give this user "):
+        runtime.claim(str(out))
+    assert runtime.LOCK is None
 
 
 # ----------------------------------------------------------------------------------------------

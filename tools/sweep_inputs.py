@@ -369,7 +369,7 @@ def main():
         for label, src, commands, want in (
                 ("finished", o / "rte-damage", [rte + ["--predict"], rte + ["--eval-only", "--predict"]],
                  scores(o / "rte-damage")), ("stopped", o / "rte-stopped", [rte_stopped], scores(o / "rte-ref"))):
-            for f in [None] + sorted(q.relative_to(src) for q in src.rglob("*") if q.name != "run.lock"):
+            for f in [None] + sorted(q.relative_to(src) for q in src.rglob("*")):  # run.lock too
                 for args in commands:
                     copy = w / "perms" / f"{label}-{len(cases)}"
                     shutil.rmtree(copy, ignore_errors=True)
