@@ -357,6 +357,14 @@ def test_a_second_run_into_the_same_out_refuses_at_once(never_stopped, tmp_path)
     assert results["moebert"] == never_stopped["results"]["moebert"]
 
 
+def test_a_folder_where_the_lock_goes_is_a_user_error(tmp_path):
+    """A folder named run.lock in --out: the error line, not open()'s IsADirectoryError traceback."""
+    (tmp_path / "out" / "run.lock").mkdir(parents=True)
+    with pytest.raises(common.UserError, match="run.lock is a folder, where this run reads or writes a file: move it"):
+        runtime.claim(str(tmp_path / "out"))
+    assert runtime.LOCK is None
+
+
 def test_a_lock_file_of_another_user_still_locks(tmp_path, monkeypatch):
     """OUT/run.lock left by a run as another user (root in a container, say), readable, not writable: the
     next run ended in open()'s PermissionError traceback. flock needs only the file open: the run takes it
