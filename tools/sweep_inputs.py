@@ -269,7 +269,7 @@ def main():
             stop_in_distillation(cmd, stopped)
         sources.append(("rte stopped", stopped, [("rerun", cmd)], scores(ref)))
         for t, ref, hows, want in sources:
-            for f in sorted(q.relative_to(ref) for q in ref.rglob("*") if q.is_file() and q.name != "run.lock"):
+            for f in sorted(q.relative_to(ref) for q in ref.rglob("*") if q.is_file()):  # run.lock too
                 for d, harm in DAMAGES.items():
                     if d == "json of another shape" and f.suffix != ".json":
                         continue
