@@ -37,11 +37,16 @@ def unreadable(path):
     return os.path.exists(path) and not os.access(path, os.R_OK | (os.X_OK if os.path.isdir(path) else 0))
 
 
+def denied(path):
+    """The PermissionError train.py explains: "cannot read X" where this user cannot read it, else "cannot write X"."""
+    return PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+
 def check_access(path):
     """A file or folder that this user cannot read: the PermissionError train.py explains, not the "not found"
     or "corrupt" a reader of it, or of what it holds, would report."""
     if unreadable(path):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        raise denied(path)
 
 
 def one_level_down(folder, wanted):

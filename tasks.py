@@ -1,7 +1,6 @@
 """Each task as train.py runs it: its training features, its dev evaluation (GLUE's metrics, or
 SQuAD's official ones on the postprocessed answers), GLUE's test-set predictions, and the check
 that a --teacher folder fits the task."""
-import errno
 import os
 import time
 from contextlib import nullcontext
@@ -12,7 +11,7 @@ import data
 import runtime
 import squad
 from bert import BertForQuestionAnswering, BertForSequenceClassification
-from common import UserError, check_access
+from common import UserError, check_access, denied
 from fast import FastInference
 from runtime import autocast, progress, to_device
 from weights import find_vocab, read_config
@@ -63,7 +62,7 @@ def check_prediction_paths(out, models, names):
                                 f"{'folder' if is_folder else 'file'}: move it away, or use another --out")
         folder = where if os.path.isdir(where) else os.path.dirname(where)  # what gets the files, or makes their folder
         if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):  # another user's
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), folder)  # train.py says what to do
+            raise denied(folder)  # train.py says what to do
 
 
 def glue_data(args, tokenizer, device):

@@ -389,6 +389,14 @@ def run_torchrun(args, out):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
 
 
+def deny(monkeypatch, path, write_only=False):
+    """os.access says no for `path` (only to writing, with write_only), as for another user's file: the tests
+    run as root, whom every permission bit lets through."""
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: real(p, mode) and not (
+        os.fspath(p) == str(path) and (mode & os.W_OK or not write_only)))
+
+
 def cut_in_half(path):
     path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
 

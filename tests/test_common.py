@@ -14,7 +14,7 @@ import weights
 from bert import BertForSequenceClassification, BertModel
 from common import BadFile, MissingFile, Offline, UserError
 
-from helpers import GOOGLE_TINY, assert_user_error, closed_port_url, raised, serve, tiny_model, write
+from helpers import GOOGLE_TINY, assert_user_error, closed_port_url, deny, raised, serve, tiny_model, write
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,8 +269,7 @@ def test_what_this_user_cannot_read_is_said_so(tmp_path, monkeypatch, what):
         "squad folder": (tmp_path / "SQ", lambda: squad.squad_path("2.0", "train", str(tmp_path / "SQ"))),
         "teacher folder": (tmp_path / "bert", lambda: check_teacher(str(tmp_path / "bert"), "rte", 2)),
     }[what]
-    real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and os.fspath(p) != str(target))
+    deny(monkeypatch, target)
     if target.is_dir():  # a folder that cannot be listed: what is in it looks gone
         monkeypatch.setattr(os.path, "exists", lambda p: not os.fspath(p).startswith(str(target) + os.sep))
     e = raised(read)

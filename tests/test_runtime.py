@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 import common
 import runtime
-from helpers import (ROOT, TORCHRUN, TRAIN, assert_close, assert_same_weights, cut_in_half, free_port, read_log,
-                     run_torchrun, snapshot, stop_midway, tiny_task, torchrun_env)
+from helpers import (ROOT, TORCHRUN, TRAIN, assert_close, assert_same_weights, cut_in_half, deny, free_port,
+                     read_log, run_torchrun, snapshot, stop_midway, tiny_task, torchrun_env)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,8 +265,7 @@ def test_a_run_file_of_another_user_is_said_unreadable_not_damaged(tmp_path, mon
         "importance": (tmp_path / "importance.safetensors", lambda: runtime.read_importance(
             str(tmp_path / "importance.safetensors"), (2, 3))),
     }[reader]
-    real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and os.fspath(p) != str(target))
+    deny(monkeypatch, target)
     with pytest.raises(PermissionError) as e:
         read()
     assert e.value.filename == str(target)
@@ -374,9 +373,8 @@ def test_a_lock_file_of_another_user_still_locks(tmp_path, monkeypatch):
     out.mkdir()
     lock = out / "run.lock"
     lock.write_text("")
-    real_access, real_open = os.access, open
-    monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and not (
-        os.fspath(p) == str(lock) and mode & os.W_OK))
+    real_open = open
+    deny(monkeypatch, lock, write_only=True)
     try:
         assert runtime.claim(str(out)) is None and runtime.LOCK.mode == "r"
         other = subprocess.run([sys.executable, "-c", "import sys, runtime\ntry:\n runtime.claim(sys.argv[1])\n"
@@ -390,7 +388,7 @@ def test_a_lock_file_of_another_user_still_locks(tmp_path, monkeypatch):
         if os.fspath(path) == str(lock):
             raise PermissionError(13, "Permission denied", str(lock))
         return real_open(path, *args, **kwargs)
-    monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and os.fspath(p) != str(lock))
+    deny(monkeypatch, lock)
     monkeypatch.setattr(runtime, "open", no_read, raising=False)
     with pytest.raises(common.UserError, match=f"cannot read {re.escape(str(lock))}: no permission; give this user "):
         runtime.claim(str(out))

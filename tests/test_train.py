@@ -27,8 +27,8 @@ import tasks
 from bert import BertConfig, BertForQuestionAnswering, BertForSequenceClassification, BertModel
 from moebert import MoEConfig, moebert_from_dense
 
-from helpers import (DEVICES, GOOGLE_TINY, ROOT, TINY, TINY4, TRAIN, WORDS, cut_in_half, fixture_json, read_log,
-                     readme_snippet, snapshot, tiny_model, tiny_task, write_json, write_rte_like)
+from helpers import (DEVICES, GOOGLE_TINY, ROOT, TINY, TINY4, TRAIN, WORDS, cut_in_half, deny, fixture_json,
+                     read_log, readme_snippet, snapshot, tiny_model, tiny_task, write_json, write_rte_like)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,9 +465,7 @@ def test_predict_into_a_folder_of_another_user_is_refused_before_anything_is_wri
     if gone:
         shutil.rmtree(out / gone)
     target = out / locked
-    real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and not (
-        os.fspath(p) == str(target) and mode & os.W_OK))
+    deny(monkeypatch, target, write_only=True)
     before = snapshot(out)
     args = never_stopped["args"] + ["--out", str(out), "--predict"] + (["--eval-only"] if eval_only else [])
     if locked == "predictions" and not gone:  # only its subfolders get files

@@ -117,6 +117,15 @@ def stop_in_distillation(cmd, out):
         sys.exit(f"{out}: not stopped inside distillation:\n{said}")
 
 
+def copy_run(src, dst):
+    """A copy of a run whose run.json names the copy as its --out, as a run there writes it; that record."""
+    shutil.copytree(src, dst)
+    record = json.loads((dst / "run.json").read_text())
+    record["args"]["out"] = str(dst)
+    (dst / "run.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
 def base(w, task, data=None):
     folder = data or {"rte": "RTE", "stsb": "STS-B", "cola": "CoLA", "squad": "SQ1", "squad2": "SQ2"}[task]
     return ["--task", task, "--data-dir", str(w / folder), "--bert", str(w / "bert"), "--device", "cpu",
@@ -275,10 +284,7 @@ def main():
                         continue
                     copy = w / "damaged" / f"{t}-{len(cases)}"
                     shutil.rmtree(copy, ignore_errors=True)
-                    shutil.copytree(ref, copy)
-                    record = json.loads((copy / "run.json").read_text())  # the copy's own --out, as a run there writes
-                    record["args"]["out"] = str(copy)
-                    (copy / "run.json").write_text(json.dumps(record, indent=2))
+                    record = copy_run(ref, copy)
                     harm(copy / f)
                     for how, args in hows:
                         c = w / "damaged" / f"{t}-{len(cases)}"
@@ -373,10 +379,7 @@ def main():
                 for args in commands:
                     copy = w / "perms" / f"{label}-{len(cases)}"
                     shutil.rmtree(copy, ignore_errors=True)
-                    shutil.copytree(src, copy / "out")
-                    record = json.loads((copy / "out" / "run.json").read_text())  # the copy's own --out
-                    record["args"]["out"] = str(copy / "out")
-                    (copy / "out" / "run.json").write_text(json.dumps(record, indent=2))
+                    copy_run(src, copy / "out")
                     subprocess.run(["chown", "-R", f"{nobody.pw_uid}:{nobody.pw_gid}", str(copy)], check=True)
                     os.chown(copy / "out" / f if f else copy / "out", 0, 0)  # root's again, in the mode it was written
                     how = "eval-only" if "--eval-only" in args else "rerun"
