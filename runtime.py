@@ -274,11 +274,12 @@ def deferred_signals():
     A second signal, later than COPY_S, stops at once."""
     got, at = [], []
 
-    def handler(signum, frame):
-        if not got:
+    def handler(signum, frame):  # the copy may come inside this handler: `at` first, and in one step
+        now = time.monotonic()
+        if not at:
+            at.append(now)
             got.append(signum)
-            at.append(time.monotonic())
-        elif time.monotonic() - at[0] > COPY_S:
+        elif now - at[0] > COPY_S:
             interrupt()
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}

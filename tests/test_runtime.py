@@ -80,6 +80,30 @@ def test_a_signal_and_its_copy_stop_once_a_later_one_at_once(monkeypatch):
 
 
 
+def test_a_copy_that_comes_inside_the_first_signals_handler_is_the_same_stop(monkeypatch):
+    """Python may run a signal's handler between two steps of the first one's: the copy (torchrun's, Slurm's)
+    then found the first signal noted but not its time, an IndexError traceback in a torchrun worker (CI,
+    2026-12-08, a loaded machine). Here the copy comes while the first handler reads the clock."""
+    import types
+    calls = []
+
+    def monotonic():
+        calls.append(1)
+        if len(calls) == 1:  # the first handler, reading the clock: the copy arrives
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)  # its handler runs here
+        return time.monotonic()
+    monkeypatch.setattr(runtime, "time", types.SimpleNamespace(monotonic=monotonic, time=time.time))
+    monkeypatch.setattr(runtime, "INTERRUPTED", None)
+    with runtime.deferred_signals() as stop:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+        except (IndexError, KeyboardInterrupt) as e:
+            pytest.fail(f"the copy inside the first handler: {e!r}")
+        assert stop == [signal.SIGTERM] and len(calls) == 2
+
+
 def test_ctrl_c_outside_training_and_its_copy_stop_once(monkeypatch):
     """runtime.interrupt, Ctrl-C outside training: the first stops at once; its copy (Slurm's signal to every
     process and torchrun's, within COPY_S) must not raise again, into the stop's own clean-up, as a traceback;
