@@ -267,6 +267,25 @@ def interrupted(e):
     return isinstance(e, KeyboardInterrupt) or (INTERRUPTED is not None and isinstance(e, Exception))
 
 
+PEER_GONE = ("closed by peer", "reset by peer")  # gloo's words, in a collective, when another process has ended
+
+
+def closing_line(e):
+    """Print the line a run that the exception e ends without a bug closes with, and return its exit status:
+    Ctrl-C outside training (inside, fit saves a checkpoint and says so), or another process of the run gone
+    (its own error line says why; gloo's traceback here would only say that it went). None for a bug."""
+    if interrupted(e):
+        last_word("interrupted; finished stages are kept: run the same command again to go on")
+        return 130
+    if WORLD > 1 and isinstance(e, Exception) and any(words in str(e) for words in PEER_GONE):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's, as it ends the rest: the line first
+        last_word(f"error: another process of this run ended, and process {RANK} stops with it: torchrun's summary "
+                  f"below says how each ended (an error line, a signal). Fix that, then run the same command again "
+                  f"to go on")
+        return 1
+    return None
+
+
 @contextmanager
 def deferred_signals():
     """While training: Ctrl-C (SIGINT) and SIGTERM (preemption, kill, torchrun passing either on)

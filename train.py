@@ -548,11 +548,11 @@ if __name__ == "__main__":
     except UserError as e:  # something the user can fix: one message, no traceback
         runtime.last_word(f"error: {e}")
         sys.exit(2)
-    except BaseException as e:  # Ctrl-C outside training (inside, fit saves a checkpoint and says so)
-        if not runtime.interrupted(e):  # a bug keeps its traceback, a SystemExit its status
+    except BaseException as e:  # Ctrl-C outside training, another process of the run gone: a line says so
+        status = runtime.closing_line(e)  # None: a bug keeps its traceback, a SystemExit its status
+        if status is None:
             raise
-        runtime.last_word("interrupted; finished stages are kept: run the same command again to go on")
-        sys.exit(130)
+        sys.exit(status)
     finally:  # every process, errors too: gloo's threads stop before Python shuts down (setup_distributed)
         if dist.is_initialized():
             dist.destroy_process_group()

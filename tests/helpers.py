@@ -124,6 +124,14 @@ def children(pid):
     return kids
 
 
+def worker(pid, rank):
+    """The process torchrun (pid) runs as `rank` (its RANK in Linux's /proc)."""
+    for kid in children(pid):
+        if f"RANK={rank}".encode() in pathlib.Path(f"/proc/{kid}/environ").read_bytes().split(b"\0"):
+            return kid
+    raise LookupError(f"no worker of rank {rank} under process {pid}")
+
+
 def send(p, sig, every=False):
     """`sig` to the process p, and with every to its child processes too, as Slurm signals a job's every process
     (torchrun's workers included); the pids signalled."""

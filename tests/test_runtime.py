@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import common
 import runtime
 from helpers import (ROOT, TORCHRUN, TRAIN, assert_close, assert_same_weights, cut_in_half, deny, free_port,
-                     read_log, run_torchrun, snapshot, stop_midway, tiny_task, torchrun_env)
+                     read_log, run_torchrun, snapshot, stop_midway, tiny_task, torchrun_env, worker)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,6 +516,45 @@ def test_torchruns_summary_names_the_error(tmp_path):
         assert summary.count(f"traceback : {said[0]}") == 2 and "To enable traceback" not in p.stderr, p.stderr[-3000:]
         assert f"traceback : {said[0]}" in summary.split("Root Cause (first observed failure):")[1]
         assert not (tmp_path / "out").exists()
+
+
+def test_only_a_lost_peer_under_torchrun_closes_with_the_line(monkeypatch, capsys):
+    """closing_line: gloo's error when another process is gone ends a run of several processes with one line
+    (exit 1); the same words with one process, or another error, are a bug and keep their traceback (None)."""
+    gone = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:44977: Connection reset by peer. "
+                        "This is typically caused by a remote worker hanging or bugs in the application.")
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    assert runtime.closing_line(gone) is None and capsys.readouterr().err == ""
+    monkeypatch.setattr(runtime, "WORLD", 2)
+    monkeypatch.setattr(runtime, "RANK", 1)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # the SIGTERM it ignores, left to this test's process
+    assert runtime.closing_line(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert runtime.closing_line(gone) == 1
+    assert capsys.readouterr().err.startswith("error: another process of this run ended, and process 1 stops with it")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds torchrun's workers in Linux's /proc")
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_process_killed_the_other_ends_with_one_line(two_never_stopped, tmp_path, rank):
+    """One of 2 torchrun processes killed inside distillation (a crash, the out-of-memory killer): the other ended in
+    gloo's traceback of 40 lines ("Connection reset by peer"). Now it ends with one error line: in torchrun's
+    summary, and printed where it is the master. (`tools/kill_anywhere.py --worker` shows the run then resumes.)"""
+    args, out = two_never_stopped["args"], tmp_path / "out"
+    p = subprocess.Popen(TORCHRUN + [*args, "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=torchrun_env())
+    t0 = time.time()
+    while not (out / "moebert.partial" / "checkpoint.safetensors").exists():
+        assert p.poll() is None and time.time() - t0 < 120, p.communicate()
+        time.sleep(0.001)
+    os.kill(worker(p.pid, rank), signal.SIGKILL)
+    said, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and not (out / "moebert").exists()
+    assert f'File "{ROOT}' not in said + err, err[-3000:]  # no traceback through this project's files
+    line = f"error: another process of this run ended, and process {1 - rank} stops with it: torchrun's summary"
+    assert err.split("Failures:")[1].count(f"traceback : {line}") == 1, err[-3000:]
+    assert "Signal 9 (SIGKILL) received by PID" in err.split("Failures:")[1], err[-3000:]
+    printed = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert len(printed) == rank and all(l.startswith(line) for l in printed), err[-3000:]  # by the master alone
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the process's threads from Linux's /proc")

@@ -8,10 +8,12 @@ bitwise; the stopped run must exit by the signal or with its resume line, and th
     python tools/kill_anywhere.py --tasks rte --kills 8 --flags "--route gate-token" --out kills.json
     python tools/kill_anywhere.py --nproc 2             # under torchrun, the signal to every process as Slurm's
     python tools/kill_anywhere.py --nproc 2 --tasks rte --kills 20 --signal SIGINT --between 2.6 4.5  # its start-up
+    python tools/kill_anywhere.py --nproc 2 --worker 0  # one process alone, as a crash or the out-of-memory killer
 
 Under torchrun (--nproc) the signal goes to torchrun and its workers, as Slurm's at a time limit or preemption
-(torchrun passes its copy on too); torchrun's own report of its stopped workers is not a finding, a traceback
-through this project's files is.
+(torchrun passes its copy on too), or with --worker to one worker alone, as a crash or the out-of-memory killer
+takes one (the others must end without a traceback); torchrun's own report of its stopped workers is not a
+finding, a traceback through this project's files is.
 """
 import argparse
 import json
@@ -29,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tools"), str(ROOT / "tests")]
 
-from helpers import send  # noqa: E402
+from helpers import send, worker  # noqa: E402
 from sweep_inputs import base, workspace, files as sweep_files  # noqa: E402
 
 SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT)
@@ -43,9 +45,10 @@ def outputs(out):
     return files, {k: results[k] for k in ("teacher", "moebert", "shallow") if k in results}
 
 
-def run(cmd, out, log, stop_at=None, sig=None, nproc=1):
+def run(cmd, out, log, stop_at=None, sig=None, nproc=1, rank=None):
     """train.py (under torchrun with nproc > 1); with stop_at, `sig` that many seconds after its start (under
-    torchrun to torchrun and its workers, as Slurm signals a job's every process). (exit code, seconds)."""
+    torchrun to torchrun and its workers, as Slurm signals a job's every process; to the worker of `rank` alone
+    where one is given). (exit code, seconds)."""
     t0 = time.time()
     launch = [sys.executable] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
@@ -57,7 +60,13 @@ def run(cmd, out, log, stop_at=None, sig=None, nproc=1):
             try:
                 p.wait(timeout=stop_at)
             except subprocess.TimeoutExpired:
-                workers = send(p, sig, every=nproc > 1)[1:]
+                if rank is None:
+                    workers = send(p, sig, every=nproc > 1)[1:]
+                else:  # torchrun then ends the others
+                    try:
+                        os.kill(worker(p.pid, rank), sig)
+                    except (LookupError, OSError):  # before torchrun started its workers, or after they ended
+                        pass
         code = p.wait(timeout=600)
         for pid in workers:  # nothing of a stopped run may outlive it (torchrun killed by SIGKILL leaves them)
             for _ in range(600):
@@ -79,6 +88,7 @@ def main():
     a.add_argument("--signal", choices=[s.name for s in SIGNALS], help="only this signal (default: each in turn)")
     a.add_argument("--between", type=float, nargs=2, metavar=("FROM_S", "TO_S"),
                    help="spread the stops over these seconds of a run instead of the whole run (e.g. its start-up)")
+    a.add_argument("--worker", type=int, metavar="RANK", help="under torchrun, the signal to this worker alone")
     a.add_argument("--out", default="kills.json", help="the results, JSON")
     args = a.parse_args()
     w, report, bad = workspace(args.work, "kills-"), [], 0
@@ -97,7 +107,7 @@ def main():
             out, log = w / f"{task}-kill{k}", w / f"{task}-kill{k}.log"
             shutil.rmtree(out, ignore_errors=True)
             log.unlink(missing_ok=True)
-            stopped, _ = run(cmd, out, log, at, sig, args.nproc)
+            stopped, _ = run(cmd, out, log, at, sig, args.nproc, args.worker)
             said = log.read_text()
             # Stopped by the signal itself (SIGKILL, or SIGTERM/SIGINT before train.py's handler is set), by its
             # handler (130: "run the same command again"), or finished before the signal came (0). Ctrl-C while
