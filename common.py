@@ -119,9 +119,11 @@ def written_beside(path):
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.isfile(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a write's error (a full disk) names no file: this one
+            e.filename = tmp
         raise
 
 

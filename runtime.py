@@ -469,12 +469,17 @@ class Log:
     """One JSON record per line in OUT/log.jsonl, and a readable line; the master only."""
 
     def __init__(self, path):
-        self.file = open(path, "a") if MASTER else None
+        self.path, self.file = path, open(path, "ab", buffering=0) if MASTER else None
 
     def __call__(self, record):
         if MASTER:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            line, end = (json.dumps(record) + "\n").encode(), self.file.seek(0, os.SEEK_END)
+            try:  # a full disk may take part of a line: whole lines only, or a reader's JSON breaks there
+                if self.file.write(line) != len(line):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError as e:
+                self.file.truncate(end)
+                raise OSError(e.errno, e.strerror, self.path) from None
             print("  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
                   flush=True)
 

@@ -287,6 +287,44 @@ def test_a_write_without_permission_says_what_was_kept(tmp_path):
                                     f"Make it writable, or use another --out, then run the same command again")
 
 
+def test_a_full_disk_names_the_file_it_stopped_and_leaves_whole_log_lines(tmp_path, monkeypatch):
+    """A full disk met by a plain write (a JSON file, a line of the log) raises an OSError that names no file:
+    the error said "cannot write a file". written_beside names its file; the log names itself, and a line the
+    disk took only part of is taken back, so that log.jsonl keeps one whole JSON record a line.
+    (tools/disk_full.py meets a real full disk at every moment of a run.)"""
+    import errno
+    import json
+    import runtime
+    from common import written_beside
+    with pytest.raises(OSError) as e:
+        with written_beside(tmp_path / "results.json") as tmp:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as f.write or f.close raise it
+    assert e.value.filename == tmp and runtime.disk_error(e.value).startswith(f"cannot write {tmp}: the disk is full")
+
+    class FullDisk:  # the log's file on a disk that takes 10 more bytes
+        def __init__(self, f):
+            self.f, self.room = f, 10
+
+        def write(self, b):
+            n = self.f.write(b[:self.room])
+            self.room -= n
+            if not n:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return n
+
+        def __getattr__(self, name):  # seek, truncate
+            return getattr(self.f, name)
+    path = tmp_path / "log.jsonl"
+    log = runtime.Log(str(path))
+    log({"stage": "teacher", "step": 1})
+    log.file = FullDisk(log.file)
+    for _ in range(2):  # a part of the line written, then none
+        with pytest.raises(OSError) as e:
+            log({"stage": "teacher", "step": 2, "loss": 0.5})
+        assert e.value.errno == errno.ENOSPC and e.value.filename == str(path)
+        assert [json.loads(line) for line in path.read_text().splitlines()] == [{"stage": "teacher", "step": 1}]
+
+
 def test_a_download_cache_without_permission_says_to_set_moebert_cache(tmp_path, monkeypatch):
     """A cache this user cannot write (another user's, on a shared machine): it said "use another --out", which
     does not move the cache."""
