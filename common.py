@@ -4,15 +4,24 @@ import errno
 import json
 import os
 import re
+import shutil
 import sys
 import time
+import urllib.error
 import urllib.request
+import zipfile
 from contextlib import contextmanager
 
 
 # ----------------------------------------------------------------------------------------------
 # Errors a user can fix. Each also inherits the builtin type raised here before, so callers that
 # catch FileNotFoundError, ValueError or ConnectionError keep working.
+
+
+# A write that fails on this machine (for the error train.py prints: runtime.disk_error), not on the network.
+DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "no permission", errno.EPERM: "no permission",
+               errno.EISDIR: "where this run reads or writes a file"}
 
 
 class UserError(Exception):
@@ -97,8 +106,11 @@ def download(url, path, what="file"):
                       end="", file=sys.stderr, flush=True)
         print(file=sys.stderr)
     except OSError as e:  # URLError, timeouts and HTTP errors are all OSErrors
-        if os.path.exists(partial):
+        if os.path.isfile(partial):
             os.remove(partial)
+        if e.errno in DISK_ERRORS and not isinstance(e, urllib.error.URLError):  # the disk's, not the network's
+            e.filename = e.filename or partial  # a write's error names no file
+            raise
         raise Offline(f"could not download {what} from {url}: {e}; check the network and run again") from e
     if total and done != total:
         os.remove(partial)
@@ -109,6 +121,28 @@ def download(url, path, what="file"):
 def makedirs(path):
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def unzip(zip_path, pick, folder):
+    """The zip's members that pick(zip) lists, [(member, file name)], as the files of `folder`, whole or not at all:
+    written into folder.partial, renamed when complete. A failed write (a full disk) removes what was written, and
+    its error names the file (a write's names none)."""
+    tmp = path = folder + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with zipfile.ZipFile(zip_path) as z:
+            for member, name in pick(z):
+                path = os.path.join(makedirs(tmp), name)
+                with z.open(member) as src, open(path, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            e.filename = e.filename or path
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
 
 
 @contextmanager

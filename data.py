@@ -382,6 +382,10 @@ def glue_dir(task, data_dir=None, train=True):
             except zipfile.BadZipFile as e:  # a damaged download, or an HTML error page saved as .zip
                 raise BadFile(f"{GLUE_URLS[task]} gave no valid zip ({e}); it was deleted, run again to "
                               f"re-download it. Or " + data_dir_help(task)) from None
+            except OSError as e:  # a full disk: what was written goes, and the error names the folder
+                shutil.rmtree(tmp, ignore_errors=True)
+                e.filename = e.filename or tmp
+                raise
             finally:
                 os.remove(zip_path)  # extracted, or broken (then the next run downloads it again)
             # The zips hold one folder (RTE/, QNLI/ for QNLIv2.zip, ...): that one becomes the task's.

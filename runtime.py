@@ -22,7 +22,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from common import UserError, atomic_write_json, cache_root, check_access, makedirs, save_safetensors, unreadable
+from common import DISK_ERRORS, UserError, atomic_write_json, cache_root, check_access, makedirs, save_safetensors, unreadable
 
 RANK, WORLD, MASTER = 0, 1, True  # this process, how many there are, whether it writes files and logs
 PROGRESS_EVERY = 10.0  # seconds between progress lines
@@ -581,11 +581,6 @@ def write_run(args):
     if MASTER and not args.eval_only:  # the record of what trained the models: an evaluation changes none
         atomic_write_json(os.path.join(args.out, "run.json"), {"task": args.task, "student": args.student,
                                                                "args": vars(args)})
-
-
-DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-               errno.EROFS: "the file system is read-only", errno.EACCES: "no permission", errno.EPERM: "no permission",
-               errno.EISDIR: "where this run reads or writes a file"}
 
 
 def claim(out):

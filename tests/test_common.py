@@ -325,6 +325,64 @@ def test_a_full_disk_names_the_file_it_stopped_and_leaves_whole_log_lines(tmp_pa
         assert [json.loads(line) for line in path.read_text().splitlines()] == [{"stage": "teacher", "step": 1}]
 
 
+def test_a_full_download_cache_names_the_file_and_keeps_nothing_half_written(tmp_path, monkeypatch, glue):
+    """A download cache on a full disk (a 40 MB tmpfs as $MOEBERT_CACHE, for real: all-minilm-l6-v2 stopped with
+    "cannot write a file" and kept the disk full). A download said "could not download ...: [Errno 28] No space
+    left on device; check the network"; an unpacked zip left what it had written. Now each stops with the disk's
+    error naming the file or folder (train.py prints runtime.disk_error of it) and leaves nothing of it but the
+    release's zip; with room again the same call completes."""
+    import errno
+    import io
+    import zipfile
+    import common
+    from runtime import disk_error
+
+    def full(*args):  # a write on a full disk: its error names no file
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    class FullFile(io.BytesIO):
+        write = full
+
+    def extract_one_then_full(self, path):
+        self.extract(self.infolist()[0], path)
+        full()
+
+    def copy_some_then_full(src, dst):
+        dst.write(src.read(10))
+        full()
+    site, cache = tmp_path / "site", tmp_path / "cache"
+    site.mkdir()
+    with zipfile.ZipFile(site / "RTE.zip", "w") as z:  # GLUE's layout
+        for name in ("train.tsv", "dev.tsv", "test.tsv"):
+            z.write(glue / "RTE" / name, f"RTE/{name}")
+    with zipfile.ZipFile(site / "tiny.zip", "w") as z:  # Google's
+        for name in os.listdir(GOOGLE_TINY):
+            z.write(os.path.join(GOOGLE_TINY, name), f"tiny/{name}")
+    monkeypatch.setenv("MOEBERT_CACHE", str(cache))
+    with serve(site) as url:
+        monkeypatch.setitem(data.GLUE_URLS, "rte", url + "/RTE.zip")
+        monkeypatch.setitem(weights.RELEASES, "bert-tiny-test", (url + "/tiny.zip", True))
+        with monkeypatch.context() as m:
+            m.setattr(common, "open", lambda *args: FullFile(), raising=False)
+            e = raised(data.glue_dir, "rte")
+        partial = str(cache / "glue" / "RTE.zip.partial")
+        assert type(e) is OSError and e.filename == partial, repr(e)
+        assert disk_error(e).startswith(f"cannot write {partial}: the disk is full; ")
+        with monkeypatch.context() as m:
+            m.setattr(zipfile.ZipFile, "extractall", extract_one_then_full)
+            e = raised(data.glue_dir, "rte")
+        assert e.errno == errno.ENOSPC and e.filename == str(cache / "glue" / "RTE.partial")
+        shutil.copy(site / "tiny.zip", cache / "bert-tiny-test.zip")  # downloaded (the server copies with shutil too)
+        with monkeypatch.context() as m:
+            m.setattr(shutil, "copyfileobj", copy_some_then_full)
+            e = raised(weights.resolve_pretrained, "bert-tiny-test")
+        assert e.errno == errno.ENOSPC and e.filename.startswith(str(cache / "bert-tiny-test.partial" / ""))
+        assert sorted(os.listdir(cache)) == ["bert-tiny-test.zip", "glue"] and os.listdir(cache / "glue") == []
+        assert sorted(os.listdir(data.glue_dir("rte"))) == ["dev.tsv", "test.tsv", "train.tsv"]
+        folder = weights.resolve_pretrained("bert-tiny-test")
+    assert sorted(os.listdir(folder)) == sorted(os.listdir(GOOGLE_TINY))
+
+
 def test_a_download_cache_without_permission_says_to_set_moebert_cache(tmp_path, monkeypatch):
     """A cache this user cannot write (another user's, on a shared machine): it said "use another --out", which
     does not move the cache."""
