@@ -8,6 +8,8 @@ stand-ins; here every write meets it.
 
     python tools/disk_full.py                           # RTE with --predict and SQuAD v2.0, 24 moments each, ~8 min
     python tools/disk_full.py --tasks rte --points 8 --flags "--student shallow" --out disk.json
+    python tools/disk_full.py --nproc 2                 # under torchrun: the master's write meets it, the other
+                                                        # process ends with it (a traceback of torchrun's own is none)
 
 Linux, as root (it mounts the tmpfs).
 """
@@ -33,10 +35,13 @@ from sweep_inputs import base, workspace  # noqa: E402
 FULL = re.compile(r"error: cannot write /\S+: the disk is full")  # the one line a run stopped by it ends with
 
 
-def train(cmd, out, fill_at=None, disk=None):
-    """train.py with cmd into out, from an empty working folder; with fill_at, the disk filled that many seconds
-    after --out appears. (exit code, stderr, seconds from --out's appearance to its last write)."""
-    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *cmd, "--out", str(out)], stdout=subprocess.DEVNULL,
+def train(cmd, out, fill_at=None, disk=None, nproc=1):
+    """train.py with cmd into out (under torchrun with nproc > 1), from an empty working folder; with fill_at, the
+    disk filled that many seconds after --out appears. (exit code, stderr, seconds from --out's appearance to its
+    last write)."""
+    launch = [sys.executable] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    p = subprocess.Popen([*launch, str(ROOT / "train.py"), *cmd, "--out", str(out)], stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
     while not out.exists() and p.poll() is None:
         time.sleep(0.001)
@@ -77,6 +82,7 @@ def main():
     a.add_argument("--points", type=int, default=24, help="moments per task at which the disk fills, spread evenly")
     a.add_argument("--flags", default="", help='more train.py flags for every run, e.g. "--route gate-token"')
     a.add_argument("--work", help="folder for the fixtures (default: a new temporary one)")
+    a.add_argument("--nproc", type=int, default=1, help="processes under torchrun (gloo on the CPU); 1: plain python")
     a.add_argument("--out", default="disk.json", help="the results, JSON")
     args = a.parse_args()
     if os.geteuid() != 0:
@@ -89,7 +95,7 @@ def main():
         for task in args.tasks.split(","):
             cmd = base(w, task) + ["--epochs", "3", "--save-every", "1"] + (["--predict"] if task == "rte" else []) \
                 + shlex.split(args.flags)
-            code, said, whole = train(cmd, disk / "ref")  # there too: the time a run takes on that disk
+            code, said, whole = train(cmd, disk / "ref", nproc=args.nproc)  # there: the time a run takes on it
             assert code == 0, f"the reference run failed:\n{said}"
             want = outputs(disk / "ref")
             for k in range(args.points):
@@ -97,14 +103,15 @@ def main():
                 for p in disk.iterdir():
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
                 out = disk / "out"
-                stopped, said, _ = train(cmd, out, at, disk)
+                stopped, said, _ = train(cmd, out, at, disk, args.nproc)
                 errors = [line for line in said.splitlines() if line.startswith("error: ")]
-                stop_ok = "Traceback" not in said and (
-                    (stopped == 0 and outputs(out) == want) or
-                    (stopped == 2 and len(errors) == 1 and FULL.match(errors[0]) is not None))
+                ours = f'File "{ROOT}/' in said if args.nproc > 1 else "Traceback" in said  # torchrun has its own
+                refused = 2 if args.nproc == 1 else 1  # torchrun's status when a process failed
+                stop_ok = not ours and ((stopped == 0 and outputs(out) == want) or (
+                    stopped == refused and len(errors) == 1 and FULL.match(errors[0]) is not None))
                 for p in disk.glob("filler*"):  # the space back, then the same command
                     p.unlink()
-                resumed, again, _ = train(cmd, out)
+                resumed, again, _ = train(cmd, out, nproc=args.nproc)
                 same = resumed == 0 and outputs(out) == want and "Traceback" not in again and \
                     whole_lines(out / "log.jsonl")
                 row = dict(task=task, at_s=round(at, 2), stopped_exit=stopped, said=(errors or [""])[-1][:300],
