@@ -22,7 +22,8 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from common import DISK_ERRORS, UserError, atomic_write_json, cache_root, check_access, makedirs, save_safetensors, unreadable
+from common import (DISK_ERRORS, UserError, atomic_write_json, cache_root, check_access, makedirs, save_safetensors,
+                    unreadable)
 
 RANK, WORLD, MASTER = 0, 1, True  # this process, how many there are, whether it writes files and logs
 PROGRESS_EVERY = 10.0  # seconds between progress lines
