@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -29,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tools"), str(ROOT / "tests")]
 
-from kill_anywhere import outputs  # noqa: E402
-from sweep_inputs import base, workspace  # noqa: E402
+from kill_anywhere import add_run_flags, launcher, outputs, tiny_run  # noqa: E402
+from sweep_inputs import workspace  # noqa: E402
 
 FULL = re.compile(r"error: cannot write /\S+: the disk is full")  # the one line a run stopped by it ends with
 
@@ -39,9 +38,7 @@ def train(cmd, out, fill_at=None, disk=None, nproc=1):
     """train.py with cmd into out (under torchrun with nproc > 1), from an empty working folder; with fill_at, the
     disk filled that many seconds after --out appears. (exit code, stderr, seconds from --out's appearance to its
     last write)."""
-    launch = [sys.executable] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    p = subprocess.Popen([*launch, str(ROOT / "train.py"), *cmd, "--out", str(out)], stdout=subprocess.DEVNULL,
+    p = subprocess.Popen([*launcher(nproc), str(ROOT / "train.py"), *cmd, "--out", str(out)], stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
     while not out.exists() and p.poll() is None:
         time.sleep(0.001)
@@ -78,11 +75,8 @@ def whole_lines(path):
 
 def main():
     a = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a.add_argument("--tasks", default="rte,squad2", help="comma-separated: rte (with --predict), squad2")
+    add_run_flags(a)
     a.add_argument("--points", type=int, default=24, help="moments per task at which the disk fills, spread evenly")
-    a.add_argument("--flags", default="", help='more train.py flags for every run, e.g. "--route gate-token"')
-    a.add_argument("--work", help="folder for the fixtures (default: a new temporary one)")
-    a.add_argument("--nproc", type=int, default=1, help="processes under torchrun (gloo on the CPU); 1: plain python")
     a.add_argument("--out", default="disk.json", help="the results, JSON")
     args = a.parse_args()
     if os.geteuid() != 0:
@@ -93,8 +87,7 @@ def main():
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(disk)], check=True)
     try:
         for task in args.tasks.split(","):
-            cmd = base(w, task) + ["--epochs", "3", "--save-every", "1"] + (["--predict"] if task == "rte" else []) \
-                + shlex.split(args.flags)
+            cmd = tiny_run(w, task, args.flags)
             code, said, whole = train(cmd, disk / "ref", nproc=args.nproc)  # there: the time a run takes on it
             assert code == 0, f"the reference run failed:\n{said}"
             want = outputs(disk / "ref")

@@ -45,15 +45,33 @@ def outputs(out):
     return files, {k: results[k] for k in ("teacher", "moebert", "shallow") if k in results}
 
 
+def launcher(nproc):
+    """How train.py is started: plain python, or torchrun with nproc processes (gloo on the CPU)."""
+    return [sys.executable] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+
+
+def tiny_run(w, task, flags):
+    """train.py's flags for a tiny run of the task (a checkpoint every step; RTE with --predict), `flags` last."""
+    return base(w, task) + ["--epochs", "3", "--save-every", "1"] + (["--predict"] if task == "rte" else []) \
+        + shlex.split(flags)
+
+
+def add_run_flags(a):
+    """The flags of kill_anywhere.py and disk_full.py that say which runs."""
+    a.add_argument("--tasks", default="rte,squad2", help="comma-separated: rte (with --predict), squad2")
+    a.add_argument("--flags", default="", help='more train.py flags for every run, e.g. "--route gate-token"')
+    a.add_argument("--work", help="folder for the fixtures and runs (default: a new temporary one)")
+    a.add_argument("--nproc", type=int, default=1, help="processes under torchrun (gloo on the CPU); 1: plain python")
+
+
 def run(cmd, out, log, stop_at=None, sig=None, nproc=1, rank=None):
     """train.py (under torchrun with nproc > 1); with stop_at, `sig` that many seconds after its start (under
     torchrun to torchrun and its workers, as Slurm signals a job's every process; to the worker of `rank` alone
     where one is given). (exit code, seconds)."""
     t0 = time.time()
-    launch = [sys.executable] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     with open(log, "a") as f:
-        p = subprocess.Popen([*launch, str(ROOT / "train.py"), *cmd, "--out", str(out)], stdout=f,
+        p = subprocess.Popen([*launcher(nproc), str(ROOT / "train.py"), *cmd, "--out", str(out)], stdout=f,
                              stderr=subprocess.STDOUT, cwd=tempfile.gettempdir())
         workers = []
         if stop_at is not None:
@@ -80,11 +98,8 @@ def run(cmd, out, log, stop_at=None, sig=None, nproc=1, rank=None):
 
 def main():
     a = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a.add_argument("--tasks", default="rte,squad2", help="comma-separated: rte (with --predict), squad2")
+    add_run_flags(a)
     a.add_argument("--kills", type=int, default=24, help="stopped runs per task, spread evenly over a whole run")
-    a.add_argument("--flags", default="", help='more train.py flags for every run, e.g. "--route gate-token"')
-    a.add_argument("--work", help="folder for the fixtures and runs (default: a new temporary one)")
-    a.add_argument("--nproc", type=int, default=1, help="processes under torchrun (gloo on the CPU); 1: plain python")
     a.add_argument("--signal", choices=[s.name for s in SIGNALS], help="only this signal (default: each in turn)")
     a.add_argument("--between", type=float, nargs=2, metavar=("FROM_S", "TO_S"),
                    help="spread the stops over these seconds of a run instead of the whole run (e.g. its start-up)")
@@ -93,8 +108,7 @@ def main():
     args = a.parse_args()
     w, report, bad = workspace(args.work, "kills-"), [], 0
     for task in args.tasks.split(","):
-        cmd = base(w, task) + ["--epochs", "3", "--save-every", "1"] + (["--predict"] if task == "rte" else []) \
-            + shlex.split(args.flags)
+        cmd = tiny_run(w, task, args.flags)
         ref = w / f"{task}-ref"
         shutil.rmtree(ref, ignore_errors=True)
         code, whole = run(cmd, ref, w / f"{task}-ref.log", nproc=args.nproc)
