@@ -18,12 +18,6 @@ from contextlib import contextmanager
 # catch FileNotFoundError, ValueError or ConnectionError keep working.
 
 
-# A write that fails on this machine (for the error train.py prints: runtime.disk_error), not on the network.
-DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-               errno.EROFS: "the file system is read-only", errno.EACCES: "no permission", errno.EPERM: "no permission",
-               errno.EISDIR: "where this run reads or writes a file"}
-
-
 class UserError(Exception):
     """A problem the user can fix: a path, a file, a download, a setting. train.py prints it as one
     'error: ...' message and exits 2; any other exception is a bug and keeps its traceback."""
@@ -90,6 +84,18 @@ def cache_dir():
     return folder
 
 
+# A write that fails on this machine (for the error train.py prints: runtime.disk_error), not on the network.
+DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "no permission", errno.EPERM: "no permission",
+               errno.EISDIR: "where this run reads or writes a file"}
+
+
+def name_file(e, path):
+    """A write's OSError (a full disk) names no file, so train.py's error would say "a file": it names `path`."""
+    if isinstance(e, OSError) and e.filename is None:
+        e.filename = path
+
+
 def download(url, path, what="file"):
     """Download `url` to `path` with a progress line; the file appears only once complete."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -109,7 +115,7 @@ def download(url, path, what="file"):
         if os.path.isfile(partial):
             os.remove(partial)
         if e.errno in DISK_ERRORS and not isinstance(e, urllib.error.URLError):  # the disk's, not the network's
-            e.filename = e.filename or partial  # a write's error names no file
+            name_file(e, partial)
             raise
         raise Offline(f"could not download {what} from {url}: {e}; check the network and run again") from e
     if total and done != total:
@@ -137,8 +143,7 @@ def unzip(zip_path, pick, folder):
                     shutil.copyfileobj(src, dst)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            e.filename = e.filename or path
+        name_file(e, path)
         raise
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
@@ -156,8 +161,7 @@ def written_beside(path):
     except BaseException as e:
         if os.path.isfile(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError) and e.filename is None:  # a write's error (a full disk) names no file: this one
-            e.filename = tmp
+        name_file(e, tmp)
         raise
 
 

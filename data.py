@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from common import BadFile, MissingFile, Offline, cache_dir, check_access, download, one_level_down, written_beside
+from common import (BadFile, MissingFile, Offline, cache_dir, check_access, download, name_file, one_level_down,
+                    written_beside)
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
@@ -384,7 +385,7 @@ def glue_dir(task, data_dir=None, train=True):
                               f"re-download it. Or " + data_dir_help(task)) from None
             except OSError as e:  # a full disk: what was written goes, and the error names the folder
                 shutil.rmtree(tmp, ignore_errors=True)
-                e.filename = e.filename or tmp
+                name_file(e, tmp)
                 raise
             finally:
                 os.remove(zip_path)  # extracted, or broken (then the next run downloads it again)

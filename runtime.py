@@ -22,8 +22,8 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from common import (DISK_ERRORS, UserError, atomic_write_json, cache_root, check_access, makedirs, save_safetensors,
-                    unreadable)
+from common import (DISK_ERRORS, UserError, atomic_write_json, cache_root, check_access, makedirs, name_file,
+                    save_safetensors, unreadable)
 
 RANK, WORLD, MASTER = 0, 1, True  # this process, how many there are, whether it writes files and logs
 PROGRESS_EVERY = 10.0  # seconds between progress lines
@@ -477,10 +477,11 @@ class Log:
             line, end = (json.dumps(record) + "\n").encode(), self.file.seek(0, os.SEEK_END)
             try:  # a full disk may take part of a line: whole lines only, or a reader's JSON breaks there
                 if self.file.write(line) != len(line):
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
             except OSError as e:
                 self.file.truncate(end)
-                raise OSError(e.errno, e.strerror, self.path) from None
+                name_file(e, self.path)
+                raise
             print("  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
                   flush=True)
 

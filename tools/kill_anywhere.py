@@ -16,6 +16,7 @@ takes one (the others must end without a traceback); torchrun's own report of it
 finding, a traceback through this project's files is.
 """
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -80,11 +81,9 @@ def run(cmd, out, log, stop_at=None, sig=None, nproc=1, rank=None):
             except subprocess.TimeoutExpired:
                 if rank is None:
                     workers = send(p, sig, every=nproc > 1)[1:]
-                else:  # torchrun then ends the others
-                    try:
+                else:  # to that worker alone (torchrun then ends the others), if it is running
+                    with contextlib.suppress(LookupError, OSError):
                         os.kill(worker(p.pid, rank), sig)
-                    except (LookupError, OSError):  # before torchrun started its workers, or after they ended
-                        pass
         code = p.wait(timeout=600)
         for pid in workers:  # nothing of a stopped run may outlive it (torchrun killed by SIGKILL leaves them)
             for _ in range(600):
