@@ -9,7 +9,7 @@
 # sizesN (after stsb-sN: one, 2 and 8 experts of 384, and 4 sharing no neuron), prunedN (the first of them:
 # the FFN pruned by importance to 384 neurons), TASK-pruned-sN (the same after TASK-sN), TASK-shallow-sN (after
 # TASK-sN: the 3-layer dense student of the same cost per token, distilled from that run's teacher),
-# sst2-short-shallow-sN (the same, short schedule).
+# sst2-short-shallow-sN and sst2-short-pruned-sN (the same, short schedule).
 # MINILM: any MiniLM folder (config.json, model.safetensors, vocab.txt); default
 # ~/.cache/moebert/all-minilm-l6-v2, which any run of `train.py --bert all-minilm-l6-v2` fills.
 # Teacher: lr 1e-4 for 5 epochs (the standard 2e-5 x 3 leaves this small model near chance on RTE);
@@ -50,6 +50,9 @@ for step in $steps; do
     sst2-short-shallow-s[0-9]) s=${step##*-s}  # the 3-layer student of sst2-short-sN's teacher, 1 epoch
       run sst2 "$s" "${SHORT[@]}" --teacher "out/sst2-short-s$s/teacher" --student shallow \
         --out "out/sst2-short-shallow-s$s" ;;
+    sst2-short-pruned-s[0-9]) s=${step##*-s}  # the FFN pruned to 384 neurons from sst2-short-sN's teacher, 1 epoch
+      run sst2 "$s" "${SHORT[@]}" --teacher "out/sst2-short-s$s/teacher" --num-experts 1 --expert-dim 384 \
+        --shared-dim 384 --out "out/sst2-short-n1-e384-sh384-s$s" ;;
     ablation[0-9]) ablate stsb "${step#ablation}" ;;       # one seed of the ablation
     routes[0-9]) s=${step#routes}  # the paper's other routes (section 3.4) on STS-B, seed s's teacher
       for route in hash-balance gate-token gate-sentence; do
