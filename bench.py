@@ -38,7 +38,7 @@ from bert import BertConfig, BertForSequenceClassification
 from common import UserError, atomic_write_json
 from fast import FastInference
 from moebert import MoEConfig, moebert_from_dense
-from runtime import COUNT, POSITIVE, check_device, keep_freed_memory
+from runtime import COUNT, POSITIVE, check_device, fused_adamw, keep_freed_memory
 
 
 def timeit(fn, device, min_seconds, warmup=1):
@@ -443,8 +443,8 @@ def importance(args, cfg, device, autocast=None):
 
 def make_step(model, loss_fn, autocast):
     """One training step of `model` (loss_fn(model) -> loss) as train.py takes it; and its optimizer.
-    Fused AdamW, as train.py uses and as transformers' Trainer does by default (adamw_torch_fused)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    AdamW fused where torch has it, as in train.py and transformers' Trainer's default (adamw_torch_fused)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused_adamw(next(model.parameters()).device))
 
     def step():
         with autocast():

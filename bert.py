@@ -221,7 +221,7 @@ class PreTrained(nn.Module):
         head = {} if self.head is None else {"head": self.head, **{k: getattr(self, k) for k in self.head_args}}
         config = {**self.config.to_dict(), **head, **(extra_config or {})}
         atomic_write_json(os.path.join(folder, "config.json"), config)
-        save_safetensors(self.state_dict(), os.path.join(folder, "model.safetensors"))
+        save_safetensors(self.state_dict(), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
 
 
 class BertModel(PreTrained):

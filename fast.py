@@ -49,6 +49,9 @@ class FastInference:
         if self.hash:  # [layers, vocab]: each token's expert in each layer
             self.tables = torch.stack([layer.moe.hash_table for layer in self.layers])
         self.grouped = self.can_group(dtype) if grouped is None else grouped
+        if self.grouped and GROUPED_MM is None:
+            raise ValueError(f"grouped=True: torch {torch.__version__} has no grouped matmul (it came in 2.8); "
+                             f"leave grouped to its default")
         if self.grouped:  # each layer's weights with their biases folded in, and its LayerNorms side by side
             self.folded = [fold_biases(layer.moe.experts) for layer in self.layers]
         self.graphs = self.device.type == "cuda" if graphs is None else graphs

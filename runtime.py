@@ -54,6 +54,12 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
 
 
+def fused_adamw(device):
+    """Whether AdamW runs fused, one kernel over all parameters (~5x faster steps on CPU too): on CUDA, and on
+    the CPU from torch 2.4 (older releases refuse it there, and run the same update tensor by tensor)."""
+    return device.type == "cuda" or torch.torch_version.TorchVersion(torch.__version__) >= (2, 4)
+
+
 def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import bert
 import moebert
@@ -38,6 +39,8 @@ def compare_with_hf(ours, ref, batch):
 def test_tiny_bert_equals_huggingface(tmp_path):
     model = tiny_model()
     model.bert.save_pretrained(tmp_path)  # HF layout: config.json + model.safetensors
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:  # as HF writes it: transformers 4.46 needs it
+        assert f.metadata() == {"format": "pt"}
     ours = BertModel.from_pretrained(str(tmp_path)).eval()
     worst = compare_with_hf(ours, hf_reference(str(tmp_path)), random_batch())
     print(f"tiny BERT vs transformers: max abs diff {worst:.2e}")
@@ -97,7 +100,7 @@ def test_saved_classifier_round_trip(tmp_path):
 def hf_qa(folder):
     transformers = pytest.importorskip("transformers")
     ref, info = transformers.BertForQuestionAnswering.from_pretrained(
-        folder, attn_implementation="eager", dtype=torch.float32, output_loading_info=True)
+        folder, attn_implementation="eager", torch_dtype=torch.float32, output_loading_info=True)
     return ref.eval(), info
 
 

@@ -14,7 +14,7 @@ from bert import BertForQuestionAnswering, BertForSequenceClassification
 from fast import FastInference, Reads, bucket
 from moebert import MoEConfig
 
-from helpers import assert_close, minilm_batch, tiny_model, tiny_qa
+from helpers import NEEDS_GROUPED_MM, assert_close, minilm_batch, tiny_model, tiny_qa
 
 CFG = MoEConfig(num_experts=3, expert_dim=12, shared_dim=4)  # rows of 48 bytes in fp32: grouped matmuls take them
 
@@ -54,7 +54,8 @@ def loop_grouped_mm(a, b, offs):  # [n, K], [N, K, M] -> [n, M]
 
 @pytest.mark.parametrize("table", TABLES)
 @pytest.mark.parametrize("cls", [BertForSequenceClassification, BertForQuestionAnswering])
-@pytest.mark.parametrize("path", ["every expert (fp64)", "grouped (fp32)", "grouped, torch's matmul a loop (fp64)"])
+@pytest.mark.parametrize("path", ["every expert (fp64)", pytest.param("grouped (fp32)", marks=NEEDS_GROUPED_MM),
+                                  "grouped, torch's matmul a loop (fp64)"])
 def test_fast_path_equals_the_reference(table, cls, path, monkeypatch):
     """Per token (QA's logits are per token) and per example, against the model's own forward in fp64.
     torch's grouped matmul takes no fp64: a loop stands in for it to check the folded biases exactly."""
@@ -80,7 +81,7 @@ def test_dense_bert_through_the_fast_path_is_its_forward():
     assert_close(FastInference(model, dtype=torch.float64)(ids, types, mask), ref, 1e-12, "dense")
 
 
-@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize("grouped", [pytest.param(True, marks=NEEDS_GROUPED_MM), False])
 def test_a_forward_reads_nothing_back_and_sorts_once(grouped, monkeypatch):
     """tolist() reads memory without a dispatched op, so it is counted by hand too."""
     model = moe_model()
@@ -104,6 +105,13 @@ def test_a_forward_reads_nothing_back_and_sorts_once(grouped, monkeypatch):
     assert len(r.reads) + len(tolist) >= 3
 
 
+def test_grouped_where_torch_has_no_grouped_matmul_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(fast_py, "GROUPED_MM", None)  # torch before 2.8
+    with pytest.raises(ValueError, match=r"grouped=True: torch .* has no grouped matmul \(it came in 2.8\)"):
+        FastInference(moe_model(), dtype=torch.float32, grouped=True)
+    assert not FastInference(moe_model(), dtype=torch.float32).grouped  # the default: every expert
+
+
 def test_buckets():
     assert [bucket(n, FastInference.BATCHES) for n in (1, 3, 8, 100, 129, 300)] == [1, 4, 8, 128, 256, 384]
     assert [bucket(n, FastInference.LENGTHS) for n in (1, 33, 128, 600)] == [32, 64, 128, 1024]
@@ -120,7 +128,7 @@ def gated_model(cls, route, cfg=CFG):
 
 @pytest.mark.parametrize("route", ["gate-token", "gate-sentence"])
 @pytest.mark.parametrize("cls", [BertForSequenceClassification, BertForQuestionAnswering])
-@pytest.mark.parametrize("path", ["every expert (fp64)", "grouped (fp32)"])
+@pytest.mark.parametrize("path", ["every expert (fp64)", pytest.param("grouped (fp32)", marks=NEEDS_GROUPED_MM)])
 def test_gate_routes_through_the_fast_path(route, cls, path):
     """A gate per layer (each token's, or each sentence's from its real tokens), the output scaled by
     the gate's probability as the reference does; a sort a layer, nothing read back."""
@@ -155,11 +163,11 @@ def test_buckets_pad_and_slice_as_eager_on_the_cpu(cls, grouped, monkeypatch):
     (rows of zeros attending to one token, columns masked), the static output sliced back, a bucket
     captured once."""
     monkeypatch.setattr(FastInference, "capture", stand_in_capture)
+    if grouped:
+        monkeypatch.setattr(fast_py, "GROUPED_MM", loop_grouped_mm)  # fp64: torch's takes none
     model = moe_model(cls)
     graphed = FastInference(model, dtype=torch.float64, grouped=grouped, graphs=True)
     eager = FastInference(model, dtype=torch.float64, grouped=grouped, graphs=False)
-    if grouped:
-        monkeypatch.setattr(fast_py, "GROUPED_MM", loop_grouped_mm)  # fp64: torch's takes none
     results = []
     for seed, (B, T) in enumerate([(4, 13), (3, 9), (1, 32), (4, 13), (5, 33)]):
         ids, types, mask = padded_batch(B, T, seed=seed)
@@ -218,7 +226,7 @@ def test_cuda_graph_of_a_gate_route_replays_as_eager(route, width):
         assert_close(graphed(ids, types, mask).float(), eager(ids, types, mask).float(), 1e-2, f"{route}, seed {seed}")
 
 
-@pytest.mark.skipif(experts.GROUPED_MM is None, reason=f"torch {torch.__version__} has no grouped matmul")
+@NEEDS_GROUPED_MM
 @pytest.mark.parametrize("capability, grouped", [((8, 0), False), ((9, 0), True), ((10, 0), True), ((12, 0), False)])
 def test_grouped_only_on_gpus_with_torchs_grouped_kernel(capability, grouped, monkeypatch):
     """On CUDA the fast path groups in bf16 where experts.grouped_on says (capability 9.x and 10.x),
@@ -263,7 +271,8 @@ def test_fast_path_on_real_minilm_weights(minilm, cls, monkeypatch):
             ref = model.double()(ids, types, mask).logits[real]
         runs = [("fp64", torch.float64, False, 1e-10)]
         if name == "MoEBERT":
-            runs += [("grouped, fp64", torch.float64, True, 1e-10), ("grouped, fp32", torch.float32, True, 1e-4)]
+            runs += [("grouped, fp64", torch.float64, True, 1e-10)]
+            runs += [("grouped, fp32", torch.float32, True, 1e-4)] if experts.GROUPED_MM is not None else []
         for what, dtype, grouped, atol in runs:
             with monkeypatch.context() as m:
                 if grouped and dtype == torch.float64:

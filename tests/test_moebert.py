@@ -21,8 +21,8 @@ from bert import BertConfig, BertForSequenceClassification
 from common import BadFile
 from moebert import MoEBertForQuestionAnswering, MoEConfig, importance_scores, moebert_from_dense
 
-from helpers import (DEVICES, ROOT, TINY, assert_close, assert_user_error, inputs, qa_batch, raised, random_batch,
-                     relative_to_scale, tiny_model, tiny_qa)
+from helpers import (DEVICES, NEEDS_GROUPED_MM, ROOT, TINY, assert_close, assert_user_error, inputs, qa_batch, raised,
+                     random_batch, relative_to_scale, tiny_model, tiny_qa)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,10 +427,6 @@ def test_bf16_bound_would_see_a_routing_error():
     ref_params, wrong_params = moe_parameters(ref_model), moe_parameters(wrong_model)
     for name, p in wrong_params.items():
         assert relative_to_scale(p.grad, ref_params[name].grad) > 4 * BF16_REL, name
-
-
-# The grouped expert path needs torch's grouped matmul (2.8 and later; requirements allow 2.1).
-NEEDS_GROUPED_MM = pytest.mark.skipif(experts_py.GROUPED_MM is None, reason=f"torch {torch.__version__} has no grouped matmul")
 
 
 def experts_and_tokens(sizes, expert_dim):
