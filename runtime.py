@@ -284,13 +284,18 @@ def closing_line(e):
     if interrupted(e):
         last_word("interrupted; finished stages are kept: run the same command again to go on")
         return 130
-    if WORLD > 1 and isinstance(e, Exception) and any(words in str(e) for words in PEER_GONE):
+    if peer_gone(e):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's, as it ends the rest: the line first
         last_word(f"error: another process of this run ended, and process {RANK} stops with it: torchrun's summary "
                   f"below says how each ended (an error line, a signal). Fix that, then run the same command again "
                   f"to go on")
         return 1
     return None
+
+
+def peer_gone(e):
+    """Whether e is gloo's error in a collective of a run of several processes when another one has ended."""
+    return WORLD > 1 and isinstance(e, Exception) and any(words in str(e) for words in PEER_GONE)
 
 
 @contextmanager
@@ -311,6 +316,10 @@ def deferred_signals():
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield got
+    except Exception as e:
+        if peer_gone(e):  # torchrun's SIGTERM to the rest may come before closing_line: not the default's death
+            old[signal.SIGTERM] = signal.SIG_IGN
+        raise
     finally:
         for s, h in old.items():
             signal.signal(s, h)

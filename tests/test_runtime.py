@@ -536,6 +536,23 @@ def test_only_a_lost_peer_under_torchrun_closes_with_the_line(monkeypatch, capsy
     assert capsys.readouterr().err.startswith("error: another process of this run ended, and process 1 stops with it")
 
 
+def test_a_lost_peer_in_training_leaves_torchruns_sigterm_ignored(monkeypatch):
+    """Leaving training on gloo's error when another process is gone, SIGTERM stays ignored, not the default's
+    death: torchrun's, sent to the rest as it notices the loss, came at times (under load) before closing_line
+    could ignore it, and the process died by it without its line. Any other error restores it."""
+    gone = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:44977: Connection reset by peer.")
+    monkeypatch.setattr(runtime, "WORLD", 2)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        for error, after in ((RuntimeError("mat1 and mat2 shapes cannot be multiplied"), before), (gone, signal.SIG_IGN)):
+            with pytest.raises(RuntimeError):
+                with runtime.deferred_signals():
+                    raise error
+            assert signal.getsignal(signal.SIGTERM) == after and signal.getsignal(signal.SIGINT) != signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds torchrun's workers in Linux's /proc")
 @pytest.mark.parametrize("rank", [0, 1])
 def test_a_process_killed_the_other_ends_with_one_line(two_never_stopped, tmp_path, rank):
