@@ -35,6 +35,7 @@ from common import UserError
 
 # The grouped expert path needs torch's grouped matmul (2.8 and later; requirements allow 2.1).
 NEEDS_GROUPED_MM = pytest.mark.skipif(experts.GROUPED_MM is None, reason=f"torch {torch.__version__} has no grouped matmul")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: fixtures/, train.py, README.md
 GOOGLE_TINY = os.path.join(ROOT, "fixtures", "google_tiny")  # Google's TF checkpoint format, written by real TF
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,

@@ -106,6 +106,7 @@ def test_a_forward_reads_nothing_back_and_sorts_once(grouped, monkeypatch):
 
 
 def test_grouped_where_torch_has_no_grouped_matmul_is_a_clear_error(monkeypatch):
+    """Asked for where torch lacks it, not 'NoneType' object is not callable inside the first forward."""
     monkeypatch.setattr(fast_py, "GROUPED_MM", None)  # torch before 2.8
     with pytest.raises(ValueError, match=r"grouped=True: torch .* has no grouped matmul \(it came in 2.8\)"):
         FastInference(moe_model(), dtype=torch.float32, grouped=True)
