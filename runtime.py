@@ -277,6 +277,11 @@ def interrupted(e):
 PEER_GONE = ("closed by peer", "reset by peer")  # gloo's words, in a collective, when another process has ended
 
 
+def peer_gone(e):
+    """Whether e is gloo's error in a collective of a run of several processes when another one has ended."""
+    return WORLD > 1 and isinstance(e, Exception) and any(words in str(e) for words in PEER_GONE)
+
+
 def closing_line(e):
     """Print the line a run that the exception e ends without a bug closes with, and return its exit status:
     Ctrl-C outside training (inside, fit saves a checkpoint and says so), or another process of the run gone
@@ -291,11 +296,6 @@ def closing_line(e):
                   f"to go on")
         return 1
     return None
-
-
-def peer_gone(e):
-    """Whether e is gloo's error in a collective of a run of several processes when another one has ended."""
-    return WORLD > 1 and isinstance(e, Exception) and any(words in str(e) for words in PEER_GONE)
 
 
 @contextmanager

@@ -186,7 +186,7 @@ def fit(model, loss_fn, train_features, dev, stage_dir, hp, args, device, log):
                               "weight_decay": hp["weight_decay"]},
                              {"params": [p for n, p in model.named_parameters() if not decays(n)],
                               "weight_decay": 0.0}],
-                            lr=hp["lr"], fused=runtime.fused_adamw(device))  # one kernel for all parameters
+                            lr=hp["lr"], fused=runtime.fused_adamw(device))  # one kernel, where torch has it
     # Epochs may be fractional (quick runs): training stops after that many steps.
     steps_per_epoch = math.ceil(len(train_features) / hp["batch_size"])
     total = max(1, round(hp["epochs"] * steps_per_epoch))
