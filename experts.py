@@ -18,6 +18,8 @@ SMALL_BATCH, PADDING = 256, 1.3
 # which on a GPU stalls the queue once a layer). torch's grouped matmul takes bf16; on CPU it loops.
 GROUPED_DEVICES = ("cuda",)
 GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)  # torch >= 2.8
+# torch 2.8's grouped matmul runs on CUDA alone (NotImplementedError on the CPU); from 2.9 on the CPU too.
+GROUPED_MM_CPU = GROUPED_MM is not None and torch.torch_version.TorchVersion(torch.__version__) >= (2, 9)
 # torch has a grouped kernel for CUDA compute capability 9.x and 10.x (H100, H200, B200) alone; on other
 # GPUs (A100, L4, RTX 50xx) its grouped matmul loops over the experts, reading the offsets back.
 GROUPED_CUDA_MAJORS = (9, 10)
@@ -26,7 +28,7 @@ GROUPED_CUDA_MAJORS = (9, 10)
 def grouped_on(device):
     """Whether torch's grouped matmul runs on `device` without waiting for it (in bf16)."""
     device = torch.device(device)
-    if GROUPED_MM is None or device.type not in GROUPED_DEVICES:
+    if GROUPED_MM is None or device.type not in GROUPED_DEVICES or (device.type == "cpu" and not GROUPED_MM_CPU):
         return False
     return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] in GROUPED_CUDA_MAJORS
 

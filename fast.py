@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from bert import PAD_LOGIT
-from experts import GROUPED_MM, grouped_on, sort_by_expert
+from experts import GROUPED_MM, GROUPED_MM_CPU, grouped_on, sort_by_expert
 
 
 def bucket(n, sizes):
@@ -49,9 +49,10 @@ class FastInference:
         if self.hash:  # [layers, vocab]: each token's expert in each layer
             self.tables = torch.stack([layer.moe.hash_table for layer in self.layers])
         self.grouped = self.can_group(dtype) if grouped is None else grouped
-        if self.grouped and GROUPED_MM is None:
-            raise ValueError(f"grouped=True: torch {torch.__version__} has no grouped matmul (it came in 2.8); "
-                             f"leave grouped to its default")
+        if self.grouped and (GROUPED_MM is None or self.device.type == "cpu" and not GROUPED_MM_CPU):
+            where = "" if GROUPED_MM is None else " on the CPU"
+            raise ValueError(f"grouped=True: torch {torch.__version__} has no grouped matmul{where} (CUDA from 2.8, "
+                             f"the CPU from 2.9); leave grouped to its default")
         if self.grouped:  # each layer's weights with their biases folded in, and its LayerNorms side by side
             self.folded = [fold_biases(layer.moe.experts) for layer in self.layers]
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
@@ -59,14 +60,14 @@ class FastInference:
 
     def can_group(self, dtype):
         """Where torch's grouped matmul runs on the device itself: CUDA where experts.grouped_on says, in
-        bf16 (elsewhere torch loops on the host), the CPU in fp32; rows of a multiple of 16 bytes."""
+        bf16 (elsewhere torch loops on the host), the CPU in fp32 (torch 2.9 on); rows of a multiple of 16 bytes."""
         if GROUPED_MM is None or self.moe is None:
             return False
         H, E = self.layers[0].moe.experts.intermediate_weight.shape[1:]
         if (H * dtype.itemsize) % 16 or (E * dtype.itemsize) % 16:
             return False
         if self.device.type == "cpu":
-            return dtype == torch.float32
+            return dtype == torch.float32 and GROUPED_MM_CPU
         return grouped_on(self.device) and dtype == torch.bfloat16
 
     @torch.inference_mode()

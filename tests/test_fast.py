@@ -52,6 +52,12 @@ def loop_grouped_mm(a, b, offs):  # [n, K], [N, K, M] -> [n, M]
     return torch.cat([a[s:e] @ b[g] for g, (s, e) in enumerate(zip([0] + ends[:-1], ends))])
 
 
+def use_loop_grouped_mm(monkeypatch):
+    """fast.py's grouped path on loop_grouped_mm, on any torch and device (fp64 included)."""
+    monkeypatch.setattr(fast_py, "GROUPED_MM", loop_grouped_mm)
+    monkeypatch.setattr(fast_py, "GROUPED_MM_CPU", True)
+
+
 @pytest.mark.parametrize("table", TABLES)
 @pytest.mark.parametrize("cls", [BertForSequenceClassification, BertForQuestionAnswering])
 @pytest.mark.parametrize("path", ["every expert (fp64)", pytest.param("grouped (fp32)", marks=NEEDS_GROUPED_MM),
@@ -65,7 +71,7 @@ def test_fast_path_equals_the_reference(table, cls, path, monkeypatch):
         ref = model.double()(ids, types, mask).logits
     dtype, grouped = (torch.float32, True) if "fp32" in path else (torch.float64, path.startswith("grouped"))
     if "loop" in path:
-        monkeypatch.setattr(fast_py, "GROUPED_MM", loop_grouped_mm)
+        use_loop_grouped_mm(monkeypatch)
     fast = FastInference(model, dtype=dtype, grouped=grouped)(ids, types, mask)
     real = (mask[..., None] == 1).expand_as(ref) if ref.dim() == 3 else torch.ones_like(ref, dtype=torch.bool)
     assert_close(fast[real].double(), ref[real], 1e-12 if dtype == torch.float64 else 2e-5, f"{path}, {table}")
@@ -108,9 +114,15 @@ def test_a_forward_reads_nothing_back_and_sorts_once(grouped, monkeypatch):
 def test_grouped_where_torch_has_no_grouped_matmul_is_a_clear_error(monkeypatch):
     """Asked for where torch lacks it, not 'NoneType' object is not callable inside the first forward."""
     monkeypatch.setattr(fast_py, "GROUPED_MM", None)  # torch before 2.8
-    with pytest.raises(ValueError, match=r"grouped=True: torch .* has no grouped matmul \(it came in 2.8\)"):
+    with pytest.raises(ValueError, match=r"grouped=True: torch .* has no grouped matmul \(CUDA from 2.8, the CPU from"):
         FastInference(moe_model(), dtype=torch.float32, grouped=True)
     assert not FastInference(moe_model(), dtype=torch.float32).grouped  # the default: every expert
+    # torch 2.8: a grouped matmul for CUDA alone (on the CPU, NotImplementedError inside the forward)
+    monkeypatch.setattr(fast_py, "GROUPED_MM", loop_grouped_mm)
+    monkeypatch.setattr(fast_py, "GROUPED_MM_CPU", False)
+    with pytest.raises(ValueError, match=r"has no grouped matmul on the CPU \(CUDA from 2.8, the CPU from 2.9\)"):
+        FastInference(moe_model(), dtype=torch.float32, grouped=True)
+    assert not FastInference(moe_model(), dtype=torch.float32).grouped
 
 
 def test_buckets():
@@ -165,7 +177,7 @@ def test_buckets_pad_and_slice_as_eager_on_the_cpu(cls, grouped, monkeypatch):
     captured once."""
     monkeypatch.setattr(FastInference, "capture", stand_in_capture)
     if grouped:
-        monkeypatch.setattr(fast_py, "GROUPED_MM", loop_grouped_mm)  # fp64: torch's takes none
+        use_loop_grouped_mm(monkeypatch)  # fp64: torch's takes none
     model = moe_model(cls)
     graphed = FastInference(model, dtype=torch.float64, grouped=grouped, graphs=True)
     eager = FastInference(model, dtype=torch.float64, grouped=grouped, graphs=False)
@@ -273,10 +285,10 @@ def test_fast_path_on_real_minilm_weights(minilm, cls, monkeypatch):
         runs = [("fp64", torch.float64, False, 1e-10)]
         if name == "MoEBERT":
             runs += [("grouped, fp64", torch.float64, True, 1e-10)]
-            runs += [("grouped, fp32", torch.float32, True, 1e-4)] if experts.GROUPED_MM is not None else []
+            runs += [("grouped, fp32", torch.float32, True, 1e-4)] if experts.GROUPED_MM_CPU else []
         for what, dtype, grouped, atol in runs:
             with monkeypatch.context() as m:
                 if grouped and dtype == torch.float64:
-                    m.setattr(fast_py, "GROUPED_MM", loop_grouped_mm)
+                    use_loop_grouped_mm(m)
                 got = FastInference(model, dtype=dtype, grouped=grouped)(ids, types, mask)[real]
             assert_close(got.double(), ref, atol, f"{name}, {what}")

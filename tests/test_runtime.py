@@ -26,6 +26,12 @@ from helpers import (ROOT, TORCHRUN, TRAIN, assert_close, assert_same_weights, c
 # Stopped inside a stage, then the same command: bitwise a run never stopped
 
 
+def stopped_in_distillation(sig):
+    """The stop line's pattern: at a step, or at an epoch's end where the signal came just after the checkpoint
+    stop_midway waits for, during the epoch's last save (under load, a window it hits at times)."""
+    return rf"stopped by {signal.Signals(sig).name} at (distill step \d+|the end of distill epoch \d+); checkpoint saved"
+
+
 @pytest.mark.parametrize("stage,sig", [("teacher", signal.SIGKILL), ("moebert", signal.SIGKILL),
                                        ("moebert", signal.SIGTERM), ("moebert", signal.SIGINT)])
 def test_stopped_run_resumes_bitwise(never_stopped, tmp_path, stage, sig, capsys):
@@ -44,7 +50,7 @@ def test_stopped_run_resumes_bitwise(never_stopped, tmp_path, stage, sig, capsys
     else:  # Ctrl-C and SIGTERM: a checkpoint at the current step, one line on how to resume
         assert code == 128 + sig, text
         line = [l for l in text.splitlines() if l.startswith("stopped by")]
-        assert line and f"stopped by {signal.Signals(sig).name} at distill step" in line[0], text
+        assert line and re.match(stopped_in_distillation(sig), line[0]), text
         assert "Run the same command again to resume" in line[0] and "Traceback" not in text
     capsys.readouterr()
     results = train.main(args)
@@ -468,7 +474,7 @@ def test_two_processes_stopped_and_resumed_bitwise(two_never_stopped, tmp_path, 
     args, out = two_never_stopped["args"], tmp_path / "out"
     code, text = stop_midway(TORCHRUN + [*args, "--out", str(out)], out / "moebert", signal.SIGTERM,
                              env=torchrun_env(), every=every)
-    assert len([l for l in text.splitlines() if l.startswith("stopped by SIGTERM at distill step")]) == 1, text
+    assert len([l for l in text.splitlines() if re.match(stopped_in_distillation(signal.SIGTERM), l)]) == 1, text
     run_torchrun(args, out)
     assert '"resumed"' in (out / "log.jsonl").read_text()
     for s in ("teacher", "moebert"):
@@ -542,13 +548,13 @@ def test_a_lost_peer_in_training_leaves_torchruns_sigterm_ignored(monkeypatch):
     could ignore it, and the process died by it without its line. Any other error restores it."""
     gone = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:44977: Connection reset by peer.")
     monkeypatch.setattr(runtime, "WORLD", 2)
-    before = signal.getsignal(signal.SIGTERM)
+    before, before_int = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)  # SIGINT: ignored under nohup
     try:
         for error, after in ((RuntimeError("mat1 and mat2 shapes cannot be multiplied"), before), (gone, signal.SIG_IGN)):
             with pytest.raises(RuntimeError):
                 with runtime.deferred_signals():
                     raise error
-            assert signal.getsignal(signal.SIGTERM) == after and signal.getsignal(signal.SIGINT) != signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == after and signal.getsignal(signal.SIGINT) == before_int
     finally:
         signal.signal(signal.SIGTERM, before)
 
