@@ -18,11 +18,17 @@ SMALL_BATCH, PADDING = 256, 1.3
 # which on a GPU stalls the queue once a layer). torch's grouped matmul takes bf16; on CPU it loops.
 GROUPED_DEVICES = ("cuda",)
 GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)  # torch >= 2.8
-# torch 2.8's grouped matmul runs on CUDA alone (NotImplementedError on the CPU); from 2.9 on the CPU too.
-GROUPED_MM_CPU = GROUPED_MM is not None and torch.torch_version.TorchVersion(torch.__version__) >= (2, 9)
-# torch has a grouped kernel for CUDA compute capability 9.x and 10.x (H100, H200, B200) alone; on other
-# GPUs (A100, L4, RTX 50xx) its grouped matmul loops over the experts, reading the offsets back.
-GROUPED_CUDA_MAJORS = (9, 10)
+
+
+def grouped_support(version):
+    """Where torch `version`'s grouped matmul runs: (on the CPU?, the CUDA compute capability majors with a kernel
+    of its own). 2.8's runs on 9.0 alone (an error on other GPUs, NotImplementedError on the CPU); from 2.9 on
+    anything: its own kernel on 9.x and 10.x (H100, H200, B200), elsewhere a loop over the experts, which on a
+    GPU (A100, L4, RTX 50xx) reads the offsets back."""
+    return (True, (9, 10)) if torch.torch_version.TorchVersion(version) >= (2, 9) else (False, (9,))
+
+
+GROUPED_MM_CPU, GROUPED_CUDA_MAJORS = grouped_support(torch.__version__) if GROUPED_MM else (False, ())
 
 
 def grouped_on(device):

@@ -588,6 +588,22 @@ def test_grouped_path_only_on_gpus_with_torchs_grouped_kernel(capability, groupe
     assert not experts_py.grouped_on("cpu")  # the CPU is not a grouped device by default
 
 
+@pytest.mark.parametrize("version, cpu, on_a_b200", [("2.8.0+cu128", False, False), ("2.9.1", True, True),
+                                                   ("2.14.1+cpu", True, True)])
+def test_grouped_path_by_torch_release(version, cpu, on_a_b200, monkeypatch):
+    """torch 2.8's grouped matmul runs on compute capability 9.0 alone (its NotImplementedError on the CPU:
+    tools/other_torch.sh 2.8.0); from 2.9 on the CPU too, and with its own kernel on 10.x as well."""
+    cpu_ok, majors = experts_py.grouped_support(version)
+    monkeypatch.setattr(experts_py, "GROUPED_MM", lambda *a, **k: None)  # any torch here: the decision alone
+    monkeypatch.setattr(experts_py, "GROUPED_MM_CPU", cpu_ok)
+    monkeypatch.setattr(experts_py, "GROUPED_CUDA_MAJORS", majors)
+    monkeypatch.setattr(experts_py, "GROUPED_DEVICES", ("cpu", "cuda"))
+    for capability, grouped in (((9, 0), True), ((10, 0), on_a_b200), ((8, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        assert experts_py.grouped_on("cuda") == grouped, capability
+    assert experts_py.grouped_on("cpu") == cpu
+
+
 # ----------------------------------------------------------------------------------------------
 # moebert.py: the QA loss, importance, the surgery
 
