@@ -27,8 +27,8 @@ from helpers import (ROOT, TORCHRUN, TRAIN, assert_close, assert_same_weights, c
 
 
 def stopped_in_distillation(sig):
-    """The stop line's pattern: at a step, or at an epoch's end where the signal came just after the checkpoint
-    stop_midway waits for, during the epoch's last save (under load, a window it hits at times)."""
+    """The stop line's pattern: at a step, or at an epoch's end where the signal, sent once the first checkpoint is
+    there, lands during that epoch's evaluation (under load the epoch's last steps can pass before it does)."""
     return rf"stopped by {signal.Signals(sig).name} at (distill step \d+|the end of distill epoch \d+); checkpoint saved"
 
 
