@@ -22,13 +22,14 @@ GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", Non
 
 def grouped_support(version):
     """Where torch `version`'s grouped matmul runs: (on the CPU?, the CUDA compute capability majors with a kernel
-    of its own). 2.8's runs on 9.0 alone (an error on other GPUs, NotImplementedError on the CPU); from 2.9 on
-    anything: its own kernel on 9.x and 10.x (H100, H200, B200), elsewhere a loop over the experts, which on a
-    GPU (A100, L4, RTX 50xx) reads the offsets back."""
-    return (True, (9, 10)) if torch.torch_version.TorchVersion(version) >= (2, 9) else (False, (9,))
+    of its own). None before 2.8; 2.8's runs on 9.0 alone (an error on other GPUs, NotImplementedError on the CPU);
+    from 2.9 on anything: its own kernel on 9.x and 10.x (H100, H200, B200), elsewhere a loop over the experts,
+    which on a GPU (A100, L4, RTX 50xx) reads the offsets back."""
+    version = torch.torch_version.TorchVersion(version)
+    return (True, (9, 10)) if version >= (2, 9) else (False, (9,)) if version >= (2, 8) else (False, ())
 
 
-GROUPED_MM_CPU, GROUPED_CUDA_MAJORS = grouped_support(torch.__version__) if GROUPED_MM else (False, ())
+GROUPED_MM_CPU, GROUPED_CUDA_MAJORS = grouped_support(torch.__version__)
 
 
 def grouped_on(device):

@@ -49,7 +49,7 @@ class FastInference:
         if self.hash:  # [layers, vocab]: each token's expert in each layer
             self.tables = torch.stack([layer.moe.hash_table for layer in self.layers])
         self.grouped = self.can_group(dtype) if grouped is None else grouped
-        if self.grouped and (GROUPED_MM is None or self.device.type == "cpu" and not GROUPED_MM_CPU):
+        if self.grouped and (GROUPED_MM is None or (self.device.type == "cpu" and not GROUPED_MM_CPU)):
             where = "" if GROUPED_MM is None else " on the CPU"
             raise ValueError(f"grouped=True: torch {torch.__version__} has no grouped matmul{where} (CUDA from 2.8, "
                              f"the CPU from 2.9); leave grouped to its default")
